@@ -1,0 +1,1 @@
+"""zo-scale: zeroth-order (forward-only) fine-tuning of large language models."""
