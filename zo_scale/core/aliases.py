@@ -1,0 +1,78 @@
+"""The named ZO optimizers of the literature, each a ZOOptimizer with one rule and one sampler.
+
+=================  ====================================  =====================================
+name               rule                                  sampler
+=================  ====================================  =====================================
+ZOSGD              SGD (Momentum if momentum > 0)        dense normal (MeZO)
+ZOSignSGD          Sign                                  dense normal
+ZOAdam             Adam                                  dense normal
+ZOConservative     SGD, conservative=True                dense normal
+LOZO               SGD                                   low-rank U V^T, V lazy
+SparseZO           SGD                                   sparse mask, exact ratio
+BlockZO            SGD                                   one block (layer) per query
+=================  ====================================  =====================================
+
+Any other combination is ``ZOOptimizer(params, rule=..., sampler=...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from zo_scale.core.directions import BlockSampler, LowRankSampler, SparseSampler
+from zo_scale.core.optimizer import ZOOptimizer
+from zo_scale.core.updates import SGD, Adam, Momentum, Sign
+
+
+class ZOSGD(ZOOptimizer):
+    """ZO-SGD (MeZO); with ``momentum`` > 0, ZO-SGD-MMT (m <- beta m + g_hat, theta <- theta - lr m)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, momentum: float = 0.0,
+                 **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, rule=Momentum(momentum) if momentum else SGD(), **kwargs)
+
+
+class ZOSignSGD(ZOOptimizer):
+    """ZO-SGD-Sign: theta <- theta - lr sign(g_hat)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, rule=Sign(), **kwargs)
+
+
+class ZOAdam(ZOOptimizer):
+    """ZO-Adam: Adam's moments over g_hat; buffers only for the parameters given."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-4, eps: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, rule=Adam(betas[0], betas[1], adam_eps), **kwargs)
+
+
+class ZOConservative(ZOOptimizer):
+    """ZO-SGD-Cons: keep the best of theta, theta - lr g_hat, theta + lr g_hat (2 extra forwards)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, rule=SGD(), conservative=True, **kwargs)
+
+
+class LOZO(ZOOptimizer):
+    """LOZO: low-rank perturbations U V^T (rank r) on matrices, V redrawn every ``nu`` steps."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, rank: int = 2, nu: int = 50,
+                 **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, sampler=LowRankSampler(rank, nu), **kwargs)
+
+
+class SparseZO(ZOOptimizer):
+    """Sparse ZO: perturb exactly (1 - sparsity) of each tensor, mask redrawn every ``resample_every`` steps."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, sparsity: float = 0.75,
+                 resample_every: int = 1, **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, sampler=SparseSampler(sparsity, resample_every), **kwargs)
+
+
+class BlockZO(ZOOptimizer):
+    """Block-wise ZO: each query perturbs one transformer layer (or the non-layer rest), cycling."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, sampler=BlockSampler(), **kwargs)

@@ -1,0 +1,231 @@
+"""Perturbation directions z and the samplers that pick one per query and step.
+
+A :class:`Direction` is a recipe, never a stored tensor: ``z(shard, start, count)`` regenerates the
+elements [start, start + count) of the flattened parameter, from seeds alone. A sampler turns
+(run seed, step, query) into directions; every choice it makes (which mask, which V, which block)
+is a function of the step, so resumed and multi-rank runs agree without exchanging state.
+
+Samplers (the estimators' "what to perturb" half; :mod:`zo_scale.core.estimators` is the "how"):
+
+- :class:`DenseSampler`: z ~ N(0, I) (MeZO) or Rademacher signs, every element.
+- :class:`SparseSampler`: z = m * n with a random mask m holding exactly round((1 - sparsity) * numel)
+  ones per tensor, drawn anew every ``resample_every`` steps.
+- :class:`LowRankSampler` (LOZO): for a 2-D weight W (m x n), z = U V^T / sqrt(r) with U (m x r) new
+  every step and V (n x r) redrawn every ``resample_every`` steps (lazy); other params dense normal.
+- :class:`BlockSampler`: perturb one block (a transformer layer, or "the rest") per query, cycling.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from zo_scale.core import noise
+from zo_scale.core.shards import ParamShard
+
+
+class Direction:
+    """One perturbation direction z over all parameters, defined by seeds."""
+
+    seed: int
+
+    def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor | None:
+        """Elements [start, start + count) of z for this flattened parameter, shape (count,),
+        in the shard's dtype and device; None where z is zero on this parameter."""
+        raise NotImplementedError
+
+
+@dataclass
+class DenseDirection(Direction):
+    seed: int
+    kind: str = "normal"
+
+    def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor:
+        return noise.generate(self.kind, self.seed, shard.stream, start, count, shard.flat.dtype, shard.flat.device)
+
+
+def _feistel(x: torch.Tensor, bits: int, key: int) -> torch.Tensor:
+    """A keyed bijection of [0, 2**bits) (4-round Feistel network over two bits/2 halves)."""
+    half = bits // 2
+    mask = (1 << half) - 1
+    left, right = x >> half, x & mask
+    for r in range(4):
+        f = right * noise._signed(noise._GAMMA) + noise.derive_seed(key, r)
+        left, right = right, left ^ (noise._mix64_(f) & mask)
+    return (left << half) | right
+
+
+def permute_index(i: torch.Tensor, n: int, key: int) -> torch.Tensor:
+    """A keyed random permutation of [0, n), evaluated at the int64 indices ``i``.
+
+    Cycle-walking a Feistel permutation of [0, 2**bits) until the value falls in [0, n) restricts
+    it to a bijection of [0, n); each index is computed alone, so any slice is cheap and exact.
+    """
+    bits = max(2, (n - 1).bit_length() + ((n - 1).bit_length() % 2))
+    y = _feistel(i, bits, key)
+    out_of_range = y >= n
+    while bool(out_of_range.any()):
+        y[out_of_range] = _feistel(y[out_of_range], bits, key)
+        out_of_range = y >= n
+    return y
+
+
+@dataclass
+class SparseDirection(Direction):
+    seed: int
+    mask_seed: int
+    sparsity: float
+    kind: str = "normal"
+
+    def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor:
+        n = shard.full_numel
+        kept = n - round(self.sparsity * n)  # exactly this many perturbed elements per tensor
+        idx = torch.arange(start, start + count, dtype=torch.int64, device=shard.flat.device)
+        mask = permute_index(idx, n, noise.derive_seed(self.mask_seed, shard.stream)) < kept
+        z = noise.generate(self.kind, self.seed, shard.stream, start, count, shard.flat.dtype, shard.flat.device)
+        return z * mask
+
+
+@dataclass
+class LowRankDirection(Direction):
+    """z = U V^T / sqrt(rank) on 2-D weights; the 1/sqrt(rank) keeps each entry's variance at 1."""
+
+    seed: int
+    v_seed: int
+    rank: int
+    _v_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def u_rows(self, shard: ParamShard, row0: int, nrows: int) -> torch.Tensor:
+        """Rows [row0, row0 + nrows) of U, shape (nrows, rank)."""
+        u = noise.normal(self.seed, shard.stream, row0 * self.rank, nrows * self.rank, torch.float32, shard.flat.device)
+        return u.view(nrows, self.rank)
+
+    def v(self, shard: ParamShard) -> torch.Tensor:
+        """V, shape (ncols, rank); cached for the life of this direction (one step)."""
+        if shard.stream not in self._v_cache:
+            ncols = shard.shape[1]
+            v = noise.normal(self.v_seed, shard.stream, 0, ncols * self.rank, torch.float32, shard.flat.device)
+            self._v_cache[shard.stream] = v.view(ncols, self.rank)
+        return self._v_cache[shard.stream]
+
+    def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor:
+        if len(shard.shape) != 2:
+            return noise.generate("normal", self.seed, shard.stream, start, count, shard.flat.dtype, shard.flat.device)
+        ncols = shard.shape[1]
+        row0, row1 = start // ncols, (start + count - 1) // ncols + 1  # rows touching [start, start+count)
+        block = self.u_rows(shard, row0, row1 - row0) @ self.v(shard).T / math.sqrt(self.rank)
+        skip = start - row0 * ncols
+        return block.view(-1)[skip : skip + count].to(shard.flat.dtype)
+
+
+@dataclass
+class BlockDirection(Direction):
+    """``inner`` restricted to the parameters whose streams are in ``active``; zero elsewhere."""
+
+    inner: Direction
+    active: frozenset[int]
+
+    @property
+    def seed(self) -> int:  # type: ignore[override]
+        return self.inner.seed
+
+    def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor | None:
+        return self.inner.z(shard, start, count) if shard.stream in self.active else None
+
+
+class DirectionSampler:
+    """Chooses the q directions of one step. ``bind`` sees the parameters once, before the first step."""
+
+    def bind(self, shards: Sequence[ParamShard]) -> None:
+        del shards  # most samplers need nothing from the parameters
+
+    def directions(self, seed: int, step: int, q: int) -> list[Direction]:
+        return [self.direction(noise.derive_seed(seed, step, i), seed, step, i) for i in range(q)]
+
+    def direction(self, query_seed: int, seed: int, step: int, query: int) -> Direction:
+        raise NotImplementedError
+
+
+@dataclass
+class DenseSampler(DirectionSampler):
+    kind: str = "normal"
+
+    def __post_init__(self) -> None:
+        if self.kind not in noise.KINDS:
+            raise ValueError(f"unknown noise kind {self.kind!r}; choose one of {noise.KINDS}")
+
+    def direction(self, query_seed: int, seed: int, step: int, query: int) -> Direction:
+        return DenseDirection(query_seed, self.kind)
+
+
+def _check_period(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass
+class SparseSampler(DirectionSampler):
+    sparsity: float = 0.75
+    resample_every: int = 1
+    kind: str = "normal"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity is the fraction of elements left unperturbed, in [0, 1); got {self.sparsity}")
+        _check_period("resample_every", self.resample_every)
+
+    def direction(self, query_seed: int, seed: int, step: int, query: int) -> Direction:
+        mask_seed = noise.derive_seed(seed, step // self.resample_every, -1)
+        return SparseDirection(query_seed, mask_seed, self.sparsity, self.kind)
+
+
+@dataclass
+class LowRankSampler(DirectionSampler):
+    rank: int = 2
+    resample_every: int = 50  # LOZO's nu: V is redrawn once per this many steps
+
+    def __post_init__(self) -> None:
+        _check_period("rank", self.rank)
+        _check_period("resample_every", self.resample_every)
+
+    def v_seed(self, seed: int, step: int) -> int:
+        return noise.derive_seed(seed, step // self.resample_every, -2)
+
+    def direction(self, query_seed: int, seed: int, step: int, query: int) -> Direction:
+        return LowRankDirection(query_seed, self.v_seed(seed, step), self.rank)
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def block_of(name: str) -> str:
+    """The block a parameter belongs to: its transformer layer ('layer 3'), else 'rest'."""
+    found = _LAYER_INDEX.search("." + name)
+    return f"layer {int(found.group(1))}" if found else "rest"
+
+
+@dataclass
+class BlockSampler(DirectionSampler):
+    """Block-wise ZO: query j of step t perturbs block (t * q + j) mod n_blocks, in layer order."""
+
+    inner: DirectionSampler = field(default_factory=DenseSampler)
+    blocks: list[frozenset[int]] = field(default_factory=list)
+    block_names: list[str] = field(default_factory=list)
+
+    def bind(self, shards: Sequence[ParamShard]) -> None:
+        self.inner.bind(shards)
+        by_block: dict[str, set[int]] = {}
+        for shard in shards:
+            by_block.setdefault(block_of(shard.name), set()).add(shard.stream)
+        self.block_names = sorted(by_block, key=lambda b: (b == "rest", int(b.split()[1]) if b != "rest" else 0))
+        self.blocks = [frozenset(by_block[b]) for b in self.block_names]
+
+    def directions(self, seed: int, step: int, q: int) -> list[Direction]:
+        if not self.blocks:
+            raise RuntimeError("BlockSampler.bind(shards) must run before the first step")
+        inner = self.inner.directions(seed, step, q)
+        return [BlockDirection(d, self.blocks[(step * q + i) % len(self.blocks)]) for i, d in enumerate(inner)]

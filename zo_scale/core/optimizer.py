@@ -1,0 +1,307 @@
+r"""ZOOptimizer: zeroth-order optimization with the torch.optim contract.
+
+One step with the two-point (central) estimator and q queries, for i = 1..q:
+
+.. math::
+    g_i = \frac{L(\theta + \epsilon z_i) - L(\theta - \epsilon z_i)}{2 \epsilon},
+    \qquad \hat g = \frac{1}{q} \sum_i g_i z_i,
+    \qquad \theta \leftarrow \mathrm{rule}(\theta, \hat g)
+
+and with the one-sided (forward) estimator :math:`g_i = (L(\theta + \epsilon z_i) - L(\theta))/\epsilon`.
+Symbols map to arguments: :math:`\epsilon` = ``eps``, :math:`\eta` = ``lr`` (in the rule), q = ``queries``;
+:math:`z_i` comes from ``sampler`` (dense normal by default) and the rule from ``rule`` (ZO-SGD by default).
+
+``step(closure)``: ``closure()`` evaluates the loss of one fixed batch at the current parameters and
+returns it (a float or a 0-dim tensor); ``step`` calls it under ``torch.no_grad()`` at each
+perturbed point and returns the loss estimate at theta (the mean of the evaluated pairs). ``step``
+never reads or writes ``.grad``.
+
+.. note::
+    The perturbation moves in place: +eps z, -2 eps z, and the restoring +eps z is fused with the
+    update (and, with ``lazy=True``, with the next step's +eps z) in one pass per parameter: see
+    :mod:`zo_scale.core.sweep`. In low precision the +eps/-2eps/+eps round trip does not return
+    exactly to theta (bf16 drifts by about one rounding step per step).
+
+.. note::
+    With ``lazy=True`` the parameters between two steps sit at theta_t - eps z_t (central) with
+    step t's update pending; call :meth:`flush` before evaluating or saving the model
+    (``state_dict`` flushes by itself). A steady-state lazy step is two passes over the parameters.
+
+``eps`` is one number for the whole model, not per group: the loss difference measures the sum of
+all groups' moves, so per-group eps would not give per-group projected gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from zo_scale.core import noise
+from zo_scale.core.directions import DenseSampler, Direction, DirectionSampler
+from zo_scale.core.shards import ParamShard, whole_param_shard
+from zo_scale.core.sweep import Moves, Update, sweep_shard
+from zo_scale.core.updates import SGD, UpdateRule, make_rule
+
+ESTIMATORS = {"central": (1.0, -1.0), "forward": (1.0,)}  # points evaluated per query, in units of eps
+
+
+@dataclass
+class StepRecord:
+    """What one step did, enough to redo it without forwards (see :mod:`zo_scale.train.seedlog`).
+
+    ``grads``: the projected gradients g_i (None for a skipped step); ``lrs``/``weight_decays``: per
+    param group, as applied; ``conservative``: the multiple of the step taken (-1, 0 or +1).
+    """
+
+    step: int
+    seed: int
+    grads: list[float] | None
+    lrs: list[float]
+    weight_decays: list[float]
+    loss: float
+    conservative: int | None = None
+
+
+@dataclass
+class _Pending:
+    """Work left for the next pass: a restore and (unless skipped) the update of the last step."""
+
+    restore: list[tuple[Direction, float]]
+    weights: list[tuple[Direction, float]] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    weight_decays: list[float] = field(default_factory=list)
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Zeroth-order optimizer over param groups (see the module docstring for the equations).
+
+    Args:
+        params: parameters, named parameters (``model.named_parameters()``, preferred: a name
+            fixes the parameter's noise stream across runs and wrappers) or param-group dicts.
+        lr: learning rate eta (per group; schedulers may edit ``group["lr"]``).
+        eps: perturbation scale epsilon (one for all groups).
+        rule: an :class:`~zo_scale.core.updates.UpdateRule` or its name ('sgd', 'sign', 'momentum', 'adam').
+        sampler: where directions come from (:mod:`zo_scale.core.directions`); dense normal by default.
+        estimator: 'central' (two-point, 2 forwards a query) or 'forward' (1 forward a query + 1 at theta).
+        queries: q, directions averaged per step.
+        weight_decay: decoupled decay, applied to matrices only (not biases or norm weights).
+        seed: run seed; step t, query i perturbs along directions seeded by (seed, t, i).
+        lazy: defer each update into the next step's first pass (see the note above).
+        conservative: ZO-SGD-Cons: after the estimate, also evaluate theta -/+ eta g_hat and keep the
+            best of theta, theta - eta g_hat, theta + eta g_hat (L(theta) estimated by the mean of the
+            evaluated pair: no extra forward). Needs the 'sgd' rule, one lr for all groups, no weight decay.
+        shard_fn: maps (param, name) to the local :class:`ParamShard` (a ZeRO-3 backend gives shards).
+        loss_reduce: averages a 1-D tensor of this step's losses over data-parallel ranks (one
+            collective per step); identity by default.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        *,
+        rule: UpdateRule | str = "sgd",
+        sampler: DirectionSampler | None = None,
+        estimator: str = "central",
+        queries: int = 1,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        lazy: bool = False,
+        conservative: bool = False,
+        shard_fn: Callable[[torch.Tensor, str], ParamShard] = whole_param_shard,
+        loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not eps > 0.0:
+            raise ValueError(f"Invalid perturbation scale eps: {eps} (must be > 0)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
+        if queries < 1:
+            raise ValueError(f"queries must be >= 1, got {queries}")
+        self.rule = make_rule(rule) if isinstance(rule, str) else rule
+        if conservative and not isinstance(self.rule, SGD):
+            raise ValueError("conservative=True needs the 'sgd' rule (it compares moves along -/+ lr * g_hat)")
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        if conservative and (len({g["lr"] for g in self.param_groups}) > 1
+                             or any(g["weight_decay"] for g in self.param_groups)):
+            raise ValueError("conservative=True needs one lr for all param groups and weight_decay=0")
+        self.eps = eps
+        self.sampler = sampler if sampler is not None else DenseSampler()
+        self.estimator = estimator
+        self.queries = queries
+        self.seed = seed
+        self.lazy = lazy
+        self.conservative = conservative
+        self.shard_fn = shard_fn
+        self.loss_reduce = loss_reduce
+        self.step_count = 0  # t: steps taken, skipped ones included
+        self.skipped_steps = 0
+        self.last_record: StepRecord | None = None
+        self._pending: _Pending | None = None
+        self.sampler.bind([s for _, shards in self._shards() for s in shards])
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _names(self, group: dict[str, Any], gi: int) -> list[str]:
+        if "param_names" in group:
+            return group["param_names"]
+        first = sum(len(g["params"]) for g in self.param_groups[:gi])
+        return [f"param{first + j}" for j in range(len(group["params"]))]
+
+    def _shards(self) -> list[tuple[dict[str, Any], list[ParamShard]]]:
+        """Each group with its parameters' local shards (rebuilt per call: .data may be swapped)."""
+        return [
+            (group, [self.shard_fn(p, n) for p, n in zip(group["params"], self._names(group, gi), strict=True)])
+            for gi, group in enumerate(self.param_groups)
+        ]
+
+    def _state_for(self, shard: ParamShard) -> dict[str, torch.Tensor] | None:
+        if not self.rule.buffers:
+            return None
+        state = self.state[shard.param]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            for b in self.rule.buffers:
+                state[b] = torch.zeros(shard.flat.numel(), dtype=torch.float32, device=shard.flat.device)
+        return state
+
+    def _sweep(self, before: Moves = (), pending_update: _Pending | None = None, after: Moves = ()) -> None:
+        for gi, (_, shards) in enumerate(self._shards()):
+            update = None
+            if pending_update is not None and pending_update.weights:
+                update = Update(self.rule, pending_update.weights, pending_update.lrs[gi],
+                                pending_update.weight_decays[gi])
+            for shard in shards:
+                sweep_shard(shard, before, update, after, self._state_for(shard) if update else None)
+
+    def flush(self) -> None:
+        """Apply the pending restore and update now (a no-op unless ``lazy``)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._sweep(pending.restore, pending)
+
+    # -- the step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, replay: StepRecord | None = None) -> float:
+        """One ZO step; returns the loss estimate at theta. With ``replay`` (a logged record of this
+        step) no closure is called: the same passes run with the logged scalars."""
+        if (closure is None) == (replay is None):
+            raise ValueError("step() needs a closure that returns the loss (or, to replay, a StepRecord)")
+        if replay is not None and replay.step != self.step_count:
+            raise ValueError(f"replay record is for step {replay.step}, optimizer is at step {self.step_count}")
+
+        def evaluate() -> float:
+            return 0.0 if closure is None else float(closure())  # a host sync per forward
+
+        t = self.step_count
+        step_seed = noise.derive_seed(self.seed, t)
+        directions = self.sampler.directions(self.seed, t, self.queries)
+        points = ESTIMATORS[self.estimator]
+        pending, self._pending = self._pending, None
+        losses: list[float] = []
+        if self.estimator == "forward":  # L(theta) first: the pending update must land before it
+            if pending is not None:
+                self._sweep(pending.restore, pending)
+                pending = None
+            losses.append(evaluate())
+        at: tuple[Direction, float] | None = None  # (direction, offset) where theta sits now
+        for d in directions:
+            for j, point in enumerate(points):
+                if j == 0:
+                    restore = [(at[0], -at[1])] if at else (pending.restore if pending else [])
+                    self._sweep(restore, pending if not at else None, [(d, point * self.eps)])
+                else:
+                    self._sweep(after=[(d, (point - points[j - 1]) * self.eps)])
+                at = (d, point * self.eps)
+                losses.append(evaluate())
+        assert at is not None
+        restore = [(at[0], -at[1])]
+
+        reduced = self._reduce(losses)
+        grads = self._projected_grads(reduced) if replay is None else replay.grads
+        loss = reduced[0] if self.estimator == "forward" else sum(reduced) / len(reduced)
+        lrs = [g["lr"] for g in self.param_groups] if replay is None else replay.lrs
+        wds = [g["weight_decay"] for g in self.param_groups] if replay is None else replay.weight_decays
+        record = StepRecord(t, step_seed, grads, lrs, wds, loss)
+        self.step_count += 1
+        self.last_record = record
+        if grads is None:  # a non-finite loss: go back to theta, no update
+            self.skipped_steps += 1
+            self._sweep(restore)
+            return loss
+        weights = [(d, g / self.queries) for d, g in zip(directions, grads, strict=True)]
+        if self.conservative:
+            record.conservative = self._conservative(restore, weights, lrs[0], loss, evaluate, replay)
+            return loss
+        self._pending = _Pending(restore, weights, lrs, wds)
+        if not self.lazy:
+            self.flush()
+        return loss
+
+    def _reduce(self, losses: list[float]) -> list[float]:
+        if self.loss_reduce is None:
+            return losses
+        return self.loss_reduce(torch.tensor(losses, dtype=torch.float64)).tolist()
+
+    def _projected_grads(self, losses: list[float]) -> list[float] | None:
+        if not all(math.isfinite(x) for x in losses):
+            return None
+        if self.estimator == "forward":
+            return [(x - losses[0]) / self.eps for x in losses[1:]]
+        return [(lp - lm) / (2 * self.eps) for lp, lm in zip(losses[0::2], losses[1::2], strict=True)]
+
+    def _conservative(self, restore: Moves, weights: Moves, lr: float, loss_theta: float,
+                      evaluate: Callable[[], float], replay: StepRecord | None) -> int:
+        """ZO-SGD-Cons: evaluate theta - lr g_hat and theta + lr g_hat, keep the best of those and theta.
+
+        Returns the multiple k of the SGD step taken: theta <- theta - k lr g_hat, k in {1, 0, -1}.
+        """
+        down = [(d, -lr * w) for d, w in weights]
+        self._sweep(restore, after=down)  # theta - lr g_hat
+        loss_down = evaluate()
+        self._sweep(after=[(d, -2 * c) for d, c in down])  # theta + lr g_hat
+        loss_up = evaluate()
+        if replay is not None:
+            k = replay.conservative
+        else:
+            loss_down, loss_up = self._reduce([loss_down, loss_up])
+            candidates = {1: loss_down, 0: loss_theta, -1: loss_up}
+            k = min(candidates, key=lambda m: candidates[m] if math.isfinite(candidates[m]) else math.inf)
+        if k != -1:
+            self._sweep(after=[(d, (k + 1) * c) for d, c in down])
+        return k
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict plus the ZO counters. Flushes a pending lazy update first."""
+        self.flush()
+        out = super().state_dict()
+        out["zo"] = {"step_count": self.step_count, "skipped_steps": self.skipped_steps, "seed": self.seed}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore groups, counters and buffers; buffers keep their saved (fp32) dtype."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=True)
+        ):
+            raise ValueError("optimizer state_dict does not match these param groups (count or sizes differ)")
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.state.clear()
+        for index, buffers in state_dict["state"].items():
+            p = params[int(index)]
+            self.state[p] = {k: v.to(device=p.device) if isinstance(v, torch.Tensor) else v for k, v in buffers.items()}
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        zo = state_dict["zo"]
+        if zo["seed"] != self.seed:
+            raise ValueError(f"checkpoint was written with seed {zo['seed']}, this optimizer has seed {self.seed}")
+        self.step_count, self.skipped_steps = zo["step_count"], zo["skipped_steps"]
+        self._pending = None
