@@ -117,7 +117,13 @@ class LowRankDirection(Direction):
             return noise.generate("normal", self.seed, shard.stream, start, count, shard.flat.dtype, shard.flat.device)
         ncols = shard.shape[1]
         row0, row1 = start // ncols, (start + count - 1) // ncols + 1  # rows touching [start, start+count)
-        block = self.u_rows(shard, row0, row1 - row0) @ self.v(shard).T / math.sqrt(self.rank)
+        u, v = self.u_rows(shard, row0, row1 - row0), self.v(shard)
+        # sum_k u[:, k] v[:, k]^T elementwise, in a fixed order: a GEMM's summation order depends on
+        # the shape, and a slice must equal the same elements of the whole bit for bit.
+        block = u[:, :1] * v[:, 0]
+        for k in range(1, self.rank):
+            block.addcmul_(u[:, k : k + 1], v[:, k])
+        block /= math.sqrt(self.rank)
         skip = start - row0 * ncols
         return block.view(-1)[skip : skip + count].to(shard.flat.dtype)
 

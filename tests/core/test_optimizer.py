@@ -1,0 +1,146 @@
+import copy
+import math
+
+import pytest
+import torch
+
+import zo_scale
+from zo_scale import ZOOptimizer
+
+
+def regression():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    x = torch.randn(128, 8)
+    y = torch.sin(x[:, :2]) + 0.5 * x[:, 2:4]
+    return model, (lambda: (model(x) - y).pow(2).mean())
+
+
+OPTIMIZERS = {
+    "zo-sgd": lambda p: zo_scale.ZOSGD(p, lr=0.02, eps=1e-3),
+    "zo-sgd-momentum": lambda p: zo_scale.ZOSGD(p, lr=0.005, momentum=0.9),
+    "zo-sign": lambda p: zo_scale.ZOSignSGD(p, lr=2e-3),
+    "zo-adam": lambda p: zo_scale.ZOAdam(p, lr=0.01),
+    "zo-cons": lambda p: zo_scale.ZOConservative(p, lr=0.02),
+    "forward-q4": lambda p: zo_scale.ZOSGD(p, lr=0.02, estimator="forward", queries=4),
+    "rademacher": lambda p: ZOOptimizer(p, lr=0.02, sampler=zo_scale.DenseSampler("rademacher")),
+    "lozo": lambda p: zo_scale.LOZO(p, lr=0.02, rank=2, nu=20),
+    "sparse": lambda p: zo_scale.SparseZO(p, lr=0.04, sparsity=0.5, resample_every=5),
+    "block": lambda p: zo_scale.BlockZO(p, lr=0.02, queries=2),
+    "adam-lazy-wd": lambda p: zo_scale.ZOAdam(p, lr=0.01, lazy=True, weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_rule_reduces_the_loss(name):
+    model, loss = regression()
+    opt = OPTIMIZERS[name](model.named_parameters())
+    before = loss().item()
+    for _ in range(400):
+        opt.step(loss)
+    opt.flush()
+    assert loss().item() < 0.7 * before, (before, loss().item())
+
+
+def test_central_estimate_is_unbiased_on_a_quadratic():
+    """E[g z z^T] grad = grad for z ~ N(0, I); the central difference is exact on a quadratic."""
+    torch.manual_seed(1)
+    d = 12
+    a = torch.randn(d, d, dtype=torch.float64)
+    hessian = a @ a.T / d + torch.eye(d, dtype=torch.float64)
+    b = torch.randn(d, dtype=torch.float64)
+    theta = torch.nn.Parameter(torch.randn(d, dtype=torch.float64))
+    true_grad = hessian @ theta.detach() - b
+    opt = zo_scale.ZOSGD([("theta", theta)], lr=1.0, eps=1e-2)
+    start = theta.detach().clone()
+    total = torch.zeros(d, dtype=torch.float64)
+    n = 4000
+    for _ in range(n):
+        opt.step(lambda: 0.5 * theta @ hessian @ theta - b @ theta)
+        total += start - theta.detach()  # this step's g_hat (lr = 1)
+        theta.data.copy_(start)
+    rel_err = ((total / n - true_grad).norm() / true_grad.norm()).item()
+    assert rel_err < 0.15  # std of the mean ~ sqrt((d + 1) / n) = 0.06
+
+
+def test_hyperparameters_are_checked_on_construction():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="Invalid learning rate: -1"):
+        zo_scale.ZOSGD(p, lr=-1)
+    with pytest.raises(ValueError, match="eps: 0"):
+        zo_scale.ZOSGD(p, eps=0)
+    with pytest.raises(ValueError, match="unknown estimator 'backward'"):
+        ZOOptimizer(p, estimator="backward")
+    with pytest.raises(ValueError, match="unknown update rule 'lion'"):
+        ZOOptimizer(p, rule="lion")
+    with pytest.raises(ValueError, match="conservative"):
+        ZOOptimizer(p, rule="adam", conservative=True)
+    with pytest.raises(ValueError, match="sparsity"):
+        zo_scale.SparseZO(p, sparsity=1.0)
+
+
+def test_non_finite_loss_skips_the_step_and_restores_theta():
+    model, loss = regression()
+    opt = zo_scale.ZOSGD(model.named_parameters(), lr=0.02)
+    before = copy.deepcopy(model.state_dict())
+    assert math.isnan(opt.step(lambda: torch.tensor(float("nan"))))
+    assert opt.skipped_steps == 1 and opt.last_record.grads is None and opt.step_count == 1
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, before[k], atol=1e-6), k  # +eps, -2 eps, +eps: float rounding only
+    opt.step(loss)
+    assert opt.skipped_steps == 1 and opt.last_record.grads is not None
+
+
+@pytest.mark.parametrize("name", ["zo-sgd", "zo-adam", "adam-lazy-wd", "zo-cons", "lozo"])
+def test_resume_from_state_dict_continues_the_same_trajectory_bitwise(name):
+    straight, straight_loss = regression()
+    opt = OPTIMIZERS[name](straight.named_parameters())
+    for _ in range(10):
+        opt.step(straight_loss)
+    opt.flush()
+
+    model, loss = regression()
+    first = OPTIMIZERS[name](model.named_parameters())
+    for _ in range(5):
+        first.step(loss)
+    checkpoint = copy.deepcopy({"model": model.state_dict(), "opt": first.state_dict()})
+
+    resumed_model, resumed_loss = regression()
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = OPTIMIZERS[name](resumed_model.named_parameters())
+    resumed.load_state_dict(checkpoint["opt"])
+    assert resumed.step_count == 5
+    for _ in range(5):
+        resumed.step(resumed_loss)
+    resumed.flush()
+    for p, q in zip(resumed_model.parameters(), straight.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["zo-sgd", "zo-adam", "zo-cons", "block"])
+def test_replay_of_the_step_records_rebuilds_the_weights_bitwise(name):
+    model, loss = regression()
+    initial = copy.deepcopy(model.state_dict())
+    opt = OPTIMIZERS[name](model.named_parameters())
+    records = []
+    for _ in range(8):
+        opt.step(loss)
+        records.append(opt.last_record)
+    opt.flush()
+
+    rebuilt, _ = regression()
+    rebuilt.load_state_dict(initial)
+    replayer = OPTIMIZERS[name](rebuilt.named_parameters())
+    for record in records:
+        replayer.step(replay=record)
+    replayer.flush()
+    for p, q in zip(rebuilt.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_rejects_a_mismatched_seed():
+    model, loss = regression()
+    opt = zo_scale.ZOSGD(model.named_parameters(), seed=1)
+    opt.step(loss)
+    with pytest.raises(ValueError, match="seed 1"):
+        zo_scale.ZOSGD(model.named_parameters(), seed=2).load_state_dict(opt.state_dict())
