@@ -58,7 +58,8 @@ def test_lozo_perturbation_is_rank_r_with_lazy_v():
 
 
 def test_block_sampler_cycles_through_layers_then_the_rest():
-    names = ["embed.weight", "model.layers.0.q.weight", "model.layers.0.k.weight", "model.layers.1.q.weight", "lm_head.w"]
+    names = ["embed.weight", "model.layers.0.q.weight", "model.layers.0.k.weight", "model.layers.1.q.weight",
+             "lm_head.w"]
     shards = [whole_param_shard(torch.zeros(4), n) for n in names]
     sampler = BlockSampler()
     sampler.bind(shards)

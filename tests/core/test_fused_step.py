@@ -40,7 +40,7 @@ def reference_mezo_steps(model, loss_fn, steps, lr, eps, seed, queries, weight_d
             for name, p in params:
                 if p.ndim >= 2 and weight_decay:
                     p.data.mul_(1 - lr * weight_decay)
-                for s, g in zip(seeds, grads):
+                for s, g in zip(seeds, grads, strict=True):
                     z = noise.normal(s, stream_id(name), 0, p.numel()).view_as(p)
                     p.data.add_(z, alpha=-lr * g / queries)
 
@@ -56,7 +56,7 @@ def test_fused_step_equals_the_four_pass_reference_bitwise(lazy, queries, weight
         opt.step(lambda: loss_fn(model))
     opt.flush()
     reference_mezo_steps(reference, loss_fn, 6, 1e-2, 1e-3, 11, queries, weight_decay)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q), name
     assert not torch.equal(next(model.parameters()), next(model_and_batch()[0].parameters()))  # it moved
 

@@ -113,7 +113,7 @@ def test_resume_from_state_dict_continues_the_same_trajectory_bitwise(name):
     for _ in range(5):
         resumed.step(resumed_loss)
     resumed.flush()
-    for p, q in zip(resumed_model.parameters(), straight.parameters()):
+    for p, q in zip(resumed_model.parameters(), straight.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -134,7 +134,7 @@ def test_replay_of_the_step_records_rebuilds_the_weights_bitwise(name):
     for record in records:
         replayer.step(replay=record)
     replayer.flush()
-    for p, q in zip(rebuilt.parameters(), model.parameters()):
+    for p, q in zip(rebuilt.parameters(), model.parameters(), strict=True):
         assert torch.equal(p, q)
 
 

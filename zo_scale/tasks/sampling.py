@@ -1,0 +1,77 @@
+"""MeZO's data protocol: small train and dev sets sampled from the train split, plus an eval sample.
+
+MeZO (Malladi et al. 2023) trains on 1,000 examples, selects checkpoints on 500 dev examples drawn
+from the same train split, and tests on 1,000 examples of the validation split.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+
+from zo_scale.tasks.example import Example
+from zo_scale.tasks.task import Task
+
+
+def _count(name: str, value: int | None, allow_all: bool) -> int | None:
+    """Validate a requested size; None means "all" (as does -1, the CLI spelling)."""
+    if allow_all and (value is None or value == -1):
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        allowed = "an int >= 0, or None/-1 for all" if allow_all else "an int >= 0"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def sample_splits(
+    task: Task,
+    num_train: int | None = 1000,
+    num_dev: int = 500,
+    num_eval: int | None = 1000,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train, dev, eval) Examples, deterministic for a seed and pairwise disjoint.
+
+    Train and dev are drawn without replacement from the train split; eval is a sample of the eval split
+    (all of it when num_eval is None/-1 or larger than the split). When both splits are one file (BoolQ,
+    WiC and MultiRC here), eval is drawn first and train/dev come from the remaining rows.
+    When the train split is too small, dev keeps its size and train gets what is left (as in MeZO, where
+    CB and COPA runs ask for more than exists), with a warning.
+    """
+    num_train = _count("num_train", num_train, allow_all=True)
+    num_dev = _count("num_dev", num_dev, allow_all=False)
+    num_eval = _count("num_eval", num_eval, allow_all=True)
+
+    eval_pool = task.examples("eval", data_dir)
+    shared_file = task.path("train", data_dir) == task.path("eval", data_dir)
+    train_pool = eval_pool if shared_file else task.examples("train", data_dir)
+
+    # Separate generators, so that for two-file tasks the train/dev draw does not depend on num_eval.
+    eval_idx = list(range(len(eval_pool)))
+    if num_eval is not None and num_eval < len(eval_idx):
+        eval_idx = random.Random(seed).sample(eval_idx, num_eval)
+    taken = set(eval_idx) if shared_file else set()
+    candidates = [i for i in range(len(train_pool)) if i not in taken]
+
+    available = len(candidates)
+    if num_dev > available or (num_dev == available and num_train != 0):
+        shared = " (the rest of the file is the eval sample)" if shared_file else ""
+        raise ValueError(
+            f"{task.name}: num_dev={num_dev} leaves no training examples out of {available}{shared}"
+        )
+    train_size = available - num_dev if num_train is None else min(num_train, available - num_dev)
+    if num_train is not None and train_size < num_train:
+        warnings.warn(
+            f"{task.name}: asked for {num_train} train + {num_dev} dev examples but only {available} "
+            f"are available; training on {train_size}",
+            stacklevel=2,
+        )
+    picked = random.Random(seed).sample(candidates, num_dev + train_size)
+    dev_idx, train_idx = picked[:num_dev], picked[num_dev:]
+    return (
+        [train_pool[i] for i in train_idx],
+        [train_pool[i] for i in dev_idx],
+        [eval_pool[i] for i in eval_idx],
+    )

@@ -1,0 +1,100 @@
+"""The Task type: where a task's rows live and how they become Examples."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from zo_scale.tasks.example import Example, TaskDataError
+from zo_scale.tasks.loaders import load_hub_rows, read_rows
+
+DATA_ENV_VAR = "ZO_SCALE_DATA"
+SPLITS = ("train", "eval")
+
+
+def find_data_dir() -> Path:
+    """The benchmark data folder: $ZO_SCALE_DATA, else the first `shared/data` found walking up from
+    the current directory and from this package (the repo checkout sits beside `shared/`)."""
+    env = os.environ.get(DATA_ENV_VAR)
+    if env:
+        return Path(env)
+    for start in (Path.cwd(), Path(__file__).resolve().parent):
+        for folder in (start, *start.parents):
+            candidate = folder / "shared" / "data"
+            if candidate.is_dir():
+                return candidate
+    raise FileNotFoundError(
+        f"no shared/data folder found above {Path.cwd()} or {Path(__file__).parent}; "
+        f"set {DATA_ENV_VAR} or pass --data-dir"
+    )
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where the same data lives on the Hugging Face hub, for users who have network access."""
+
+    path: str
+    name: str | None
+    splits: dict[str, str]  # our split ("train"/"eval") -> the hub's split name
+
+
+@dataclass(frozen=True)
+class Task:
+    """A multiple-choice task: its files per split, and the template that renders a row."""
+
+    name: str
+    template: Callable[[dict], Example]
+    files: dict[str, str]  # "train"/"eval" -> file, relative to the data dir (or to `root`)
+    hub: HubSource | None = None
+    # Turns one row of the official file into template rows (MultiRC nests answers in passages).
+    flatten: Callable[[dict], list[dict]] | None = None
+    # Fixed folder of the files (package demo data, a custom task's YAML folder); ignores data_dir.
+    root: Path | None = None
+
+    def path(self, split: str, data_dir: str | Path | None = None) -> Path:
+        """The file holding `split`."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if self.root is not None:
+            base = self.root
+        elif data_dir is not None:
+            base = Path(data_dir)
+        else:
+            base = find_data_dir()
+        return base / self.files[split]
+
+    def examples(self, split: str, data_dir: str | Path | None = None) -> list[Example]:
+        """All Examples of `split`, read from the task's file."""
+        path = self.path(split, data_dir)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{self.name}: data file {path} not found; pass --data-dir (or set {DATA_ENV_VAR}) "
+                f"to the folder holding {self.files[split]}"
+            )
+        return self._render(read_rows(path), str(path), self.flatten)
+
+    def hub_examples(self, split: str) -> list[Example]:
+        """All Examples of `split`, downloaded from the hub (rows there are already flat)."""
+        if self.hub is None:
+            raise ValueError(f"{self.name}: no hub dataset is known for this task")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        hub_split = self.hub.splits[split]
+        rows = load_hub_rows(self.hub.path, self.hub.name, hub_split)
+        return self._render(rows, f"hub {self.hub.path}/{self.hub.name} [{hub_split}]", None)
+
+    def _render(
+        self, rows: list[dict], source: str, flatten: Callable[[dict], list[dict]] | None
+    ) -> list[Example]:
+        examples = []
+        for row_no, row in enumerate(rows, start=1):
+            try:
+                for item in flatten(row) if flatten else (row,):
+                    examples.append(self.template(item))
+            except ValueError as err:
+                # Template errors name the task already; Example's own checks do not.
+                what = err if isinstance(err, TaskDataError) else f"{self.name}: {err}"
+                raise TaskDataError(f"{source}, data row {row_no}: {what}") from err
+        return examples
