@@ -1,0 +1,56 @@
+"""Build the ZO optimizer and its lr schedule from the ``optim`` section of a config."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from zo_scale.core.directions import BlockSampler, DenseSampler, DirectionSampler, LowRankSampler, SparseSampler
+from zo_scale.core.optimizer import ZOOptimizer
+from zo_scale.core.schedules import lr_multiplier
+from zo_scale.core.updates import SGD, Adam, Momentum, Sign, UpdateRule
+from zo_scale.train.config import ConfigError, OptimConfig
+
+SAMPLERS = ("normal", "rademacher", "sparse", "lowrank", "block")
+RULES = ("sgd", "sign", "momentum", "adam")
+
+
+def build_sampler(cfg: OptimConfig) -> DirectionSampler:
+    if cfg.sampler in ("normal", "rademacher"):
+        return DenseSampler(cfg.sampler)
+    if cfg.sampler == "sparse":
+        return SparseSampler(cfg.sparsity, cfg.resample_every)
+    if cfg.sampler == "lowrank":
+        return LowRankSampler(cfg.rank, cfg.resample_every)
+    if cfg.sampler == "block":
+        return BlockSampler()
+    raise ConfigError(f"optim.sampler: unknown {cfg.sampler!r}; choose one of {SAMPLERS}")
+
+
+def build_rule(cfg: OptimConfig) -> UpdateRule:
+    rules: dict[str, Any] = {
+        "sgd": SGD, "sign": Sign, "momentum": lambda: Momentum(cfg.momentum), "adam": lambda: Adam(*cfg.betas)
+    }
+    if cfg.rule not in rules:
+        raise ConfigError(f"optim.rule: unknown {cfg.rule!r}; choose one of {RULES}")
+    return rules[cfg.rule]()
+
+
+def build_optimizer(
+    named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimConfig, seed: int, total_steps: int, **kwargs: Any
+) -> tuple[ZOOptimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer over the named trainable parameters, and its LambdaLR schedule."""
+    try:
+        optimizer = ZOOptimizer(
+            list(named_params), cfg.lr, cfg.eps, rule=build_rule(cfg), sampler=build_sampler(cfg),
+            estimator=cfg.estimator, queries=cfg.queries, weight_decay=cfg.weight_decay, seed=seed, lazy=cfg.lazy,
+            conservative=cfg.conservative, **kwargs,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_multiplier(cfg.schedule, total_steps, cfg.warmup_steps)
+        )
+    except ValueError as e:
+        raise ConfigError(f"optim: {e}") from None
+    return optimizer, schedule

@@ -1,0 +1,56 @@
+"""Checkpoints written atomically: a crash mid-write never leaves a checkpoint that looks complete.
+
+Layout of ``<output_dir>/checkpoint``: ``model/`` (``save_pretrained``: safetensors + config + tokenizer),
+``optimizer.pt`` (ZO counters and rule buffers), ``schedule.pt`` and ``trainer_state.json`` (step and
+the non-finite counter). Data order and noise are functions of the step, so these restart the run
+on the same trajectory.
+
+Atomicity: everything goes into ``checkpoint.tmp``; then the old checkpoint is renamed aside, the new
+one renamed into place, and the old one deleted. Directory renames are atomic on one filesystem, so
+at any moment either ``checkpoint`` or ``checkpoint.old`` is whole; :func:`latest_checkpoint` takes
+whichever is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a whole checkpoint
+
+
+def save_checkpoint(
+    directory: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, schedule: Any, state: dict
+) -> Path:
+    """Write the checkpoint to ``directory`` atomically and return its path."""
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(schedule.state_dict(), tmp / "schedule.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The whole checkpoint at ``directory`` (or its ``.old`` twin left by a crash), else None."""
+    for candidate in (directory, directory.with_name(directory.name + ".old")):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_FILE).read_text())

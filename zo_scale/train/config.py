@@ -1,0 +1,148 @@
+"""The run configuration: plain dataclasses, loaded from YAML, overridden by ``section.key=value`` flags.
+
+Strict on purpose (a typo must not silently train with a default): unknown sections or keys, and
+values of the wrong type, are errors that name the key, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what is wrong."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-llama"  # built-in name (smollm2-135m, tiny-opt, tiny-llama, tiny-mistral), folder or hub id
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sst2-demo"  # built-in task or a task YAML/JSON file
+    data_dir: str | None = None  # default: $ZO_SCALE_DATA, else a shared/data folder above the working dir
+    num_train: int = 1000  # MeZO's protocol: train and dev sampled from the train split, eval from the eval split
+    num_dev: int = 0
+    num_eval: int = 1000
+    max_length: int = 256  # tokens of context + continuation; contexts are cut from the left
+    loss: str = "ce"  # ce: cross-entropy over the options; lm: LM loss on the correct continuation
+
+
+@dataclass
+class OptimConfig:
+    rule: str = "sgd"  # sgd | sign | momentum | adam
+    sampler: str = "normal"  # normal | rademacher | sparse | lowrank | block
+    estimator: str = "central"  # central (2 forwards a query) | forward (1 a query, + 1 at theta)
+    lr: float = 1e-5
+    eps: float = 1e-3
+    queries: int = 1
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # rule=momentum
+    betas: tuple[float, float] = (0.9, 0.999)  # rule=adam
+    conservative: bool = False  # ZO-SGD-Cons (rule=sgd)
+    lazy: bool = True  # fold each update into the next step's first pass (2 passes a step)
+    sparsity: float = 0.75  # sampler=sparse
+    resample_every: int = 1  # sampler=sparse: mask period; sampler=lowrank: LOZO's nu
+    rank: int = 2  # sampler=lowrank
+    schedule: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+
+
+@dataclass
+class RunConfig:
+    steps: int = 100
+    batch_size: int = 16
+    eval_every: int = 0  # 0: only before and after training
+    eval_batch_size: int = 32
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    seed: int = 0
+    output_dir: str = "runs/default"
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """value as the annotated type. Converts only ints to floats and float-looking strings to floats
+    (YAML 1.1 reads ``1e-5`` without a dot as a string)."""
+    hint = annotation
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool) and type(value) is origin:
+            return value
+        if origin is tuple and isinstance(value, list | tuple):
+            args = typing.get_args(option)
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    raise ConfigError(f"{key}: expected {hint}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(config: Config, section: str, key: str, value: Any) -> None:
+    sections = {f.name: f for f in dataclasses.fields(config)}
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r}; sections are {sorted(sections)}")
+    target = getattr(config, section)
+    hints = typing.get_type_hints(type(target))
+    if key not in hints:
+        raise ConfigError(f"unknown key {section}.{key}; {section} has {sorted(hints)}")
+    setattr(target, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (sections model/task/optim/run), then ``section.key=value`` overrides
+    (values parsed as YAML scalars: 1e-5, true, [0.9, 0.99])."""
+    config = Config()
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping of keys")
+            for key, value in values.items():
+                _apply(config, section, key, value)
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _apply(config, section, key, yaml.safe_load(text))
+    return config

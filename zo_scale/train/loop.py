@@ -1,0 +1,186 @@
+"""The ZO fine-tuning recipe, top to bottom: config -> data -> model -> optimizer -> eval -> loop -> save.
+
+Everything a step depends on is a function of (run seed, step): the batch (:class:`BatchOrder`) and
+the perturbation directions (the optimizer's seed). So a run restarted from a checkpoint at step t
+continues the uninterrupted trajectory exactly, and the seed log suffices to replay it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from zo_scale.core import noise
+from zo_scale.models import load_model
+from zo_scale.models.scoring import LOSSES, EncodedExample, accuracy, batch_loss, encode, labels_of, option_scores
+from zo_scale.tasks import get_task, sample_splits
+from zo_scale.train import seedlog
+from zo_scale.train.build import build_optimizer
+from zo_scale.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from zo_scale.train.config import Config, ConfigError
+from zo_scale.train.metrics import MetricsLog, plot_metrics
+
+log = logging.getLogger("zo_scale")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says why and what to try."""
+
+
+class BatchOrder:
+    """Step t's batch: positions [t B, (t + 1) B) of an endless sequence of seeded epoch permutations."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if n < 1:
+            raise ConfigError("task.num_train: the training split is empty")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - a step touches at most two epochs; one order per run
+    def permutation(self, epoch: int) -> list[int]:
+        perm = list(range(self.n))
+        random.Random(noise.derive_seed(self.seed, epoch)).shuffle(perm)
+        return perm
+
+    def indices(self, step: int) -> list[int]:
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
+        return [self.permutation(p // self.n)[p % self.n] for p in positions]
+
+
+def _check(cfg: Config) -> None:
+    if cfg.task.loss not in LOSSES:
+        raise ConfigError(f"task.loss: unknown {cfg.task.loss!r}; choose one of {LOSSES}")
+    for key in ("steps", "batch_size", "eval_batch_size", "log_every", "max_nonfinite"):
+        if getattr(cfg.run, key) < 1:
+            raise ConfigError(f"run.{key} must be >= 1, got {getattr(cfg.run, key)}")
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) the fine-tune described by ``cfg``; returns the summary also written to summary.json."""
+    _check(cfg)
+    out = Path(cfg.run.output_dir)
+    torch.manual_seed(cfg.run.seed)
+
+    # data: MeZO's protocol, tokenized once
+    task = get_task(cfg.task.name)
+    train_ex, dev_ex, eval_ex = sample_splits(
+        task, cfg.task.num_train, cfg.task.num_dev, cfg.task.num_eval, cfg.run.seed, cfg.task.data_dir
+    )
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.run.seed)
+    model.eval()  # ZO forwards run without dropout: both points of a pair must see the same function
+    train_enc = encode(tokenizer, train_ex, cfg.task.max_length)
+    eval_enc = encode(tokenizer, eval_ex, cfg.task.max_length)
+    dev_enc = encode(tokenizer, dev_ex, cfg.task.max_length) if dev_ex else eval_enc
+    pad = tokenizer.pad_token_id
+    batches = BatchOrder(len(train_enc), cfg.run.batch_size, cfg.run.seed)
+
+    # optimizer over every trainable parameter (full fine-tuning)
+    optimizer, schedule = build_optimizer(
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.optim, cfg.run.seed, cfg.run.steps
+    )
+
+    # resume, or start a new run directory (created only now that config, data and model are valid)
+    checkpoint_dir = out / "checkpoint"
+    checkpoint = latest_checkpoint(checkpoint_dir)
+    start, nonfinite_in_a_row, zero_shot = 0, 0, None
+    if checkpoint is not None:
+        state = load_trainer_state(checkpoint)
+        if state["config"] != json.loads(json.dumps(cfg.to_dict())):
+            raise ConfigError(f"{checkpoint} was written with another config; use a new run.output_dir to change it")
+        resumed = type(model).from_pretrained(checkpoint / "model", dtype=model.dtype)
+        model.load_state_dict(resumed.state_dict())
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+        schedule.load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=False))
+        start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
+        zero_shot = state["zero_shot_accuracy"]
+        log.info("resuming from %s at step %d", checkpoint, start)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
+    seedlog.write_header(out / "seedlog.jsonl", json.loads(json.dumps(cfg.to_dict())), keep_steps_below=start)
+    metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if cfg.run.tensorboard else None)
+
+    def evaluate(step: int, examples: list[EncodedExample], split: str) -> float:
+        optimizer.flush()
+        acc = accuracy(model, examples, pad, cfg.run.eval_batch_size)
+        metrics.log(step, "eval", accuracy=acc, split=split, examples=len(examples))
+        return acc
+
+    def save(step: int) -> None:
+        optimizer.flush()
+        state = {"step": step, "nonfinite_in_a_row": nonfinite_in_a_row, "zero_shot_accuracy": zero_shot,
+                 "config": cfg.to_dict()}
+        save_checkpoint(checkpoint_dir, model, tokenizer, optimizer, schedule, json.loads(json.dumps(state)))
+
+    n_params = sum(p.numel() for _, p in optimizer_named(optimizer))
+    log.info("model %s (%s, %.1fM trainable), task %s: %d train / %d dev / %d eval examples",
+             cfg.model.name, cfg.model.dtype, n_params / 1e6, cfg.task.name, len(train_enc), len(dev_ex), len(eval_enc))
+    if start == 0:
+        zero_shot = evaluate(0, eval_enc, "eval")
+        log.info("zero-shot eval accuracy: %.1f%% (%d examples)", 100 * zero_shot, len(eval_enc))
+
+    window: list[float] = []
+    tick = time.perf_counter()
+    bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="zo", unit="step",
+               disable=not cfg.run.progress, dynamic_ncols=True)
+    for t in bar:
+        batch = [train_enc[i] for i in batches.indices(t)]
+        labels = labels_of(batch, next(model.parameters()).device)
+
+        def closure(batch: list[EncodedExample] = batch, labels: torch.Tensor = labels) -> torch.Tensor:
+            return batch_loss(option_scores(model, batch, pad), labels, cfg.task.loss)
+
+        loss = optimizer.step(closure)
+        schedule.step()
+        seedlog.append(out / "seedlog.jsonl", optimizer.last_record)
+        if math.isfinite(loss):
+            nonfinite_in_a_row = 0
+            window.append(loss)
+        else:
+            nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite loss, step skipped (%d in a row)", t, nonfinite_in_a_row)
+            if nonfinite_in_a_row >= cfg.run.max_nonfinite:
+                optimizer.flush()
+                raise TrainingError(
+                    f"the loss was non-finite for {nonfinite_in_a_row} steps in a row (last at step {t}); "
+                    f"lower optim.lr or optim.eps, or use model.dtype=float32. The last checkpoint is intact."
+                )
+        if (t + 1) % cfg.run.log_every == 0 or t + 1 == cfg.run.steps:
+            elapsed = time.perf_counter() - tick
+            mean_loss = sum(window) / len(window) if window else float("nan")
+            metrics.log(t + 1, "train", loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
+                        steps_per_s=len(window) / elapsed if elapsed > 0 else 0.0,
+                        skipped_total=optimizer.skipped_steps)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            window, tick = [], time.perf_counter()
+        if cfg.run.eval_every and (t + 1) % cfg.run.eval_every == 0 and t + 1 < cfg.run.steps:
+            acc = evaluate(t + 1, dev_enc, "dev" if dev_ex else "eval")
+            bar.write(f"step {t + 1}: {'dev' if dev_ex else 'eval'} accuracy {100 * acc:.1f}%")
+        if cfg.run.save_every and (t + 1) % cfg.run.save_every == 0:
+            save(t + 1)
+    bar.close()
+
+    final = evaluate(cfg.run.steps, eval_enc, "eval")
+    save(cfg.run.steps)
+    metrics.close()
+    plot_metrics(out / "metrics.jsonl", out / "loss_curve.png",
+                 f"ZO fine-tuning: {cfg.model.name} on {cfg.task.name} ({cfg.optim.rule}, {cfg.optim.sampler})")
+    summary = {
+        "zero_shot_accuracy": zero_shot, "final_accuracy": final, "steps": cfg.run.steps,
+        "eval_examples": len(eval_enc), "skipped_steps": optimizer.skipped_steps,
+        "output_dir": str(out), "model": str(checkpoint_dir / "model"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def optimizer_named(optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
+    return [(n, p) for g in optimizer.param_groups for n, p in zip(g["param_names"], g["params"], strict=True)]

@@ -1,0 +1,63 @@
+"""Metrics: one JSON object per line in ``metrics.jsonl``, optionally TensorBoard, and a PNG at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends ``{"step": t, "kind": "train"|"eval", ...}`` records; mirrors scalars to TensorBoard if asked."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
+        self.path = path
+        self.writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("run.tensorboard=true needs tensorboard: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def log(self, step: int, kind: str, **values: Any) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                if isinstance(value, int | float):
+                    self.writer.add_scalar(f"{kind}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path: Path, png_path: Path, title: str) -> Path:
+    """Training loss (per logged window) and eval accuracy against the step, in one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, ax_loss = plt.subplots(figsize=(8, 4.5))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("train loss (nats, mean over the logging window)", color="tab:blue")
+    if evals:
+        ax_acc = ax_loss.twinx()
+        ax_acc.plot([r["step"] for r in evals], [100 * r["accuracy"] for r in evals], "o-", color="tab:orange",
+                    label="eval accuracy")
+        ax_acc.set_ylabel("eval accuracy (%)", color="tab:orange")
+    ax_loss.set_title(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path

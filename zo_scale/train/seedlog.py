@@ -1,0 +1,70 @@
+"""The seed log: a whole ZO fine-tune as a few bytes per step.
+
+A JSONL file: a header line (the resolved config) then one line per step with the fields of
+:class:`~zo_scale.core.optimizer.StepRecord`: step, seed, projected gradient(s), lr(s), weight
+decay(s), loss and, for ZO-SGD-Cons, the move taken. Directions are functions of (seed, step), so
+base weights + this log determine the fine-tuned weights: :func:`replay` rebuilds them by running
+the optimizer's passes with the logged scalars instead of forwards, bit for bit equal to the trained
+weights in fp32. Every rule and sampler replays (stateful rules rebuild their buffers as they go);
+what cannot replay is a run whose parameter set or order differs from the base model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from zo_scale.core.optimizer import StepRecord
+
+
+def write_header(path: Path, config: dict[str, Any], keep_steps_below: int = 0) -> None:
+    """Start the log, or on resume keep the records of steps < ``keep_steps_below`` (atomic rewrite)."""
+    kept = [r for r in read_records(path) if r.step < keep_steps_below] if keep_steps_below and path.exists() else []
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps({"header": config}) + "\n")
+        for record in kept:
+            f.write(json.dumps(dataclasses.asdict(record)) + "\n")
+    os.replace(tmp, path)
+
+
+def append(path: Path, record: StepRecord) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(dataclasses.asdict(record)) + "\n")
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    with path.open() as f:
+        first = json.loads(f.readline())
+    if "header" not in first:
+        raise ValueError(f"{path}: not a zo-scale seed log (first line has no header)")
+    return first["header"]
+
+
+def read_records(path: Path) -> Iterator[StepRecord]:
+    with path.open() as f:
+        next(f)
+        for line in f:
+            yield StepRecord(**json.loads(line))
+
+
+def replay(log: Path, output: Path) -> Path:
+    """Rebuild the fine-tuned model from its base model and the seed log; save it to ``output``."""
+    from zo_scale.models import load_model
+    from zo_scale.train.build import build_optimizer
+    from zo_scale.train.config import load_config
+
+    header = read_header(log)
+    cfg = load_config(overrides=[f"{s}.{k}={json.dumps(v)}" for s, sec in header.items() for k, v in sec.items()])
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.run.seed)
+    optimizer, _ = build_optimizer(model.named_parameters(), cfg.optim, cfg.run.seed, cfg.run.steps)
+    for record in read_records(log):
+        optimizer.step(replay=record)
+    optimizer.flush()
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return output
