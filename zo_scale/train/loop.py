@@ -56,6 +56,12 @@ class BatchOrder:
         return [self.permutation(p // self.n)[p % self.n] for p in positions]
 
 
+# What fixes a run's trajectory: a resume may change anything else (e.g. run.steps, to train longer).
+TRAJECTORY: dict[str, tuple[str, ...] | None] = {
+    "model": None, "task": None, "optim": None, "run": ("seed", "batch_size"),
+}
+
+
 def _check(cfg: Config) -> None:
     if cfg.task.loss not in LOSSES:
         raise ConfigError(f"task.loss: unknown {cfg.task.loss!r}; choose one of {LOSSES}")
@@ -94,8 +100,12 @@ def train(cfg: Config) -> dict[str, Any]:
     start, nonfinite_in_a_row, zero_shot = 0, 0, None
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        if state["config"] != json.loads(json.dumps(cfg.to_dict())):
-            raise ConfigError(f"{checkpoint} was written with another config; use a new run.output_dir to change it")
+        saved, now = state["config"], json.loads(json.dumps(cfg.to_dict()))
+        changed = [f"{s}.{k}" for s, keys in TRAJECTORY.items() for k in now[s]
+                   if (keys is None or k in keys) and saved[s][k] != now[s][k]]
+        if changed:
+            raise ConfigError(f"{checkpoint} was written with other values of {changed}; resuming would not continue "
+                              f"that run (use a new run.output_dir)")
         resumed = type(model).from_pretrained(checkpoint / "model", dtype=model.dtype)
         model.load_state_dict(resumed.state_dict())
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))

@@ -1,0 +1,105 @@
+"""End-to-end runs of ``zo-scale train`` on a tiny model: outputs, resume, replay, and bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def weights(run_dir):
+    return load_file(run_dir / "checkpoint" / "model" / "model.safetensors")
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "seedlog.jsonl").read_text().splitlines()[1:]]
+
+
+def test_a_run_writes_metrics_plot_checkpoint_and_seed_log(run_cli):
+    code, out = run_cli("run.steps=4", "run.eval_every=2")
+    assert code == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    assert [m["step"] for m in evals] == [0, 2, 4] and all(0.0 <= m["accuracy"] <= 1.0 for m in evals)
+    assert [m["step"] for m in metrics if m["kind"] == "train"] == [2, 4]
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_accuracy"] == evals[-1]["accuracy"] and summary["zero_shot_accuracy"] == evals[0]["accuracy"]
+    assert [r["step"] for r in records(out)] == [0, 1, 2, 3]
+    assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint.old").exists()
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_resumed_run_equals_the_uninterrupted_run_bitwise(run_cli, rule):
+    code, straight = run_cli("run.steps=6", f"optim.rule={rule}", out="straight")
+    assert code == 0
+    code, split = run_cli("run.steps=3", f"optim.rule={rule}", out="split")
+    assert code == 0
+    code, split = run_cli("run.steps=6", f"optim.rule={rule}", out="split")  # resumes from its step-3 checkpoint
+    assert code == 0
+    a, b = weights(straight), weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert records(straight) == records(split)
+
+
+def test_replay_rebuilds_the_fine_tuned_weights_bitwise(run_cli, tmp_path):
+    from zo_scale.train.cli import main
+
+    code, out = run_cli("run.steps=5", "optim.rule=momentum")
+    assert code == 0
+    assert main(["replay", str(out / "seedlog.jsonl"), str(tmp_path / "replayed")]) == 0
+    trained, replayed = weights(out), load_file(tmp_path / "replayed" / "model.safetensors")
+    assert all(torch.equal(trained[k], replayed[k]) for k in trained)
+    base = load_file(tmp_path / "replayed" / "model.safetensors")
+    assert base.keys() == trained.keys()
+
+
+def test_resume_refuses_a_changed_trajectory(run_cli, capsys):
+    assert run_cli("run.steps=2")[0] == 0
+    code, _ = run_cli("run.steps=4", "optim.lr=0.5")
+    assert code == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.name=no-such-model", "no-such-model"),
+        ("task.name=no-such-task", "no-such-task"),
+        ("optim.rule=lion", "unknown 'lion'"),
+        ("task.loss=mse", "task.loss"),
+        ("run.batch_size=0", "run.batch_size"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message_and_writes_nothing(run_cli, capsys, override, message, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast: no hub here
+    code, out = run_cli("run.steps=2", override)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_data_row_without_its_label_is_named(run_cli, capsys, tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"text": "good film", "label": "pos"}\n{"text": "bad film"}\n')
+    (tmp_path / "task.yaml").write_text(
+        "name: mine\ntrain_file: rows.jsonl\neval_file: rows.jsonl\ntemplate: '{text} It was'\n"
+        "label_field: label\nlabel_words: {pos: ' great', neg: ' terrible'}\n"
+    )
+    code, out = run_cli("run.steps=2", f"task.name={tmp_path / 'task.yaml'}", "task.num_train=1", "task.num_eval=1")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "rows.jsonl" in err and "label" in err
+    assert not out.exists()
+
+
+def test_persistent_non_finite_loss_stops_with_a_clear_error(run_cli, capsys, monkeypatch):
+    from zo_scale.train import loop
+
+    monkeypatch.setattr(loop, "batch_loss", lambda scores, labels, loss: torch.tensor(float("nan")))
+    code, out = run_cli("run.steps=6", "run.max_nonfinite=2", "run.save_every=1")
+    assert code == 2
+    assert "non-finite for 2 steps in a row" in capsys.readouterr().err
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())  # the last checkpoint is intact
+    assert state["step"] == 1 and state["nonfinite_in_a_row"] == 1
