@@ -4,13 +4,13 @@ The core (``zo_scale.core``) depends on torch alone; models, tasks and the train
 """
 
 from zo_scale.core import noise
-from zo_scale.core.aliases import LOZO, ZOSGD, BlockZO, SparseZO, ZOAdam, ZOConservative, ZOSignSGD
+from zo_scale.core.aliases import LOZO, LOZOM, ZOSGD, BlockZO, SparseZO, ZOAdam, ZOConservative, ZOSignSGD
 from zo_scale.core.directions import BlockSampler, DenseSampler, LowRankSampler, SparseSampler
 from zo_scale.core.optimizer import StepRecord, ZOOptimizer
-from zo_scale.core.updates import SGD, Adam, Momentum, Sign
+from zo_scale.core.updates import SGD, Adam, LozoMomentum, Momentum, Sign
 
 __all__ = [
-    "LOZO", "SGD", "Adam", "BlockSampler", "BlockZO", "DenseSampler", "LowRankSampler", "Momentum", "Sign",
-    "SparseSampler", "SparseZO", "StepRecord", "ZOAdam", "ZOConservative", "ZOOptimizer", "ZOSGD", "ZOSignSGD",
-    "noise",
+    "LOZO", "LOZOM", "SGD", "Adam", "BlockSampler", "BlockZO", "DenseSampler", "LowRankSampler", "LozoMomentum",
+    "Momentum", "Sign", "SparseSampler", "SparseZO", "StepRecord", "ZOAdam", "ZOConservative", "ZOOptimizer", "ZOSGD",
+    "ZOSignSGD", "noise",
 ]

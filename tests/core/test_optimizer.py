@@ -25,6 +25,7 @@ OPTIMIZERS = {
     "forward-q4": lambda p: zo_scale.ZOSGD(p, lr=0.02, estimator="forward", queries=4),
     "rademacher": lambda p: ZOOptimizer(p, lr=0.02, sampler=zo_scale.DenseSampler("rademacher")),
     "lozo": lambda p: zo_scale.LOZO(p, lr=0.02, rank=2, nu=20),
+    "lozo-m": lambda p: zo_scale.LOZOM(p, lr=0.005, rank=2, nu=20),
     "sparse": lambda p: zo_scale.SparseZO(p, lr=0.04, sparsity=0.5, resample_every=5),
     "block": lambda p: zo_scale.BlockZO(p, lr=0.02, queries=2),
     "adam-lazy-wd": lambda p: zo_scale.ZOAdam(p, lr=0.01, lazy=True, weight_decay=0.01),
@@ -91,7 +92,7 @@ def test_non_finite_loss_skips_the_step_and_restores_theta():
     assert opt.skipped_steps == 1 and opt.last_record.grads is not None
 
 
-@pytest.mark.parametrize("name", ["zo-sgd", "zo-adam", "adam-lazy-wd", "zo-cons", "lozo"])
+@pytest.mark.parametrize("name", ["zo-sgd", "zo-adam", "adam-lazy-wd", "zo-cons", "lozo", "lozo-m"])
 def test_resume_from_state_dict_continues_the_same_trajectory_bitwise(name):
     straight, straight_loss = regression()
     opt = OPTIMIZERS[name](straight.named_parameters())
@@ -144,3 +145,15 @@ def test_load_state_dict_rejects_a_mismatched_seed():
     opt.step(loss)
     with pytest.raises(ValueError, match="seed 1"):
         zo_scale.ZOSGD(model.named_parameters(), seed=2).load_state_dict(opt.state_dict())
+
+
+def test_lozo_m_keeps_momentum_in_the_factor_and_carries_it_across_v_changes():
+    model, loss = regression()
+    opt = zo_scale.LOZOM(model.named_parameters(), lr=0.005, rank=3, nu=4)
+    for _ in range(5):  # crosses a V redraw at step 4
+        opt.step(loss)
+    weight, bias = model[0].weight, model[0].bias
+    assert opt.state[weight]["factor"].shape == (16, 3) and "momentum" not in opt.state[weight]
+    assert opt.state[bias]["momentum"].shape == (16,)
+    with pytest.raises(ValueError, match="LowRankSampler"):
+        ZOOptimizer(model.parameters(), rule="lozo-m")

@@ -8,6 +8,7 @@ ZOSignSGD          Sign                                  dense normal
 ZOAdam             Adam                                  dense normal
 ZOConservative     SGD, conservative=True                dense normal
 LOZO               SGD                                   low-rank U V^T, V lazy
+LOZOM              LozoMomentum (momentum in factor)     low-rank U V^T, V lazy
 SparseZO           SGD                                   sparse mask, exact ratio
 BlockZO            SGD                                   one block (layer) per query
 =================  ====================================  =====================================
@@ -22,7 +23,7 @@ from typing import Any
 
 from zo_scale.core.directions import BlockSampler, LowRankSampler, SparseSampler
 from zo_scale.core.optimizer import ZOOptimizer
-from zo_scale.core.updates import SGD, Adam, Momentum, Sign
+from zo_scale.core.updates import SGD, Adam, LozoMomentum, Momentum, Sign
 
 
 class ZOSGD(ZOOptimizer):
@@ -61,6 +62,14 @@ class LOZO(ZOOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, rank: int = 2, nu: int = 50,
                  **kwargs: Any) -> None:
         super().__init__(params, lr, eps, sampler=LowRankSampler(rank, nu), **kwargs)
+
+
+class LOZOM(ZOOptimizer):
+    """LOZO-M: LOZO with momentum kept in the m x r factor (see :class:`~zo_scale.core.updates.LozoMomentum`)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, rank: int = 2, nu: int = 50,
+                 beta: float = 0.9, **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, rule=LozoMomentum(beta), sampler=LowRankSampler(rank, nu), **kwargs)
 
 
 class SparseZO(ZOOptimizer):

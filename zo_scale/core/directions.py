@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -115,17 +115,43 @@ class LowRankDirection(Direction):
     def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor:
         if len(shard.shape) != 2:
             return noise.generate("normal", self.seed, shard.stream, start, count, shard.flat.dtype, shard.flat.device)
-        ncols = shard.shape[1]
-        row0, row1 = start // ncols, (start + count - 1) // ncols + 1  # rows touching [start, start+count)
-        u, v = self.u_rows(shard, row0, row1 - row0), self.v(shard)
-        # sum_k u[:, k] v[:, k]^T elementwise, in a fixed order: a GEMM's summation order depends on
-        # the shape, and a slice must equal the same elements of the whole bit for bit.
-        block = u[:, :1] * v[:, 0]
-        for k in range(1, self.rank):
-            block.addcmul_(u[:, k : k + 1], v[:, k])
-        block /= math.sqrt(self.rank)
-        skip = start - row0 * ncols
-        return block.view(-1)[skip : skip + count].to(shard.flat.dtype)
+        return low_rank_slice(lambda r0, n: self.u_rows(shard, r0, n), self.v(shard), shard, start, count)
+
+
+def low_rank_slice(
+    left_rows: Callable[[int, int], torch.Tensor], right: torch.Tensor, shard: ParamShard, start: int, count: int
+) -> torch.Tensor:
+    """Elements [start, start + count) of the flattened (m x n) matrix L R^T / sqrt(r), shape (count,).
+
+    ``left_rows(row0, nrows)`` gives rows of L (nrows x r); R is (n x r). Only the rows touching the
+    slice are formed.
+    """
+    ncols, rank = shard.shape[1], right.shape[1]
+    row0, row1 = start // ncols, (start + count - 1) // ncols + 1  # rows touching [start, start+count)
+    left = left_rows(row0, row1 - row0)
+    # sum_k l[:, k] r[:, k]^T elementwise, in a fixed order: a GEMM's summation order depends on
+    # the shape, and a slice must equal the same elements of the whole bit for bit.
+    block = left[:, :1] * right[:, 0]
+    for k in range(1, rank):
+        block.addcmul_(left[:, k : k + 1], right[:, k])
+    block /= math.sqrt(rank)
+    skip = start - row0 * ncols
+    return block.view(-1)[skip : skip + count].to(shard.flat.dtype)
+
+
+@dataclass
+class FactorDirection(Direction):
+    """z = M V^T / sqrt(r) on one 2-D weight: LOZO-M's momentum, kept as its m x r factor M."""
+
+    factor: torch.Tensor  # M, (m x r), fp32
+    right: torch.Tensor  # V, (n x r)
+    stream: int
+    seed: int = 0
+
+    def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor | None:
+        if shard.stream != self.stream:
+            return None
+        return low_rank_slice(lambda r0, n: self.factor[r0 : r0 + n], self.right, shard, start, count)
 
 
 @dataclass

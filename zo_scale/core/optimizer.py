@@ -41,10 +41,10 @@ from typing import Any
 import torch
 
 from zo_scale.core import noise
-from zo_scale.core.directions import DenseSampler, Direction, DirectionSampler
+from zo_scale.core.directions import DenseSampler, Direction, DirectionSampler, LowRankSampler
 from zo_scale.core.shards import ParamShard, whole_param_shard
 from zo_scale.core.sweep import Moves, Update, sweep_shard
-from zo_scale.core.updates import SGD, UpdateRule, make_rule
+from zo_scale.core.updates import SGD, LozoMomentum, UpdateRule, make_rule
 
 ESTIMATORS = {"central": (1.0, -1.0), "forward": (1.0,)}  # points evaluated per query, in units of eps
 
@@ -127,6 +127,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if queries < 1:
             raise ValueError(f"queries must be >= 1, got {queries}")
         self.rule = make_rule(rule) if isinstance(rule, str) else rule
+        if isinstance(self.rule, LozoMomentum) and not isinstance(sampler, LowRankSampler):
+            raise ValueError("the LOZO-M rule keeps momentum in the low-rank factor: it needs sampler=LowRankSampler")
         if conservative and not isinstance(self.rule, SGD):
             raise ValueError("conservative=True needs the 'sgd' rule (it compares moves along -/+ lr * g_hat)")
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
@@ -162,15 +164,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             for gi, group in enumerate(self.param_groups)
         ]
 
-    def _state_for(self, shard: ParamShard) -> dict[str, torch.Tensor] | None:
-        if not self.rule.buffers:
-            return None
-        state = self.state[shard.param]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            for b in self.rule.buffers:
-                state[b] = torch.zeros(shard.flat.numel(), dtype=torch.float32, device=shard.flat.device)
-        return state
+    def _state_for(self, shard: ParamShard) -> dict[str, torch.Tensor]:
+        if not self.state[shard.param]:
+            self.state[shard.param] = self.rule.init_state(shard)
+        return self.state[shard.param]
 
     def _sweep(self, before: Moves = (), pending_update: _Pending | None = None, after: Moves = ()) -> None:
         for gi, (_, shards) in enumerate(self._shards()):

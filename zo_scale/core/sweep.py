@@ -22,7 +22,7 @@ import torch
 from zo_scale.core.directions import Direction
 from zo_scale.core.noise import CHUNK
 from zo_scale.core.shards import ParamShard
-from zo_scale.core.updates import UpdateRule
+from zo_scale.core.updates import UpdateRule, decay_
 
 Moves = Sequence[tuple[Direction, float]]  # [(direction, coefficient)]: theta += coefficient * z
 
@@ -37,6 +37,12 @@ class Update:
     weight_decay: float
 
 
+def _move_(theta: torch.Tensor, z: dict[int, torch.Tensor | None], moves: Moves) -> None:
+    for d, c in moves:
+        if z[id(d)] is not None:
+            theta.add_(z[id(d)], alpha=c)
+
+
 def sweep_shard(
     shard: ParamShard,
     before: Moves = (),
@@ -49,26 +55,28 @@ def sweep_shard(
 
     ``state`` holds the rule's flat buffers (same numel as ``shard.flat``) and its 0-dim ``step``.
     """
-    directions = {id(d): d for d, _ in (*before, *after, *(update.weights if update else ()))}
+    rule_moves = update.rule.prepare(shard, update.weights, state, update.lr) if update is not None else None
+    moves = (*before, *after, *(update.weights if update else ()), *(rule_moves or ()))
+    directions = {id(d): d for d, _ in moves}
     updated = False
     step = int(state["step"]) + 1 if state is not None and "step" in state else 1
     for s in range(0, shard.flat.numel(), CHUNK):
         n = min(CHUNK, shard.flat.numel() - s)
         z = {key: d.z(shard, shard.offset + s, n) for key, d in directions.items()}
         theta = shard.flat[s : s + n]
-        for d, c in before:
-            if z[id(d)] is not None:
-                theta.add_(z[id(d)], alpha=c)
+        _move_(theta, z, before)
         if update is not None:
+            weight_decay = update.weight_decay if shard.decays else 0.0
             zs = [(z[id(d)], w) for d, w in update.weights if z[id(d)] is not None]
-            if zs:
-                chunk_state = {b: state[b][s : s + n] for b in update.rule.buffers} if state is not None else {}
-                update.rule.apply_(theta, zs, chunk_state, update.lr, update.weight_decay if shard.decays else 0.0,
-                                   step)
+            if rule_moves is not None:
+                decay_(theta, update.lr, weight_decay)
+                _move_(theta, z, rule_moves)
                 updated = True
-        for d, c in after:
-            if z[id(d)] is not None:
-                theta.add_(z[id(d)], alpha=c)
+            elif zs:
+                chunk_state = {b: state[b][s : s + n] for b in update.rule.buffers if b in state} if state else {}
+                update.rule.apply_(theta, zs, chunk_state, update.lr, weight_decay, step)
+                updated = True
+        _move_(theta, z, after)
     if updated and state is not None and "step" in state:
         state["step"] += 1
     return updated

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from zo_scale.core.directions import Direction, FactorDirection, LowRankDirection
+from zo_scale.core.shards import ParamShard
+
 WeightedZ = Sequence[tuple[torch.Tensor, float]]  # [(z_i chunk, w_i)]: g_hat = sum_i w_i * z_i
 
 
@@ -39,7 +42,7 @@ def _ghat(zs: WeightedZ) -> torch.Tensor:
     return out
 
 
-def _decay_(theta: torch.Tensor, lr: float, weight_decay: float) -> None:
+def decay_(theta: torch.Tensor, lr: float, weight_decay: float) -> None:
     if weight_decay:
         theta.mul_(1.0 - lr * weight_decay)
 
@@ -48,6 +51,21 @@ class UpdateRule:
     """``apply_`` updates one chunk of a parameter in place; ``buffers`` names its per-element state."""
 
     buffers: tuple[str, ...] = ()
+
+    def init_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:
+        """Fresh state for one shard: a 0-dim step count and an fp32 zero buffer per name in ``buffers``."""
+        state = {"step": torch.tensor(0.0)}
+        for b in self.buffers:
+            state[b] = torch.zeros(shard.flat.numel(), dtype=torch.float32, device=shard.flat.device)
+        return state
+
+    def prepare(
+        self, shard: ParamShard, weights: Sequence[tuple[Direction, float]], state: dict[str, torch.Tensor], lr: float
+    ) -> list[tuple[Direction, float]] | None:
+        """Optionally state this shard's update as moves along the rule's own directions (applied after
+        weight decay, instead of ``apply_``). Called once per shard and step, before its chunks."""
+        del shard, weights, state, lr
+        return None
 
     def apply_(
         self, theta: torch.Tensor, zs: WeightedZ, state: dict[str, torch.Tensor], lr: float, weight_decay: float,
@@ -63,7 +81,7 @@ class SGD(UpdateRule):
         step: int,
     ) -> None:
         del state, step
-        _decay_(theta, lr, weight_decay)
+        decay_(theta, lr, weight_decay)
         for z, w in zs:  # theta -= lr * w_i * z_i, in the parameter dtype, as MeZO does
             theta.add_(z, alpha=-lr * w)
 
@@ -75,7 +93,7 @@ class Sign(UpdateRule):
         step: int,
     ) -> None:
         del state, step
-        _decay_(theta, lr, weight_decay)
+        decay_(theta, lr, weight_decay)
         theta.add_(_ghat(zs).sign_().to(theta.dtype), alpha=-lr)
 
 
@@ -95,7 +113,7 @@ class Momentum(UpdateRule):
         del step
         m = state["momentum"]
         m.mul_(self.beta).add_(_ghat(zs))
-        _decay_(theta, lr, weight_decay)
+        decay_(theta, lr, weight_decay)
         theta.add_(m.to(theta.dtype), alpha=-lr)
 
 
@@ -123,11 +141,54 @@ class Adam(UpdateRule):
         v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
         m_hat_scale = 1.0 / (1 - self.beta1**step)
         v_hat = v / (1 - self.beta2**step)
-        _decay_(theta, lr, weight_decay)
+        decay_(theta, lr, weight_decay)
         theta.add_((m * m_hat_scale / (v_hat.sqrt_() + self.eps)).to(theta.dtype), alpha=-lr)
 
 
-RULES = {"sgd": SGD, "sign": Sign, "momentum": Momentum, "adam": Adam}
+@dataclass
+class LozoMomentum(Momentum):
+    r"""LOZO-M: momentum kept in the m x r factor of the low-rank estimate (needs ``LowRankSampler``).
+
+    With z_i = U_i V^T / sqrt(r), g_hat = (sum_i w_i U_i) V^T / sqrt(r), so for a 2-D weight the
+    momentum stays in that form: :math:`M \leftarrow \beta M + \sum_i w_i U_i`,
+    :math:`\theta \leftarrow \theta - \eta M V^T / \sqrt{r}`: m x r floats instead of m x n.
+    When V is redrawn (every nu steps), M is carried into the new basis, M <- M V_old^T V_new / n,
+    the least-squares fit of M V_old^T by M' V_new^T for V_new^T V_new ~ n I. Other parameters (1-D,
+    dense z) use plain momentum.
+    """
+
+    buffers = ("momentum",)
+
+    def init_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:
+        if len(shard.shape) != 2:
+            return super().init_state(shard)
+        return {"step": torch.tensor(0.0), "v_seed": torch.tensor(-1, dtype=torch.int64),
+                "factor": torch.zeros(shard.shape[0], 0, device=shard.flat.device)}
+
+    def prepare(
+        self, shard: ParamShard, weights: Sequence[tuple[Direction, float]], state: dict[str, torch.Tensor], lr: float
+    ) -> list[tuple[Direction, float]] | None:
+        if len(shard.shape) != 2:
+            return None
+        directions = [d for d, _ in weights]
+        if not all(isinstance(d, LowRankDirection) for d in directions):
+            raise TypeError("LOZO-M needs low-rank directions: use sampler=LowRankSampler(...)")
+        current: LowRankDirection = directions[0]  # type: ignore[assignment]
+        m, rank = shard.shape[0], current.rank
+        factor = state["factor"]
+        if factor.shape[1] != rank:
+            factor = torch.zeros(m, rank, dtype=torch.float32, device=shard.flat.device)
+        elif int(state["v_seed"]) != current.v_seed:
+            old_v = LowRankDirection(0, int(state["v_seed"]), rank).v(shard)
+            factor = factor @ (old_v.T @ current.v(shard)) / shard.shape[1]
+        factor.mul_(self.beta)
+        for d, w in weights:
+            factor.add_(d.u_rows(shard, 0, m), alpha=w)  # type: ignore[attr-defined]
+        state["factor"], state["v_seed"] = factor, torch.tensor(current.v_seed)
+        return [(FactorDirection(factor, current.v(shard), shard.stream), -lr)]
+
+
+RULES = {"sgd": SGD, "sign": Sign, "momentum": Momentum, "adam": Adam, "lozo-m": LozoMomentum}
 
 
 def make_rule(name: str, **kwargs: float) -> UpdateRule:
