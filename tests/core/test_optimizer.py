@@ -30,12 +30,20 @@ OPTIMIZERS = {
     "block": lambda p: zo_scale.BlockZO(p, lr=0.02, queries=2),
     "adam-lazy-wd": lambda p: zo_scale.ZOAdam(p, lr=0.01, lazy=True, weight_decay=0.01),
 }
+# The forward gradient needs the module: bound per test below.
+JVP = "forward-gradient"
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def make(name, model):
+    if name == JVP:
+        return zo_scale.ZOSGD(model.named_parameters(), lr=0.02, estimator="jvp", model=model)
+    return OPTIMIZERS[name](model.named_parameters())
+
+
+@pytest.mark.parametrize("name", [*sorted(OPTIMIZERS), JVP])
 def test_every_rule_reduces_the_loss(name):
     model, loss = regression()
-    opt = OPTIMIZERS[name](model.named_parameters())
+    opt = make(name, model)
     before = loss().item()
     for _ in range(400):
         opt.step(loss)
@@ -157,3 +165,16 @@ def test_lozo_m_keeps_momentum_in_the_factor_and_carries_it_across_v_changes():
     assert opt.state[bias]["momentum"].shape == (16,)
     with pytest.raises(ValueError, match="LowRankSampler"):
         ZOOptimizer(model.parameters(), rule="lozo-m")
+
+
+def test_forward_gradient_is_the_exact_directional_derivative():
+    model, loss = regression()
+    opt = zo_scale.ZOSGD(model.named_parameters(), lr=1.0, estimator="jvp", model=model)
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = torch.autograd.grad(loss(), list(model.parameters()))
+    opt.step(loss)
+    moves = [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]  # = g z, z regenerated
+    g = opt.last_record.grads[0]
+    z = [m / g for m in moves]
+    expected = sum((gr * zi).sum() for gr, zi in zip(grads, z, strict=True)).item()
+    assert abs(g - expected) < 1e-4 * max(1.0, abs(expected))

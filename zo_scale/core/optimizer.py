@@ -42,11 +42,13 @@ import torch
 
 from zo_scale.core import noise
 from zo_scale.core.directions import DenseSampler, Direction, DirectionSampler, LowRankSampler
+from zo_scale.core.forward_grad import loss_and_directional_derivative
 from zo_scale.core.shards import ParamShard, whole_param_shard
 from zo_scale.core.sweep import Moves, Update, sweep_shard
 from zo_scale.core.updates import SGD, LozoMomentum, UpdateRule, make_rule
 
-ESTIMATORS = {"central": (1.0, -1.0), "forward": (1.0,)}  # points evaluated per query, in units of eps
+# points evaluated per query, in units of eps ('jvp' evaluates none: forward-mode AD at theta)
+ESTIMATORS = {"central": (1.0, -1.0), "forward": (1.0,), "jvp": ()}
 
 
 @dataclass
@@ -86,7 +88,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         eps: perturbation scale epsilon (one for all groups).
         rule: an :class:`~zo_scale.core.updates.UpdateRule` or its name ('sgd', 'sign', 'momentum', 'adam').
         sampler: where directions come from (:mod:`zo_scale.core.directions`); dense normal by default.
-        estimator: 'central' (two-point, 2 forwards a query) or 'forward' (1 forward a query + 1 at theta).
+        estimator: 'central' (two-point, 2 forwards a query), 'forward' (1 forward a query + 1 at theta)
+            or 'jvp' (forward gradient: exact grad . z by forward-mode AD; more memory, see
+            :mod:`zo_scale.core.forward_grad`; needs ``model``).
         queries: q, directions averaged per step.
         weight_decay: decoupled decay, applied to matrices only (not biases or norm weights).
         seed: run seed; step t, query i perturbs along directions seeded by (seed, t, i).
@@ -97,6 +101,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         shard_fn: maps (param, name) to the local :class:`ParamShard` (a ZeRO-3 backend gives shards).
         loss_reduce: averages a 1-D tensor of this step's losses over data-parallel ranks (one
             collective per step); identity by default.
+        model: the module the closure calls; only estimator='jvp' needs it.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         conservative: bool = False,
         shard_fn: Callable[[torch.Tensor, str], ParamShard] = whole_param_shard,
         loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        model: torch.nn.Module | None = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -144,6 +150,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.conservative = conservative
         self.shard_fn = shard_fn
         self.loss_reduce = loss_reduce
+        self.model = model
         self.step_count = 0  # t: steps taken, skipped ones included
         self.skipped_steps = 0
         self.last_record: StepRecord | None = None
@@ -200,30 +207,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         t = self.step_count
         step_seed = noise.derive_seed(self.seed, t)
         directions = self.sampler.directions(self.seed, t, self.queries)
-        points = ESTIMATORS[self.estimator]
         pending, self._pending = self._pending, None
-        losses: list[float] = []
-        if self.estimator == "forward":  # L(theta) first: the pending update must land before it
-            if pending is not None:
-                self._sweep(pending.restore, pending)
-                pending = None
-            losses.append(evaluate())
-        at: tuple[Direction, float] | None = None  # (direction, offset) where theta sits now
-        for d in directions:
-            for j, point in enumerate(points):
-                if j == 0:
-                    restore = [(at[0], -at[1])] if at else (pending.restore if pending else [])
-                    self._sweep(restore, pending if not at else None, [(d, point * self.eps)])
-                else:
-                    self._sweep(after=[(d, (point - points[j - 1]) * self.eps)])
-                at = (d, point * self.eps)
-                losses.append(evaluate())
-        assert at is not None
-        restore = [(at[0], -at[1])]
+        if self.estimator != "central" and pending is not None:  # these read L(theta): land the update first
+            self._sweep(pending.restore, pending)
+            pending = None
+        if self.estimator == "jvp":
+            restore: list[tuple[Direction, float]] = []  # theta never moves
+            values = self._forward_gradients(closure, directions)
+        else:
+            restore, values = self._finite_differences(evaluate, directions, pending)
 
-        reduced = self._reduce(losses)
+        reduced = self._reduce(values)
         grads = self._projected_grads(reduced) if replay is None else replay.grads
-        loss = reduced[0] if self.estimator == "forward" else sum(reduced) / len(reduced)
+        loss = self._loss_at_theta(reduced)
         lrs = [g["lr"] for g in self.param_groups] if replay is None else replay.lrs
         wds = [g["weight_decay"] for g in self.param_groups] if replay is None else replay.weight_decays
         record = StepRecord(t, step_seed, grads, lrs, wds, loss)
@@ -242,16 +238,70 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.flush()
         return loss
 
+    def _finite_differences(
+        self, evaluate: Callable[[], float], directions: list[Direction], pending: _Pending | None
+    ) -> tuple[list[tuple[Direction, float]], list[float]]:
+        """Walk theta through the estimator's points along each direction, evaluating the loss at each.
+
+        Returns the move that restores theta from the last point, and the losses: for 'central'
+        [L(+z_1), L(-z_1), L(+z_2), ...]; for 'forward' [L(theta), L(+z_1), L(+z_2), ...]. The first
+        move also applies ``pending`` (the previous step's restore and update): the lazy fusion.
+        """
+        points = ESTIMATORS[self.estimator]
+        losses = [evaluate()] if self.estimator == "forward" else []
+        at: tuple[Direction, float] | None = None  # (direction, offset) where theta sits now
+        for d in directions:
+            for j, point in enumerate(points):
+                if j == 0:
+                    restore = [(at[0], -at[1])] if at else (pending.restore if pending else [])
+                    self._sweep(restore, pending if not at else None, [(d, point * self.eps)])
+                else:
+                    self._sweep(after=[(d, (point - points[j - 1]) * self.eps)])
+                at = (d, point * self.eps)
+                losses.append(evaluate())
+        assert at is not None
+        return [(at[0], -at[1])], losses
+
+    def _forward_gradients(self, closure: Callable[[], Any] | None, directions: list[Direction]) -> list[float]:
+        """[L(theta) per direction..., grad L . z_i per direction...] by forward-mode AD (zeros in replay)."""
+        if closure is None:
+            return [0.0] * (2 * len(directions))
+        if self.model is None:
+            raise ValueError("estimator='jvp' needs model=<the module the closure calls>")
+        names = {p: n for n, p in self.model.named_parameters()}
+        shards = [s for _, group_shards in self._shards() for s in group_shards]
+        losses, derivatives = [], []
+        for d in directions:
+            tangents = {}
+            for s in shards:
+                if s.flat.numel() != s.full_numel:
+                    raise ValueError("estimator='jvp' needs whole (unsharded) parameters")
+                z = d.z(s, 0, s.full_numel)
+                tangents[names[s.param]] = (torch.zeros_like(s.param) if z is None else z.view_as(s.param))
+            loss, derivative = loss_and_directional_derivative(self.model, closure, tangents)
+            losses.append(loss)
+            derivatives.append(derivative)
+        return losses + derivatives
+
     def _reduce(self, losses: list[float]) -> list[float]:
         if self.loss_reduce is None:
             return losses
         return self.loss_reduce(torch.tensor(losses, dtype=torch.float64)).tolist()
+
+    def _loss_at_theta(self, values: list[float]) -> float:
+        """L(theta) itself ('forward', 'jvp'), or the mean of the central pairs (equal to it + O(eps^2))."""
+        if self.estimator == "forward":
+            return values[0]
+        losses = values[: self.queries] if self.estimator == "jvp" else values
+        return sum(losses) / len(losses)
 
     def _projected_grads(self, losses: list[float]) -> list[float] | None:
         if not all(math.isfinite(x) for x in losses):
             return None
         if self.estimator == "forward":
             return [(x - losses[0]) / self.eps for x in losses[1:]]
+        if self.estimator == "jvp":
+            return losses[self.queries :]
         return [(lp - lm) / (2 * self.eps) for lp, lm in zip(losses[0::2], losses[1::2], strict=True)]
 
     def _conservative(self, restore: Moves, weights: Moves, lr: float, loss_theta: float,

@@ -42,7 +42,7 @@ class TaskConfig:
 class OptimConfig:
     rule: str = "sgd"  # sgd | sign | momentum | adam
     sampler: str = "normal"  # normal | rademacher | sparse | lowrank | block
-    estimator: str = "central"  # central (2 forwards a query) | forward (1 a query, + 1 at theta)
+    estimator: str = "central"  # central (2 forwards a query) | forward (1 a query, + 1 at theta) | jvp
     lr: float = 1e-5
     eps: float = 1e-3
     queries: int = 1

@@ -91,7 +91,8 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # optimizer over every trainable parameter (full fine-tuning)
     optimizer, schedule = build_optimizer(
-        [(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.optim, cfg.run.seed, cfg.run.steps
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.optim, cfg.run.seed, cfg.run.steps,
+        model=model,
     )
 
     # resume, or start a new run directory (created only now that config, data and model are valid)

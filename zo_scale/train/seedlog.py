@@ -61,7 +61,7 @@ def replay(log: Path, output: Path) -> Path:
     header = read_header(log)
     cfg = load_config(overrides=[f"{s}.{k}={json.dumps(v)}" for s, sec in header.items() for k, v in sec.items()])
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.run.seed)
-    optimizer, _ = build_optimizer(model.named_parameters(), cfg.optim, cfg.run.seed, cfg.run.steps)
+    optimizer, _ = build_optimizer(model.named_parameters(), cfg.optim, cfg.run.seed, cfg.run.steps, model=model)
     for record in read_records(log):
         optimizer.step(replay=record)
     optimizer.flush()
