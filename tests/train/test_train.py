@@ -103,3 +103,21 @@ def test_persistent_non_finite_loss_stops_with_a_clear_error(run_cli, capsys, mo
     assert "non-finite for 2 steps in a row" in capsys.readouterr().err
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())  # the last checkpoint is intact
     assert state["step"] == 1 and state["nonfinite_in_a_row"] == 1
+
+
+def test_bf16_run_trains_and_checkpoints_in_bf16(run_cli):
+    code, out = run_cli("run.steps=3", "model.dtype=bfloat16")
+    assert code == 0
+    assert all(t.dtype == torch.bfloat16 for t in weights(out).values())
+    assert all(r["grads"] is not None for r in records(out))
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_model_fine_tunes_end_to_end(run_cli):
+    code, out = run_cli("model.name=smollm2-135m", "optim.lr=1e-5", "run.steps=2", "task.num_train=16",
+                        "task.num_eval=32")
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["zero_shot_accuracy"] <= 1.0 and 0.0 <= summary["final_accuracy"] <= 1.0
+    assert "model.embed_tokens.weight" in weights(out)
+    assert all(r["grads"] is not None and abs(r["grads"][0]) > 0 for r in records(out))
