@@ -7,6 +7,7 @@ values of the wrong type, are errors that name the key, before any model is load
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,8 +81,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def as_json(self) -> dict[str, Any]:
+        """The config as plain JSON values (tuples become lists), as saved in checkpoints and logs."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -89,35 +89,36 @@ def train(cfg: Config) -> dict[str, Any]:
     pad = tokenizer.pad_token_id
     batches = BatchOrder(len(train_enc), cfg.run.batch_size, cfg.run.seed)
 
-    # optimizer over every trainable parameter (full fine-tuning)
-    optimizer, schedule = build_optimizer(
-        [(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.optim, cfg.run.seed, cfg.run.steps,
-        model=model,
-    )
-
-    # resume, or start a new run directory (created only now that config, data and model are valid)
+    # resume (weights from the checkpoint), or start a new run directory, created only now that
+    # config, data and model are valid
+    config_json = cfg.as_json()
     checkpoint_dir = out / "checkpoint"
     checkpoint = latest_checkpoint(checkpoint_dir)
     start, nonfinite_in_a_row, zero_shot = 0, 0, None
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        saved, now = state["config"], json.loads(json.dumps(cfg.to_dict()))
-        changed = [f"{s}.{k}" for s, keys in TRAJECTORY.items() for k in now[s]
-                   if (keys is None or k in keys) and saved[s][k] != now[s][k]]
+        changed = [f"{s}.{k}" for s, keys in TRAJECTORY.items() for k in config_json[s]
+                   if (keys is None or k in keys) and state["config"][s][k] != config_json[s][k]]
         if changed:
             raise ConfigError(f"{checkpoint} was written with other values of {changed}; resuming would not continue "
                               f"that run (use a new run.output_dir)")
-        resumed = type(model).from_pretrained(checkpoint / "model", dtype=model.dtype)
-        model.load_state_dict(resumed.state_dict())
+        model = type(model).from_pretrained(checkpoint / "model", dtype=model.dtype).to(cfg.model.device).eval()
+        start, nonfinite_in_a_row, zero_shot = state["step"], state["nonfinite_in_a_row"], state["zero_shot_accuracy"]
+        log.info("resuming from %s at step %d", checkpoint, start)
+
+    # optimizer over every trainable parameter (full fine-tuning)
+    optimizer, schedule = build_optimizer(
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.optim, cfg.run.seed, cfg.run.steps,
+        model=model,
+    )
+    if checkpoint is not None:
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
         schedule.load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=False))
-        start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
-        zero_shot = state["zero_shot_accuracy"]
-        log.info("resuming from %s at step %d", checkpoint, start)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
-    seedlog.write_header(out / "seedlog.jsonl", json.loads(json.dumps(cfg.to_dict())), keep_steps_below=start)
-    metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if cfg.run.tensorboard else None)
+    (out / "config.yaml").write_text(yaml.safe_dump(config_json, sort_keys=False))
+    seedlog.write_header(out / "seedlog.jsonl", config_json, keep_steps_below=start)
+    metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if cfg.run.tensorboard else None,
+                         keep_steps_upto=start)
 
     def evaluate(step: int, examples: list[EncodedExample], split: str) -> float:
         optimizer.flush()
@@ -128,8 +129,8 @@ def train(cfg: Config) -> dict[str, Any]:
     def save(step: int) -> None:
         optimizer.flush()
         state = {"step": step, "nonfinite_in_a_row": nonfinite_in_a_row, "zero_shot_accuracy": zero_shot,
-                 "config": cfg.to_dict()}
-        save_checkpoint(checkpoint_dir, model, tokenizer, optimizer, schedule, json.loads(json.dumps(state)))
+                 "config": config_json}
+        save_checkpoint(checkpoint_dir, model, tokenizer, optimizer, schedule, state)
 
     n_params = sum(p.numel() for _, p in optimizer_named(optimizer))
     log.info("model %s (%s, %.1fM trainable), task %s: %d train / %d dev / %d eval examples",

@@ -10,8 +10,12 @@ from typing import Any
 class MetricsLog:
     """Appends ``{"step": t, "kind": "train"|"eval", ...}`` records; mirrors scalars to TensorBoard if asked."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, keep_steps_upto: int = 0) -> None:
+        """Starts ``path`` afresh, keeping (on resume) the records of steps <= ``keep_steps_upto``."""
         self.path = path
+        resuming = keep_steps_upto > 0 and path.exists()
+        kept = [r for r in read_metrics(path) if r["step"] <= keep_steps_upto] if resuming else []
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.writer = None
         if tensorboard_dir is not None:
             try:
