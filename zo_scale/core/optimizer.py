@@ -100,7 +100,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             evaluated pair: no extra forward). Needs the 'sgd' rule, one lr for all groups, no weight decay.
         shard_fn: maps (param, name) to the local :class:`ParamShard` (a ZeRO-3 backend gives shards).
         loss_reduce: averages a 1-D tensor of this step's losses over data-parallel ranks (one
-            collective per step); identity by default.
+            collective per step, two with conservative=True); identity by default.
         model: the module the closure calls; only estimator='jvp' needs it.
     """
 
