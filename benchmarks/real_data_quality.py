@@ -37,9 +37,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval", type=int, default=200, help="SST-2 dev sentences evaluated")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
     args = parser.parse_args()
     steps, n_eval = (4, 32) if args.quick else (args.steps, args.eval)
     name = "real_data_quality" + ("_quick" if args.quick else "")
+    if args.plot_only:
+        saved = json.loads((common.RESULTS_DIR / f"{name}.json").read_text())
+        plot(name, saved["results"], saved["settings"]["steps"], saved["settings"]["eval_examples"])
+        return
     results = {}
     for method, overrides in METHODS.items():
         slug = "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
@@ -61,22 +66,27 @@ def main() -> None:
     settings = {"base": str(DEMO_CONFIG), "steps": steps, "eval_examples": n_eval, "methods": METHODS,
                 "time_per_step": "wall_s includes model load, two evals and checkpointing"}
     common.write_json(name, settings, results)
-    fig, (ax_acc, ax_loss) = common.new_figure(11, 4.5, ncols=2)
-    labels = list(results)
+    plot(name, results, steps, n_eval)
+
+
+def plot(name: str, results: dict, steps: int, n_eval: int) -> None:
+    fig, (ax_acc, ax_loss) = common.new_figure(12, 4.8, ncols=2)
+    labels = [m.replace(" (", "\n(") for m in results]
     ax_acc.bar(labels, [100 * r["final_accuracy"] for r in results.values()], color="tab:orange", label="after ZO")
     ax_acc.axhline(100 * next(iter(results.values()))["zero_shot_accuracy"], color="k", ls="--", label="zero-shot")
     ax_acc.set_ylabel(f"SST-2 dev accuracy (%, {n_eval} sentences)")
+    ax_acc.set_ylim(40, 80)
     ax_acc.set_title(f"SmolLM2-135M after {steps} ZO steps")
-    ax_acc.legend()
+    ax_acc.tick_params(axis="x", labelsize=8)
+    ax_acc.legend(loc="upper right")
     for method, r in results.items():
         ax_loss.plot(*zip(*r["train_loss"], strict=True), label=method)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("train loss (CE over label words, nats)")
-    ax_loss.legend()
+    ax_loss.legend(fontsize=8)
     fig.suptitle(common.machine_label(), fontsize=8)
     common.save_figure(fig, name)
     print(json.dumps({m: (r["zero_shot_accuracy"], r["final_accuracy"]) for m, r in results.items()}))
-
 
 if __name__ == "__main__":
     main()

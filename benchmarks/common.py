@@ -1,0 +1,273 @@
+"""Helpers shared by the benchmark scripts: the OPT-125m-shaped model, timing, peak memory, results.
+
+Nothing here is a benchmark. The scripts import it as ``common`` (they run as ``python benchmarks/x.py``,
+which puts this folder on ``sys.path``). torch and transformers are imported inside the functions
+that need them, so a parent process that only spawns measurement children stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+    from transformers import OPTForCausalLM
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = ("fp32", "bf16")
+
+
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot (/proc/stat), and this process's own
+    (children included): the difference of two snapshots says how much CPU others took meanwhile."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = (user + nice + system + irq + softirq + steal) / hz
+    t = os.times()
+    return busy, busy + (idle + iowait) / hz, t.user + t.system + t.children_user + t.children_system
+
+
+CPU_AT_START = _cpu_seconds()
+LOAD_AT_START = os.getloadavg()  # 1/5/15-minute load averages when the script started
+
+
+def cpu_taken_by_others() -> float:
+    """Fraction of the machine's CPU capacity used by other processes since this script started.
+
+    Near 0 on a quiet machine; on a shared one, timings from a run with a large value are suspect.
+    """
+    busy, total, own = _cpu_seconds()
+    busy0, total0, own0 = CPU_AT_START
+    return max(0.0, (busy - busy0) - (own - own0)) / max(total - total0, 1e-9)
+
+
+# -----------------------------------------------------------------------------
+# the model and the batch
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """'fp32' or 'bf16' as a torch dtype."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def opt_125m(dtype: str = "fp32", seed: int = 0) -> OPTForCausalLM:
+    """OPT-125m's shape with random weights: ``OPTForCausalLM(OPTConfig())``, eval mode.
+
+    OPTConfig's defaults are OPT-125m: vocab 50272, hidden 768, 12 layers, 12 heads, ffn 3072,
+    2048 (+2 offset) positions; lm_head is tied to the token embedding (125.2M parameters).
+    Eval mode turns off dropout (0.1 by default), so the forwards of a ZO step see one function.
+    """
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    return OPTForCausalLM(OPTConfig()).to(torch_dtype(dtype)).eval()
+
+
+def lm_batch(batch: int, seq: int, vocab: int = 50272, seed: int = 0) -> torch.Tensor:
+    """Random token ids, shape (batch, seq); the same seed gives the same batch."""
+    import torch
+
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# -----------------------------------------------------------------------------
+# timing
+
+
+@dataclass
+class Timing:
+    median_s: float
+    times_s: list[float]
+
+
+def time_it(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; wall clock, median."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), times)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5) -> dict[str, Timing]:
+    """Like ``time_it`` for several functions, taken round-robin (a, b, c, a, b, c, ...).
+
+    On a shared machine the speed drifts over a run; interleaving spreads the drift over all the
+    functions instead of penalising whichever ran in the slow minute, so their ratios stay fair.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: Timing(statistics.median(ts), ts) for k, ts in times.items()}
+
+
+# -----------------------------------------------------------------------------
+# memory (Linux): peak resident set size of this process
+
+
+def _proc_status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # the kernel reports kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_mib() -> float:
+    """Current resident set size (VmRSS), MiB."""
+    return _proc_status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size so far, ``getrusage(RUSAGE_SELF).ru_maxrss`` (kB on Linux), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def hwm_mib() -> float:
+    """The kernel's RSS high-water mark for this address space (VmHWM), MiB: a cross-check of ru_maxrss."""
+    return _proc_status_mib("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak RSS to the current RSS (writes 5 to /proc/self/clear_refs). Returns whether it worked.
+
+    ru_maxrss is max(peak carried over exec from the spawning process, this address space's peak), and
+    the reset lowers the second, so keep the spawning process small (see ``run_child``).
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def run_child(script: Path, args: list[str]) -> dict[str, Any]:
+    """Run ``python script *args`` in a fresh process; it must print one JSON object as its last stdout line."""
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {script.name} {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -----------------------------------------------------------------------------
+# results: JSON + PNG under benchmarks/results/
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers come from: CPU count, torch version and threads, and friends."""
+    import torch
+    import transformers
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers_version": transformers.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda_available": torch.cuda.is_available(),
+        "loadavg_1_5_15_at_start": LOAD_AT_START,
+        "loadavg_1_5_15_at_end": os.getloadavg(),
+        "cpu_fraction_taken_by_other_processes": cpu_taken_by_others(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_json(name: str, settings: dict[str, Any], results: Any, notes: list[str] | None = None) -> Path:
+    """Write benchmarks/results/<name>.json with the machine, the exact settings, the results and notes."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": name,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "settings": settings,
+        "results": results,
+        "notes": notes or [],
+    }
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    others = payload["machine"]["cpu_fraction_taken_by_other_processes"]
+    if others > 0.05:
+        print(f"warning: other processes took {others:.0%} of the CPU during this run; "
+              "timings (not memory) are suspect")
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "__dataclass_fields__"):
+        return asdict(x)
+    return str(x)
+
+
+def new_figure(width: float = 8.0, height: float = 4.5, ncols: int = 1) -> tuple[Figure, Any]:
+    """A figure and its axes (one, or an array of ``ncols``), drawn with the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width, height), layout="constrained")
+
+
+def hbar_with_ratios(ax: Any, labels: list[str], values: list[float], samples: list[list[float]],
+                     ratios: list[float], colors: list[str]) -> None:
+    """Horizontal bars (first label on top) of ``values``, each repeat in ``samples`` as a black dot,
+    and "xN" (its ratio) at the end of each bar."""
+    bars = ax.barh(labels, values, color=colors)
+    for i, (bar, ratio) in enumerate(zip(bars, ratios, strict=True)):
+        ax.plot(samples[i], [i] * len(samples[i]), "k.", markersize=4)
+        ax.text(max(bar.get_width(), *samples[i]), i, f"  x{ratio:.2f}", va="center")
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(max(v) for v in samples) * 1.2)
+
+
+def save_figure(fig: Figure, name: str) -> Path:
+    """Save benchmarks/results/<name>.png and close the figure."""
+    import matplotlib.pyplot as plt
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def machine_label() -> str:
+    """A short caption for plots: '2-core CPU, torch 2.x, 2 threads'."""
+    import torch
+
+    return f"{os.cpu_count()}-core CPU ({_cpu_model()}), torch {torch.__version__}, {torch.get_num_threads()} threads"

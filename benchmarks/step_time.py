@@ -1,0 +1,200 @@
+"""Step time: one ZO step vs the two forward passes it cannot avoid, on an OPT-125m-shaped model.
+
+Model: ``OPTForCausalLM(OPTConfig())`` (OPT-125m's shape, random init, eval mode) in ``--dtype``.
+Batch: ``--batch`` x ``--seq`` random token ids, one fixed batch; loss = the model's LM loss
+(``model(input_ids=ids, labels=ids).loss``). Timed (wall clock, median of ``--repeats`` after one
+warmup; the variants are timed round-robin, each on its own copy of the model):
+
+    (a) 2 forwards       two forward passes under torch.inference_mode()                  (baseline)
+    (b) ZO eager         zo_scale.ZOSGD(model.named_parameters(), lr=1e-6, eps=1e-3).step(closure)
+    (c) ZO lazy          the same with lazy=True; the warmup step makes the timed ones steady state
+    (d) ZO lazy rad.     ZOOptimizer(..., sampler=DenseSampler("rademacher"), lazy=True)
+    (e) MeZO reference   the published MeZO step, written below: 4 passes over the named parameters
+                         (+eps z, -2 eps z, +eps z, update), each regenerating z with torch.normal from a
+                         torch.Generator reseeded with the step's seed, applied with p.data.add_(z, alpha=...)
+
+Each is reported as a ratio to (a): 1.0 would mean the parameter passes cost nothing. A ZO step
+does the same 2 forwards plus passes over the 125M parameters (eager: 3, lazy: 2, MeZO: 4), so
+ratio - 1 is the price of the perturb / restore / update passes. ``--profile`` adds a cProfile of
+one eager step (top functions by own time) to the JSON.
+
+Run (2-core CPU: a forward at 16 x 128 takes about 5 s in fp32, so the full run takes
+about 6 min in fp32 and 9 min in bf16):
+    .venv/bin/python benchmarks/step_time.py                  # fp32, batch 16 x 128, 5 repeats
+    .venv/bin/python benchmarks/step_time.py --dtype bf16     # bf16 (slower than fp32 on this CPU)
+    .venv/bin/python benchmarks/step_time.py --profile        # also profile one eager ZO step
+    .venv/bin/python benchmarks/step_time.py --quick          # smoke run: batch 4 x 64, 2 repeats
+
+Writes benchmarks/results/step_time_<dtype>[_quick].{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import pstats
+from collections.abc import Callable
+
+import common
+import torch
+
+import zo_scale
+from zo_scale.core import noise
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--dtype", choices=common.DTYPES, default="fp32")
+parser.add_argument("--batch", type=int, default=16)
+parser.add_argument("--seq", type=int, default=128)
+parser.add_argument("--repeats", type=int, default=5)
+parser.add_argument("--profile", action="store_true", help="cProfile one eager ZO step, top functions to the JSON")
+parser.add_argument("--quick", action="store_true", help="batch 4 x 64, 2 repeats")
+args = parser.parse_args()
+if args.quick:
+    args.batch, args.seq, args.repeats = 4, 64, 2
+name = f"step_time_{args.dtype}" + ("_quick" if args.quick else "")
+LR, EPS, SEED = 1e-6, 1e-3, 0
+
+# -----------------------------------------------------------------------------
+# model and batch
+
+model = common.opt_125m(args.dtype)
+ids = common.lm_batch(args.batch, args.seq)
+numel = sum(p.numel() for p in model.parameters())
+print(f"OPT-125m shape, {numel / 1e6:.1f}M params, {args.dtype}, batch {args.batch} x {args.seq}, "
+      f"{torch.get_num_threads()} threads")
+
+
+def lm_loss(m: torch.nn.Module) -> torch.Tensor:
+    return m(input_ids=ids, labels=ids).loss
+
+
+# -----------------------------------------------------------------------------
+# (e) the published MeZO step, as in the MeZO paper's trainer (Malladi et al., 2023)
+
+
+class MeZOReference:
+    """MeZO-SGD: z regenerated in each of 4 passes from a generator reseeded with the step's seed."""
+
+    def __init__(self, m: torch.nn.Module, lr: float, eps: float) -> None:
+        self.params = [p for _, p in m.named_parameters() if p.requires_grad]
+        self.lr, self.eps = lr, eps
+        self.generator = torch.Generator()
+        self.step_count = 0
+
+    def perturb(self, seed: int, scale: float) -> None:
+        self.generator.manual_seed(seed)
+        for p in self.params:
+            z = torch.normal(0.0, 1.0, size=p.shape, generator=self.generator, dtype=p.dtype)
+            p.data.add_(z, alpha=scale)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor]) -> float:
+        seed = noise.derive_seed(SEED, self.step_count)
+        self.perturb(seed, +self.eps)
+        loss_plus = float(closure())
+        self.perturb(seed, -2 * self.eps)
+        loss_minus = float(closure())
+        self.perturb(seed, +self.eps)
+        projected_grad = (loss_plus - loss_minus) / (2 * self.eps)
+        self.perturb(seed, -self.lr * projected_grad)
+        self.step_count += 1
+        return (loss_plus + loss_minus) / 2
+
+
+# -----------------------------------------------------------------------------
+# the variants, each on its own copy of the model (a lazy optimizer leaves its model mid-step)
+
+
+def two_forwards(m: torch.nn.Module) -> Callable[[], None]:
+    def run() -> None:
+        with torch.inference_mode():
+            lm_loss(m)
+            lm_loss(m)
+
+    return run
+
+
+def optimizer_step(m: torch.nn.Module, opt: zo_scale.ZOOptimizer | MeZOReference) -> Callable[[], None]:
+    return lambda: opt.step(lambda: lm_loss(m))
+
+
+def new_copy() -> torch.nn.Module:
+    return copy.deepcopy(model)
+
+
+m_eager, m_lazy, m_rad, m_mezo = new_copy(), new_copy(), new_copy(), new_copy()
+variants: dict[str, Callable[[], None]] = {
+    "(a) 2 forwards": two_forwards(model),
+    "(b) ZO eager": optimizer_step(m_eager, zo_scale.ZOSGD(m_eager.named_parameters(), lr=LR, eps=EPS)),
+    "(c) ZO lazy": optimizer_step(m_lazy, zo_scale.ZOSGD(m_lazy.named_parameters(), lr=LR, eps=EPS, lazy=True)),
+    "(d) ZO lazy rademacher": optimizer_step(m_rad, zo_scale.ZOOptimizer(
+        m_rad.named_parameters(), lr=LR, eps=EPS, sampler=zo_scale.DenseSampler("rademacher"), lazy=True)),
+    "(e) MeZO reference": optimizer_step(m_mezo, MeZOReference(m_mezo, LR, EPS)),
+}
+passes = {"(a) 2 forwards": 0, "(b) ZO eager": 3, "(c) ZO lazy": 2, "(d) ZO lazy rademacher": 2,
+          "(e) MeZO reference": 4}
+
+# -----------------------------------------------------------------------------
+# measure
+
+timings = common.time_interleaved(variants, warmup=1, repeats=args.repeats)
+base = timings["(a) 2 forwards"].median_s
+results: dict[str, object] = {}
+for label, t in timings.items():
+    results[label] = {
+        "median_s": t.median_s,
+        "times_s": t.times_s,
+        "ratio_vs_2_forwards": t.median_s / base,
+        "overhead_vs_2_forwards_s": t.median_s - base,
+        "parameter_passes": passes[label],
+    }
+    print(f"{label:24s} {t.median_s:7.2f} s  x{t.median_s / base:.3f}  (times {[round(x, 2) for x in t.times_s]})")
+
+profile: list[dict[str, object]] = []
+if args.profile:  # one eager ZO step (the model has had its warmup), top functions by own time
+    profiler = cProfile.Profile()
+    profiler.runcall(variants["(b) ZO eager"])
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]  # type: ignore[attr-defined]
+    for (file, line, func), (_, ncalls, tottime, cumtime, _) in rows:
+        profile.append({"function": f"{func} ({file.split('site-packages/')[-1]}:{line})", "ncalls": ncalls,
+                        "tottime_s": tottime, "cumtime_s": cumtime})
+        print(f"  {tottime:7.3f} s own  {cumtime:7.3f} s cum  {ncalls:7d} calls  {profile[-1]['function']}")
+    results["profile_eager_step"] = profile
+
+settings = {
+    "model": "OPTForCausalLM(OPTConfig()) random init, eval mode",
+    "numel": numel,
+    "dtype": args.dtype,
+    "batch": args.batch,
+    "seq": args.seq,
+    "loss": "model(input_ids=ids, labels=ids).loss, random ids, one fixed batch",
+    "lr": LR,
+    "eps": EPS,
+    "warmup_steps": 1,
+    "repeats": args.repeats,
+    "timing": "round-robin over the variants, median of repeats, each variant on its own model copy",
+    "noise_chunk_elements": noise.CHUNK,
+    "quick": args.quick,
+}
+notes = [
+    "ratio_vs_2_forwards: median step time / median time of 2 forwards under torch.inference_mode().",
+    "ZO steps run their forwards under torch.no_grad() (the optimizer's contract), not inference_mode.",
+    "parameter_passes: read-modify-write passes over all parameters per step (lazy: steady state).",
+]
+print("wrote", common.write_json(name, settings, results, notes))
+
+# -----------------------------------------------------------------------------
+# plot: seconds per step, ratio to 2 forwards on each bar
+
+fig, ax = common.new_figure()
+labels = list(variants)
+common.hbar_with_ratios(ax, labels, [timings[k].median_s for k in labels], [timings[k].times_s for k in labels],
+                        [timings[k].median_s / base for k in labels], ["tab:gray"] + ["tab:blue"] * 3 + ["tab:orange"])
+ax.axvline(base, color="gray", linestyle="--", linewidth=1)
+ax.set_xlabel("wall-clock time per step (s; bar: median, dots: repeats; lower is better)")
+ax.set_title(f"ZO step time vs 2 forwards: OPT-125m shape, {args.dtype}, batch {args.batch} x {args.seq}\n"
+             "xN: median ratio to (a) 2 forwards under inference_mode", fontsize=10)
+fig.text(0.01, 0.01, common.machine_label(), fontsize=7, color="gray")
+print("wrote", common.save_figure(fig, name))
