@@ -144,6 +144,5 @@ common.hbar_with_ratios(ax, labels, [numel / timings[k].median_s / 1e6 for k in 
                         ["tab:gray" if methods[k][0] == k else "tab:blue" for k in labels])
 ax.set_xlabel("throughput (million elements / s; bar: median, dots: repeats; higher is better)")
 ax.set_title(f"Noise throughput over OPT-125m's parameters ({numel / 1e6:.0f}M elements, {args.dtype})\n"
-             f"gray: torch baseline; xN: ratio to the baseline of its group", fontsize=10)
-fig.text(0.01, 0.01, common.machine_label(), fontsize=7, color="gray")
+             f"gray: torch baseline; xN: ratio to the baseline of its group\n{common.machine_label()}", fontsize=10)
 print("wrote", common.save_figure(fig, name))

@@ -197,6 +197,5 @@ common.hbar_with_ratios(ax, labels, [timings[k].median_s for k in labels], [timi
 ax.axvline(base, color="gray", linestyle="--", linewidth=1)
 ax.set_xlabel("wall-clock time per step (s; bar: median, dots: repeats; lower is better)")
 ax.set_title(f"ZO step time vs 2 forwards: OPT-125m shape, {args.dtype}, batch {args.batch} x {args.seq}\n"
-             "xN: median ratio to (a) 2 forwards under inference_mode", fontsize=10)
-fig.text(0.01, 0.01, common.machine_label(), fontsize=7, color="gray")
+             f"xN: median ratio to (a) 2 forwards under inference_mode\n{common.machine_label()}", fontsize=10)
 print("wrote", common.save_figure(fig, name))
