@@ -191,10 +191,19 @@ def machine_info() -> dict[str, Any]:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "cuda_available": torch.cuda.is_available(),
+        "zo_scale_git": _git_version(),
         "loadavg_1_5_15_at_start": LOAD_AT_START,
         "loadavg_1_5_15_at_end": os.getloadavg(),
         "cpu_fraction_taken_by_other_processes": cpu_taken_by_others(),
     }
+
+
+def _git_version() -> str:
+    """The repository's HEAD commit, marked when zo_scale/ has uncommitted changes (the code measured)."""
+    root = Path(__file__).resolve().parent.parent
+    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + (" + uncommitted changes in zo_scale/" if git("status", "--porcelain", "zo_scale") else "")
 
 
 def _cpu_model() -> str:
