@@ -54,8 +54,7 @@ def _feistel(x: torch.Tensor, bits: int, key: int) -> torch.Tensor:
     mask = (1 << half) - 1
     left, right = x >> half, x & mask
     for r in range(4):
-        f = right * noise._signed(noise._GAMMA) + noise.derive_seed(key, r)
-        left, right = right, left ^ (noise._mix64_(f) & mask)
+        left, right = right, left ^ (noise.hash64(right, noise.derive_seed(key, r)) & mask)
     return (left << half) | right
 
 

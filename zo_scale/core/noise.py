@@ -82,12 +82,17 @@ def _word_index(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, dtype=torch.int64, device=device)
 
 
-def _words(key: int, first: int, n: int, device: torch.device) -> torch.Tensor:
-    """word[first : first + n] of the stream with this key, int64 of shape (n,)."""
-    w = _word_index(n, device) + (first + 1)
-    w *= _signed(_GAMMA)
+def hash64(x: torch.Tensor, key: int) -> torch.Tensor:
+    """mix64(key + x * GAMMA) elementwise on an int64 tensor (a new tensor): SplitMix64's output for
+    counter x under this key; also the round function of the sparse mask's Feistel permutation."""
+    w = x * _signed(_GAMMA)
     w += key
     return _mix64_(w)
+
+
+def _words(key: int, first: int, n: int, device: torch.device) -> torch.Tensor:
+    """word[first : first + n] of the stream with this key, int64 of shape (n,)."""
+    return hash64(_word_index(n, device) + (first + 1), key)
 
 
 @functools.lru_cache(maxsize=32)
