@@ -1,4 +1,5 @@
 import random
+from pathlib import Path
 
 import pytest
 
@@ -24,12 +25,22 @@ def test_definition_file_must_exist(tmp_path):
         get_task(tmp_path / "nope.yaml")
 
 
-def test_data_dir_discovery_prefers_env_var(monkeypatch, tmp_path, data_dir):
+def test_data_dir_discovery_prefers_env_var_then_cwd(monkeypatch, tmp_path):
     monkeypatch.setenv("ZO_SCALE_DATA", str(tmp_path))
     assert find_data_dir() == tmp_path
     monkeypatch.delenv("ZO_SCALE_DATA")
-    monkeypatch.chdir(tmp_path)  # nothing above tmp_path: found from the package location instead
-    assert find_data_dir() == data_dir
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")  # walks up from the working directory first
+    assert find_data_dir() == tmp_path / "shared" / "data"
+
+
+def test_data_dir_discovery_falls_back_to_package_location(monkeypatch, data_dir):
+    monkeypatch.delenv("ZO_SCALE_DATA", raising=False)
+    root = Path("/")
+    assert not (root / "shared" / "data").is_dir(), "a /shared/data folder would shadow the package fallback"
+    monkeypatch.chdir(root)  # nothing above "/": found from the package location instead
+    assert find_data_dir().resolve() == data_dir.resolve()
 
 
 def test_default_data_dir_is_used_when_none_given(data_dir):
