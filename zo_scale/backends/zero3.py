@@ -13,14 +13,15 @@ the elements it owns, generating exactly those elements of z (counter-based nois
 is held once across the group, and the only traffic besides DeepSpeed's per-forward all-gathers is
 one all-reduce of a few float64 scalars per step.
 
-Usage (under ``torchrun`` or the ``deepspeed`` launcher)::
+Usage (under ``torchrun`` or the ``deepspeed`` launcher; the trainer does this when ``dist.mode``
+is zero3)::
 
-    init_distributed()                                          # gloo on CPU, nccl on CUDA
-    z3 = build_zero3_model(lambda: AutoModelForCausalLM.from_pretrained(path), "ds_configs/zero3.json")
-    opt = ZOSGD(z3.module.named_parameters(), lr=1e-6, **z3.optimizer_kwargs())
-    opt.step(lambda: z3.engine(**batch).loss)                   # each rank: its own micro-batch
-    state = z3.gathered_state_dict()                            # full weights on rank 0
-    shutdown()
+    runtime = Zero3Runtime("ds_configs/zero3.json")              # gloo on CPU, nccl on CUDA
+    model, tok = runtime.load_model(lambda: (AutoModelForCausalLM.from_pretrained(path), tok))
+    opt = ZOSGD(model.named_parameters(), lr=1e-6, **runtime.optimizer_kwargs())
+    opt.step(lambda: model(**batch).loss)                       # each rank: its own micro-batch
+    state = runtime.full_state_dict(model)                      # full weights on rank 0
+    runtime.close()
 
 No DeepSpeed optimizer: one would keep an fp32 master copy of each partition and write it back
 over ``ds_tensor`` at ``engine.step()``, undoing the ZO updates. ``deepspeed.initialize`` with a
@@ -33,8 +34,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers.integrations import HfDeepSpeedConfig
 
+from zo_scale.backends.replicated import DistributedRuntime
+from zo_scale.backends.runtime import ModelAndTokenizer
 from zo_scale.core.shards import ParamShard, stream_id
 
 # DeepSpeed's JIT-built CPU shared-memory all-reduce kernel (op_builder/cpu/comm.py). Only AutoTP
@@ -59,7 +62,14 @@ PathOrConfig = str | os.PathLike[str] | Mapping[str, Any]
 
 
 # -- process group -------------------------------------------------------------------------------
-def init_distributed(backend: str | None = None, *, build_shm_op: bool = False) -> None:
+def skip_shm_op_build() -> None:
+    """Mark DeepSpeed's CPU shared-memory all-reduce op incompatible, so its comm layer skips the build."""
+    if get_accelerator().device_name() == "cpu":
+        # deepspeed.ops keeps this dict for the process; TorchBackend's build_shm_op() reads it.
+        deepspeed.ops.__compatible_ops__[_SHM_OP] = False
+
+
+def init_distributed(backend: str | None = None, *, build_shm_op: bool = False, timeout_s: float = 300.0) -> None:
     """Initialise torch.distributed (from the launcher's env: RANK, WORLD_SIZE, MASTER_ADDR, ...) and
     DeepSpeed's comm layer on top of it.
 
@@ -69,22 +79,12 @@ def init_distributed(backend: str | None = None, *, build_shm_op: bool = False) 
     ~/.cache/torch_extensions (33-75 s seen on 2 cores); nothing here uses that kernel, so by
     default it is marked incompatible, which makes DeepSpeed skip the build.
     """
-    if not build_shm_op and get_accelerator().device_name() == "cpu":
-        # deepspeed.ops keeps this dict for the process; TorchBackend's build_shm_op() reads it.
-        deepspeed.ops.__compatible_ops__[_SHM_OP] = False
+    if not build_shm_op:
+        skip_shm_op_build()
     backend = backend or get_accelerator().communication_backend_name()
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     deepspeed.init_distributed(dist_backend=backend)  # wraps the existing group, no second rendezvous
-
-
-def shutdown() -> None:
-    """Barrier, then destroy the default process group, so no rank tears down its communicator (and
-    its gloo threads) in interpreter shutdown while a peer still uses it: finished ZeRO-3 ranks have
-    been seen to abort there ('terminate called without an active exception')."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -97,12 +97,22 @@ def load_config(config: PathOrConfig) -> dict[str, Any]:
     of each partition) and quantized weights are refused for the same reason: they are copies that a
     partition edit would leave stale. NVMe parameter offload is refused: the partition may be
     swapped out when the optimizer sweeps it. The batch-size fields are required by DeepSpeed's
-    config checks but unused: without its dataloader and optimizer nothing reads them.
+    config checks but unused: without its dataloader and optimizer nothing reads them, so "auto"
+    there becomes 1 (the total is derived). "auto" precision (``bf16``/``fp16`` ``enabled``) becomes
+    false (fp32) here; the trainer fills it from ``model.dtype`` first.
     """
     if isinstance(config, Mapping):
         cfg = copy.deepcopy(dict(config))
     else:
         cfg = json.loads(Path(config).read_text())
+    if cfg.get("train_batch_size") == "auto":
+        del cfg["train_batch_size"]  # DeepSpeed derives it: micro batch * accumulation * world size
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if cfg.get(key) == "auto":
+            cfg[key] = 1
+    for section in ("bf16", "fp16"):
+        if cfg.get(section, {}).get("enabled") == "auto":
+            cfg[section]["enabled"] = False
     if "optimizer" in cfg:
         raise ValueError("ZeRO-3 ZO config must have no 'optimizer' section: DeepSpeed's optimizer keeps an fp32 "
                          "master copy of each partition and writes it over the ZO updates at engine.step()")
@@ -157,78 +167,58 @@ def zero3_shard(param: torch.Tensor, name: str) -> ParamShard:
     return ParamShard(param, name, stream_id(name), flat, offset, torch.Size(param.ds_shape))
 
 
-def loss_reduce(losses: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """Average a step's losses over the data-parallel group (``ZOOptimizer(loss_reduce=...)``).
-
-    ``losses``: 1-D float64, this rank's losses at the step's points (each the mean over this rank's
-    micro-batch). Returns the mean over ranks, same shape, on the input's device. One all-reduce;
-    equal weights per rank, so ranks should see equally sized micro-batches.
-    """
-    world = dist.get_world_size(group=group)
-    if world == 1:
-        return losses
-    buffer = losses.to(get_accelerator().current_device_name(), copy=True)  # NCCL needs it on the GPU
-    deepspeed.comm.all_reduce(buffer, group=group)
-    return buffer.div_(world).to(losses.device)
-
-
 # -- model -----------------------------------------------------------------------------------------
-@dataclass
-class Zero3Model:
-    """A model partitioned under ZeRO-3 with DeepSpeed's fetch/release hooks installed.
+class Zero3Runtime(DistributedRuntime):
+    """Data parallel over ZeRO-3 partitions: each rank holds and updates 1/world of every parameter.
 
-    ``engine``: the DeepSpeedEngine (call it like the model, under ``torch.no_grad()``);
-    ``hf_config``: kept alive because transformers reaches it through a weak reference, and its
-    ZeRO-3 code paths (from_pretrained, resize_token_embeddings, generate) only run while it lives.
+    ``config``: a DeepSpeed config (path or mapping), checked by :func:`load_config`. ``engine``
+    (after :meth:`load_model`) is the DeepSpeedEngine; ``hf_config`` is kept alive because
+    transformers reaches it through a weak reference, and its ZeRO-3 code paths (from_pretrained,
+    resize_token_embeddings, generate) only run while it lives.
     """
 
-    engine: Any  # deepspeed.DeepSpeedEngine
-    config: dict[str, Any]
-    hf_config: HfDeepSpeedConfig
+    name = "zero3"
 
-    @property
-    def module(self) -> torch.nn.Module:
-        """The partitioned model itself; calling it directly also gathers (the hooks are on it)."""
-        return self.engine.module
+    def __init__(self, config: PathOrConfig, backend: str | None = None, timeout_s: float = 300.0) -> None:
+        self.config = load_config(config)
+        init_distributed(backend, timeout_s=timeout_s)
+        super().__init__(backend or get_accelerator().communication_backend_name(), timeout_s)
+        self.hf_config = HfDeepSpeedConfig(self.config)
+        self.engine: Any = None
+
+    def load_model(self, load: Callable[[], ModelAndTokenizer]) -> ModelAndTokenizer:
+        """Construct the model partitioned at construction, then wrap it in an engine without optimizer.
+
+        ``load`` runs while the ``HfDeepSpeedConfig`` is alive, so transformers' ``from_pretrained``
+        / ``from_config`` construct each parameter inside ``deepspeed.zero.Init`` and no rank ever
+        holds the whole model (a bare ``zero.Init()`` around an HF model breaks its weight init;
+        this is the path transformers supports). A model built otherwise is partitioned by
+        ``deepspeed.initialize`` after the fact, with the full model on every rank first.
+
+        ``from_config`` under ZeRO-3 initialises module by module on rank 0 (transformers'
+        ``initialize_weights_zero3``), so the same seed gives other random weights than without
+        ZeRO-3: to compare runs, start both from saved weights (``from_pretrained``).
+        """
+        model, tokenizer = load()
+        self.engine, *_ = deepspeed.initialize(model=model, config=self.config)
+        if not isinstance(self.engine.optimizer, DeepSpeedZeRoOffload):
+            kind = type(self.engine.optimizer).__name__
+            raise RuntimeError(f"expected DeepSpeed's hook-only ZeRO-3 wrapper, got {kind}")
+        return self.engine.module, tokenizer  # the hooks are on the module: calling it gathers
 
     def optimizer_kwargs(self) -> dict[str, Any]:
-        """``shard_fn`` and ``loss_reduce`` for :class:`~zo_scale.core.optimizer.ZOOptimizer`."""
-        return {"shard_fn": zero3_shard, "loss_reduce": loss_reduce}
+        return {"shard_fn": zero3_shard, "loss_reduce": self.mean}
 
-    def gathered_parameters(self, rank: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full fp CPU copy) of each parameter, gathered one at a time; yields only on ``rank``.
-
-        Every rank must iterate it (each gather is a collective)."""
-        me = dist.get_rank()
-        for name, param in self.module.named_parameters():
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """Full parameters by name (tied ones once) as CPU copies on rank 0, gathered one at a time."""
+        out = {}
+        for name, param in model.named_parameters():
             with deepspeed.zero.GatheredParameters([param]):
-                if me == rank:
-                    yield name, param.data.detach().to("cpu", copy=True)
+                if self.is_main:
+                    out[name] = param.data.detach().to("cpu", copy=True)
+        return out if self.is_main else None
 
-    def gathered_state_dict(self, rank: int = 0) -> dict[str, torch.Tensor]:
-        """Full parameters by name (tied ones once) on ``rank``, {} elsewhere; a collective."""
-        return dict(self.gathered_parameters(rank))
-
-
-def build_zero3_model(build: Callable[[], torch.nn.Module], config: PathOrConfig) -> Zero3Model:
-    """Construct a model partitioned at construction, then wrap it in a DeepSpeed engine without optimizer.
-
-    ``build`` runs while an ``HfDeepSpeedConfig`` is alive, so transformers' ``from_pretrained`` /
-    ``from_config`` construct each parameter inside ``deepspeed.zero.Init`` and no rank ever holds
-    the whole model (a bare ``zero.Init()`` around an HF model breaks its weight init; this is the
-    path transformers supports). A model built otherwise is partitioned by ``deepspeed.initialize``
-    after the fact, with the full model on every rank first.
-
-    ``from_config`` under ZeRO-3 initialises module by module on rank 0 (transformers'
-    ``initialize_weights_zero3``), so the same seed gives other random weights than without ZeRO-3:
-    to compare runs, start both from saved weights (``from_pretrained``).
-    """
-    if not deepspeed.comm.is_initialized():
-        init_distributed()
-    cfg = load_config(config)
-    hf_config = HfDeepSpeedConfig(cfg)
-    model = build()
-    engine, *_ = deepspeed.initialize(model=model, config=cfg)
-    if not isinstance(engine.optimizer, DeepSpeedZeRoOffload):
-        raise RuntimeError(f"expected DeepSpeed's hook-only ZeRO-3 wrapper, got {type(engine.optimizer).__name__}")
-    return Zero3Model(engine, cfg, hf_config)
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+        super().close()

@@ -155,7 +155,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.last_record: StepRecord | None = None
         self._pending: _Pending | None = None
-        self.sampler.bind([s for _, shards in self._shards() for s in shards])
+        self.sampler.bind(self.local_shards())
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _names(self, group: dict[str, Any], gi: int) -> list[str]:
@@ -170,6 +170,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             (group, [self.shard_fn(p, n) for p, n in zip(group["params"], self._names(group, gi), strict=True)])
             for gi, group in enumerate(self.param_groups)
         ]
+
+    def local_shards(self) -> list[ParamShard]:
+        """Every parameter's local shard, in param-group order (the order of ``state_dict()['state']``)."""
+        return [s for _, shards in self._shards() for s in shards]
 
     def _state_for(self, shard: ParamShard) -> dict[str, torch.Tensor]:
         if not self.state[shard.param]:
@@ -269,7 +273,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.model is None:
             raise ValueError("estimator='jvp' needs model=<the module the closure calls>")
         names = {p: n for n, p in self.model.named_parameters()}
-        shards = [s for _, group_shards in self._shards() for s in group_shards]
+        shards = self.local_shards()
         losses, derivatives = [], []
         for d in directions:
             tangents = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -34,29 +36,31 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_model(
-    name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0
+    name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0, weights: str | Path | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for batched forward passes.
 
     `name` is a built-in (see `BUILTIN_MODELS`), a local HF folder or a hub id. `seed` only affects
-    the randomly initialised tiny models. The model comes back in eval mode on `device`; the tokenizer
-    pads on the left and always has a pad token.
+    the randomly initialised tiny models. `weights`: a folder saved by ``save_pretrained`` (e.g. a
+    checkpoint) to take the weights from instead; the tokenizer still comes from `name`. The model
+    comes back in eval mode on `device`; the tokenizer pads on the left and always has a pad token.
     """
     torch_dtype = resolve_dtype(dtype)
-    if name in TINY_MODELS:
-        model = build_tiny_model(TINY_MODELS[name], seed=seed, dtype=torch_dtype)
-        tokenizer = build_byte_tokenizer()
-    elif name == SMOLLM2_NAME:
-        model, tokenizer = _from_pretrained(str(smollm2_folder()), torch_dtype)
-    else:
-        try:
-            model, tokenizer = _from_pretrained(name, torch_dtype)
-        except (OSError, ValueError) as err:
-            reason = next(iter(str(err).strip().splitlines()), type(err).__name__)
-            raise ModelLoadError(
-                f"cannot load model {name!r}: it is not a built-in name ({', '.join(BUILTIN_MODELS)}) "
-                f"nor a loadable local folder or hub id ({reason})"
-            ) from err
+    source = str(smollm2_folder()) if name == SMOLLM2_NAME else name
+    try:
+        tokenizer = build_byte_tokenizer() if name in TINY_MODELS else AutoTokenizer.from_pretrained(source)
+        if weights is not None:
+            model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch_dtype)
+        elif name in TINY_MODELS:
+            model = build_tiny_model(TINY_MODELS[name], seed=seed, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        reason = next(iter(str(err).strip().splitlines()), type(err).__name__)
+        raise ModelLoadError(
+            f"cannot load model {name!r}{f' with weights from {weights}' if weights else ''}: it is not a built-in "
+            f"name ({', '.join(BUILTIN_MODELS)}) nor a loadable local folder or hub id ({reason})"
+        ) from err
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -65,7 +69,3 @@ def load_model(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
-
-
-def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), AutoTokenizer.from_pretrained(source)

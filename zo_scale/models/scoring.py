@@ -111,16 +111,26 @@ def labels_of(batch: Sequence[EncodedExample], device: torch.device | str = "cpu
     return torch.tensor([ex.label for ex in batch], device=device)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3's gather hooks write parameters in place during the forward
+def correct(
+    model: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int, batch_size: int = 16
+) -> list[bool]:
+    """For each example, in input order: is its highest-scoring option the label?
+    Runs ceil(len(examples) / batch_size) batched scorings, whatever the examples."""
+    # Batches of similar length waste less compute on padding; the order does not change the result.
+    order = sorted(range(len(examples)), key=lambda i: max(len(c) + len(o) for c, o in examples[i].options))
+    hits = [False] * len(examples)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = [examples[i] for i in chunk]
+        predicted = option_scores(model, batch, pad_id).argmax(-1).cpu()
+        for i, ok in zip(chunk, (predicted == labels_of(batch)).tolist(), strict=True):
+            hits[i] = ok
+    return hits
+
+
 def accuracy(model: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int, batch_size: int = 16) -> float:
     """Fraction of examples whose highest-scoring option is the label."""
     if not examples:
         raise ValueError("accuracy of an empty example list")
-    # Batches of similar length waste less compute on padding; the order does not change the accuracy.
-    by_length = sorted(examples, key=lambda ex: max(len(ctx) + len(cont) for ctx, cont in ex.options))
-    correct = 0
-    for i in range(0, len(by_length), batch_size):
-        batch = by_length[i : i + batch_size]
-        predicted = option_scores(model, batch, pad_id).argmax(-1).cpu()
-        correct += int((predicted == labels_of(batch)).sum())
-    return correct / len(examples)
+    return sum(correct(model, examples, pad_id, batch_size)) / len(examples)

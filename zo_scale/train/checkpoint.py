@@ -1,6 +1,8 @@
 """Checkpoints written atomically: a crash mid-write never leaves a checkpoint that looks complete.
 
-Layout of ``<output_dir>/checkpoint``: ``model/`` (``save_pretrained``: safetensors + config + tokenizer),
+Layout of ``<output_dir>/checkpoint``: ``model/`` (``save_pretrained`` of the full weights, in the
+training dtype, gathered on rank 0 under ZeRO-3: safetensors + config + tokenizer; loads with
+``from_pretrained`` for inference, or partitioned again on any number of ranks),
 ``optimizer.pt`` (ZO counters and rule buffers), ``schedule.pt`` and ``trainer_state.json`` (step and
 the non-finite counter). Data order and noise are functions of the step, so these restart the run
 on the same trajectory.
@@ -25,15 +27,21 @@ STATE_FILE = "trainer_state.json"  # written last: its presence marks a whole ch
 
 
 def save_checkpoint(
-    directory: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, schedule: Any, state: dict
+    directory: Path, model: Any, tokenizer: Any, optimizer_state: dict, schedule: Any, state: dict,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the checkpoint to ``directory`` atomically and return its path."""
+    """Write the checkpoint to ``directory`` atomically and return its path.
+
+    ``model_state``: the full weights when the model itself holds only a partition (ZeRO-3); the
+    model's own state_dict by default. ``optimizer_state``: consolidated (see
+    :mod:`zo_scale.train.sharded_state`), so that the checkpoint loads on any number of ranks.
+    """
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model")
+    model.save_pretrained(tmp / "model", state_dict=model_state)
     tokenizer.save_pretrained(tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(schedule.state_dict(), tmp / "schedule.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     if directory.exists():

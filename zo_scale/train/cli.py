@@ -3,12 +3,19 @@
     zo-scale train --config my.yaml optim.lr=1e-6 run.steps=1000
     zo-scale demo                       # SmolLM2-135M on an SST-2 sample, zero-shot vs fine-tuned
     zo-scale replay runs/x/seedlog.jsonl runs/x/replayed   # rebuild the weights from the seed log
+
+Under a launcher, ``launch/train.py`` is ``zo-scale train``; it also takes the flags launchers add:
+
+    deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero3.json --config my.yaml
+    torchrun --nproc_per_node 2 launch/train.py --config my.yaml        # replicated data parallel
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml launch/train.py --config my.yaml
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -28,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="fine-tune with a YAML config and section.key=value overrides")
     p_train.add_argument("--config", type=Path, help="YAML with sections model, task, optim, run")
+    p_train.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (same as dist.deepspeed_config=JSON)")
+    p_train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
     p_train.add_argument("overrides", nargs="*", help="e.g. optim.lr=1e-6 run.steps=500")
     p_demo = sub.add_parser("demo", help="ZO fine-tune SmolLM2-135M on an SST-2 sample (~10 min on 2 CPU cores)")
     p_demo.add_argument("overrides", nargs="*")
@@ -46,16 +55,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"replayed weights written to {replay(args.log, args.output)}")
             return 0
         config_path = DEMO_CONFIG if args.command == "demo" else args.config
-        summary = train(load_config(config_path, args.overrides))
+        overrides = list(args.overrides)
+        if getattr(args, "deepspeed", None):
+            overrides.append(f"dist.deepspeed_config={args.deepspeed}")
+        summary = train(load_config(config_path, overrides))
     except USER_ERRORS as e:
         print(f"zo-scale: error: {e}", file=sys.stderr)
         return 2
+    if summary["world_size"] > 1:
+        if os.environ.get("RANK", "0") == "0":
+            _report(summary)
+        # The run is saved and the process group closed. A finished ZeRO-3 rank has been seen to abort
+        # in interpreter teardown ('terminate called without an active exception': a C++ thread object
+        # destroyed while joinable); leaving without the teardown keeps that from failing a finished run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    _report(summary)
+    return 0
+
+
+def _report(summary: dict) -> None:
     zero = summary["zero_shot_accuracy"]
     print(f"\nzero-shot accuracy: {'n/a (resumed run)' if zero is None else f'{100 * zero:.1f}%'}"
           f"   fine-tuned accuracy: {100 * summary['final_accuracy']:.1f}%"
           f"   ({summary['eval_examples']} eval examples, {summary['steps']} ZO steps)")
     print(f"outputs in {summary['output_dir']}: metrics.jsonl, loss_curve.png, seedlog.jsonl, checkpoint/")
-    return 0
 
 
 if __name__ == "__main__":

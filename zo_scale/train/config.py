@@ -75,11 +75,21 @@ class RunConfig:
 
 
 @dataclass
+class DistConfig:
+    mode: str = "auto"  # auto | single | replicated | zero3 (auto: from deepspeed_config and the launcher's env)
+    deepspeed_config: str | None = None  # DeepSpeed JSON; ZeRO stage 3 -> zero3, stage 0-2 -> replicated
+    backend: str | None = None  # torch.distributed backend; default gloo on CPU, nccl on CUDA
+    timeout_s: int = 300  # a collective waiting longer fails the rank, so a dead peer cannot hang the job
+    check_seeds: bool = False  # all-reduce each step's seed to prove the ranks agree (one more collective a step)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def as_json(self) -> dict[str, Any]:
         """The config as plain JSON values (tuples become lists), as saved in checkpoints and logs."""

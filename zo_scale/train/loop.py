@@ -20,15 +20,17 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from zo_scale.backends.runtime import Runtime, quiet_unless_main
 from zo_scale.core import noise
 from zo_scale.models import load_model
-from zo_scale.models.scoring import LOSSES, EncodedExample, accuracy, batch_loss, encode, labels_of, option_scores
+from zo_scale.models.scoring import LOSSES, EncodedExample, batch_loss, correct, encode, labels_of, option_scores
 from zo_scale.tasks import get_task, sample_splits
-from zo_scale.train import seedlog
+from zo_scale.train import seedlog, sharded_state
 from zo_scale.train.build import build_optimizer
 from zo_scale.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from zo_scale.train.config import Config, ConfigError
 from zo_scale.train.metrics import MetricsLog, plot_metrics
+from zo_scale.train.select_runtime import make_runtime
 
 log = logging.getLogger("zo_scale")
 
@@ -71,9 +73,23 @@ def _check(cfg: Config) -> None:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) the fine-tune described by ``cfg``; returns the summary also written to summary.json."""
+    """Run (or resume) the fine-tune described by ``cfg``; returns the summary also written to summary.json.
+
+    Under a launcher every rank calls this; ``dist.*`` picks how they share the work (see
+    :mod:`zo_scale.train.select_runtime`). Rank r takes rows [r B/W, (r+1) B/W) of each global batch
+    of B = ``run.batch_size`` rows and 1/W of each evaluation; rank 0 alone writes files and logs.
+    """
     _check(cfg)
+    runtime = make_runtime(cfg)
+    quiet_unless_main(runtime)
+    summary = _train(cfg, runtime)
+    runtime.close()
+    return summary
+
+
+def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     out = Path(cfg.run.output_dir)
+    main = runtime.is_main
     torch.manual_seed(cfg.run.seed)
 
     # data: MeZO's protocol, tokenized once
@@ -81,16 +97,8 @@ def train(cfg: Config) -> dict[str, Any]:
     train_ex, dev_ex, eval_ex = sample_splits(
         task, cfg.task.num_train, cfg.task.num_dev, cfg.task.num_eval, cfg.run.seed, cfg.task.data_dir
     )
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.run.seed)
-    model.eval()  # ZO forwards run without dropout: both points of a pair must see the same function
-    train_enc = encode(tokenizer, train_ex, cfg.task.max_length)
-    eval_enc = encode(tokenizer, eval_ex, cfg.task.max_length)
-    dev_enc = encode(tokenizer, dev_ex, cfg.task.max_length) if dev_ex else eval_enc
-    pad = tokenizer.pad_token_id
-    batches = BatchOrder(len(train_enc), cfg.run.batch_size, cfg.run.seed)
 
-    # resume (weights from the checkpoint), or start a new run directory, created only now that
-    # config, data and model are valid
+    # resume: a whole checkpoint fixes the weights and the step; it must continue this run's trajectory
     config_json = cfg.as_json()
     checkpoint_dir = out / "checkpoint"
     checkpoint = latest_checkpoint(checkpoint_dir)
@@ -102,57 +110,79 @@ def train(cfg: Config) -> dict[str, Any]:
         if changed:
             raise ConfigError(f"{checkpoint} was written with other values of {changed}; resuming would not continue "
                               f"that run (use a new run.output_dir)")
-        model = type(model).from_pretrained(checkpoint / "model", dtype=model.dtype).to(cfg.model.device).eval()
         start, nonfinite_in_a_row, zero_shot = state["step"], state["nonfinite_in_a_row"], state["zero_shot_accuracy"]
         log.info("resuming from %s at step %d", checkpoint, start)
 
-    # optimizer over every trainable parameter (full fine-tuning)
+    model, tokenizer = runtime.load_model(lambda: load_model(
+        cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.run.seed,
+        weights=None if checkpoint is None else checkpoint / "model"))
+    model.eval()  # ZO forwards run without dropout: both points of a pair must see the same function
+    train_enc = encode(tokenizer, train_ex, cfg.task.max_length)
+    eval_enc = encode(tokenizer, eval_ex, cfg.task.max_length)
+    dev_enc = encode(tokenizer, dev_ex, cfg.task.max_length) if dev_ex else eval_enc
+    pad = tokenizer.pad_token_id
+    batches = BatchOrder(len(train_enc), cfg.run.batch_size, cfg.run.seed)
+    rows = cfg.run.batch_size // runtime.world_size  # select_runtime checked that it divides
+
+    # optimizer over every trainable parameter (full fine-tuning), on this rank's shards
     optimizer, schedule = build_optimizer(
         [(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.optim, cfg.run.seed, cfg.run.steps,
-        model=model,
+        model=model, **runtime.optimizer_kwargs(),
     )
     if checkpoint is not None:
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+        sharded_state.localize(optimizer, torch.load(checkpoint / "optimizer.pt", weights_only=False))
         schedule.load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=False))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_json, sort_keys=False))
-    seedlog.write_header(out / "seedlog.jsonl", config_json, keep_steps_below=start)
-    metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if cfg.run.tensorboard else None,
-                         keep_steps_upto=start)
+    metrics = None
+    if main:  # the run directory appears only now that config, data and model are valid
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config_json, sort_keys=False))
+        seedlog.write_header(out / "seedlog.jsonl", config_json, keep_steps_below=start)
+        metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if cfg.run.tensorboard else None,
+                             keep_steps_upto=start)
 
     def evaluate(step: int, examples: list[EncodedExample], split: str) -> float:
         optimizer.flush()
-        acc = accuracy(model, examples, pad, cfg.run.eval_batch_size)
-        metrics.log(step, "eval", accuracy=acc, split=split, examples=len(examples))
+        acc = distributed_accuracy(model, examples, pad, cfg.run.eval_batch_size, runtime)
+        if metrics is not None:
+            metrics.log(step, "eval", accuracy=acc, split=split, examples=len(examples))
         return acc
 
     def save(step: int) -> None:
         optimizer.flush()
-        state = {"step": step, "nonfinite_in_a_row": nonfinite_in_a_row, "zero_shot_accuracy": zero_shot,
-                 "config": config_json}
-        save_checkpoint(checkpoint_dir, model, tokenizer, optimizer, schedule, state)
+        weights = runtime.full_state_dict(model)
+        optimizer_state = sharded_state.consolidate(optimizer, runtime)
+        if main:
+            state = {"step": step, "nonfinite_in_a_row": nonfinite_in_a_row, "zero_shot_accuracy": zero_shot,
+                     "config": config_json, "world_size": runtime.world_size, "runtime": runtime.name}
+            save_checkpoint(checkpoint_dir, model, tokenizer, optimizer_state, schedule, state, model_state=weights)
+        runtime.barrier()  # no rank goes on (or exits) before the checkpoint is whole
 
-    n_params = sum(p.numel() for _, p in optimizer_named(optimizer))
-    log.info("model %s (%s, %.1fM trainable), task %s: %d train / %d dev / %d eval examples",
-             cfg.model.name, cfg.model.dtype, n_params / 1e6, cfg.task.name, len(train_enc), len(dev_ex), len(eval_enc))
+    n_params = sum(s.shape.numel() for s in optimizer.local_shards())
+    log.info("model %s (%s, %.1fM trainable), task %s: %d train / %d dev / %d eval examples; %s runtime, %d rank(s)",
+             cfg.model.name, cfg.model.dtype, n_params / 1e6, cfg.task.name, len(train_enc), len(dev_ex),
+             len(eval_enc), runtime.name, runtime.world_size)
     if start == 0:
         zero_shot = evaluate(0, eval_enc, "eval")
         log.info("zero-shot eval accuracy: %.1f%% (%d examples)", 100 * zero_shot, len(eval_enc))
 
     window: list[float] = []
-    tick = time.perf_counter()
+    tick, sent = time.perf_counter(), runtime.comm_bytes
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="zo", unit="step",
-               disable=not cfg.run.progress, dynamic_ncols=True)
+               disable=not (cfg.run.progress and main), dynamic_ncols=True)
     for t in bar:
-        batch = [train_enc[i] for i in batches.indices(t)]
+        mine = batches.indices(t)[runtime.rank * rows : (runtime.rank + 1) * rows]
+        batch = [train_enc[i] for i in mine]
         labels = labels_of(batch, next(model.parameters()).device)
 
         def closure(batch: list[EncodedExample] = batch, labels: torch.Tensor = labels) -> torch.Tensor:
             return batch_loss(option_scores(model, batch, pad), labels, cfg.task.loss)
 
-        loss = optimizer.step(closure)
+        loss = optimizer.step(closure)  # the loss is averaged over ranks: every branch below agrees
         schedule.step()
-        seedlog.append(out / "seedlog.jsonl", optimizer.last_record)
+        if cfg.dist.check_seeds:
+            runtime.check_same(optimizer.last_record.seed, f"the seed of step {t}")
+        if main:
+            seedlog.append(out / "seedlog.jsonl", optimizer.last_record)
         if math.isfinite(loss):
             nonfinite_in_a_row = 0
             window.append(loss)
@@ -168,31 +198,46 @@ def train(cfg: Config) -> dict[str, Any]:
         if (t + 1) % cfg.run.log_every == 0 or t + 1 == cfg.run.steps:
             elapsed = time.perf_counter() - tick
             mean_loss = sum(window) / len(window) if window else float("nan")
-            metrics.log(t + 1, "train", loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
-                        steps_per_s=len(window) / elapsed if elapsed > 0 else 0.0,
-                        skipped_total=optimizer.skipped_steps)
+            if metrics is not None:
+                metrics.log(t + 1, "train", loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
+                            steps_per_s=len(window) / elapsed if elapsed > 0 else 0.0,
+                            skipped_total=optimizer.skipped_steps,
+                            comm_bytes_per_step=(runtime.comm_bytes - sent) / max(1, len(window)))
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            window, tick = [], time.perf_counter()
+            window, tick, sent = [], time.perf_counter(), runtime.comm_bytes
         if cfg.run.eval_every and (t + 1) % cfg.run.eval_every == 0 and t + 1 < cfg.run.steps:
             acc = evaluate(t + 1, dev_enc, "dev" if dev_ex else "eval")
-            bar.write(f"step {t + 1}: {'dev' if dev_ex else 'eval'} accuracy {100 * acc:.1f}%")
+            if main:
+                bar.write(f"step {t + 1}: {'dev' if dev_ex else 'eval'} accuracy {100 * acc:.1f}%")
         if cfg.run.save_every and (t + 1) % cfg.run.save_every == 0:
             save(t + 1)
     bar.close()
 
     final = evaluate(cfg.run.steps, eval_enc, "eval")
     save(cfg.run.steps)
-    metrics.close()
-    plot_metrics(out / "metrics.jsonl", out / "loss_curve.png",
-                 f"ZO fine-tuning: {cfg.model.name} on {cfg.task.name} ({cfg.optim.rule}, {cfg.optim.sampler})")
     summary = {
         "zero_shot_accuracy": zero_shot, "final_accuracy": final, "steps": cfg.run.steps,
         "eval_examples": len(eval_enc), "skipped_steps": optimizer.skipped_steps,
         "output_dir": str(out), "model": str(checkpoint_dir / "model"),
+        "runtime": runtime.name, "world_size": runtime.world_size,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if metrics is not None:
+        metrics.close()
+        plot_metrics(out / "metrics.jsonl", out / "loss_curve.png",
+                     f"ZO fine-tuning: {cfg.model.name} on {cfg.task.name} ({cfg.optim.rule}, {cfg.optim.sampler})")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def optimizer_named(optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
-    return [(n, p) for g in optimizer.param_groups for n, p in zip(g["param_names"], g["params"], strict=True)]
+def distributed_accuracy(
+    model: torch.nn.Module, examples: list[EncodedExample], pad_id: int, batch_size: int, runtime: Runtime
+) -> float:
+    """Accuracy over ``examples``, rank r scoring examples r, r+W, r+2W, ...; a collective.
+
+    Every rank runs the same number of forwards (ZeRO-3's gathers are collectives): ranks with one
+    example fewer score a repeat of their first one and leave it out of the count.
+    """
+    mine = examples[runtime.rank :: runtime.world_size]
+    share = -(-len(examples) // runtime.world_size)
+    hits = correct(model, mine + mine[:1] * (share - len(mine)), pad_id, batch_size)[: len(mine)]
+    return runtime.sum([float(sum(hits))])[0] / len(examples)
