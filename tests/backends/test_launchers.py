@@ -1,0 +1,248 @@
+"""The trainer under every launcher, with real processes (2 CPU ranks over gloo), against one process.
+
+Every run starts from the same saved tiny LLaMA (``from_pretrained``: under ZeRO-3, ``from_config``
+would initialise other random weights) and trains ZO-Adam (per-element state, so the consolidated
+optimizer checkpoint is exercised) on 8-row batches of the SST-2 demo sample, 4 rows a rank.
+
+What 'matches' means: each rank's loss is the mean over its half batch, and a half-batch forward
+rounds differently from the full batch (~1e-7 relative), so losses agree to ~1e-6 relative and the
+weights to a small fraction of how far they moved (see test_zero3.py for the exact checks of the
+sharded arithmetic). Runs that share the partitioning (the deepspeed launcher, accelerate, CPU
+offload: all ZeRO-3 over 2 ranks) agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zo_scale.models import load_model
+from zo_scale.train.cli import main as cli_main
+from zo_scale.train.config import load_config
+from zo_scale.train.loop import train
+
+ROOT = Path(__file__).parents[2]
+BIN = Path(sys.executable).parent
+STEPS = 6
+TIMEOUT_S = 300
+# A dead rank must end the job within this long (torchrun notices a dead worker and stops the rest).
+BOUNDED_EXIT_S = 60
+
+
+def overrides(model_dir: Path, out: Path, steps: int = STEPS, save_every: int = 0) -> list[str]:
+    return [f"model.name={model_dir}", "task.name=sst2-demo", "task.num_train=64", "task.num_eval=32",
+            "task.max_length=64", "optim.rule=adam", "optim.lr=1e-3", "optim.eps=1e-3", f"run.steps={steps}",
+            "run.batch_size=8", "run.eval_batch_size=8", "run.log_every=1", f"run.save_every={save_every}",
+            "run.progress=false", f"run.output_dir={out}"]
+
+
+def launch(cmd: list[str], log: Path, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    return result
+
+
+def launched(cmd: list[str], out: Path) -> Path:
+    """Run a launcher command to completion; the run's output folder."""
+    log = out.with_suffix(".log")
+    result = launch(cmd, log)
+    assert result.returncode == 0, f"{cmd[0]} failed ({result.returncode}):\n{log.read_text()[-4000:]}"
+    return out
+
+
+def torchrun(port: int) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), "launch/train.py"]
+
+
+def train_losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoint" / "model" / "model.safetensors")
+
+
+def assert_close_run(run: Path, ref: Path, base: dict[str, torch.Tensor]) -> None:
+    """Same trajectory up to half-batch rounding: losses to 1e-5 relative, weights to 1% of their move."""
+    losses, ref_losses = train_losses(run), train_losses(ref)
+    assert len(losses) == len(ref_losses) == STEPS
+    assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    got, want = weights(run), weights(ref)
+    assert got.keys() == want.keys()
+    for name in want:
+        moved = (want[name] - base[name]).abs().max()
+        assert moved > 0, f"{name} did not move in the reference run"
+        assert (got[name] - want[name]).abs().max() <= 0.01 * moved, name
+
+
+def assert_same_run(run: Path, ref: Path) -> None:
+    assert train_losses(run) == train_losses(ref)
+    got, want = weights(run), weights(ref)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("base") / "tiny-llama"
+    model, tokenizer = load_model("tiny-llama", seed=3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base_weights(base_model: Path) -> dict[str, torch.Tensor]:
+    return load_file(base_model / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 1-process run (in this process)."""
+    out = tmp_path_factory.mktemp("runs") / "single"
+    summary = train(load_config(None, overrides(base_model, out)))
+    assert summary["runtime"] == "single" and summary["world_size"] == 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero3_run(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 ranks under ZeRO-3, started by DeepSpeed's own launcher (it needs --num_gpus on a CPU machine)."""
+    out = tmp_path_factory.mktemp("runs") / "deepspeed-zero3"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29631", "launch/train.py",
+           "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out)]
+    return launched(cmd, out)
+
+
+def test_torchrun_replicated_matches_one_process(base_model, base_weights, reference, tmp_path):
+    out = launched([*torchrun(29632), *overrides(base_model, tmp_path / "run")], tmp_path / "run")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["runtime"], summary["world_size"]) == ("replicated", 2)
+    assert_close_run(out, reference, base_weights)
+    # the only bytes ZO's data parallelism sends: the step's two losses, float64, once a step
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["comm_bytes_per_step"] for r in rows if r["kind"] == "train"} == {16.0}
+
+
+def test_deepspeed_launcher_zero3_matches_one_process(zero3_run, reference, base_weights):
+    summary = json.loads((zero3_run / "summary.json").read_text())
+    assert (summary["runtime"], summary["world_size"]) == ("zero3", 2)
+    assert_close_run(zero3_run, reference, base_weights)
+    # the consolidated weights are a plain HF folder: they load for inference without DeepSpeed
+    model, _ = load_model(str(base_model_of(zero3_run)), weights=zero3_run / "checkpoint" / "model")
+    assert torch.equal(model.state_dict()["lm_head.weight"], weights(zero3_run)["lm_head.weight"])
+
+
+def base_model_of(run: Path) -> Path:
+    return Path(json.loads((run / "checkpoint" / "trainer_state.json").read_text())["config"]["model"]["name"])
+
+
+def test_accelerate_launch_with_deepspeed_config_equals_deepspeed_launcher(base_model, zero3_run, tmp_path):
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", "accelerate_configs/deepspeed_zero3.yaml",
+           "--main_process_port", "29633", "launch/train.py", *overrides(base_model, tmp_path / "run")]
+    out = launched(cmd, tmp_path / "run")
+    assert json.loads((out / "summary.json").read_text())["runtime"] == "zero3"
+    assert_same_run(out, zero3_run)
+
+
+def test_cpu_offload_equals_zero3(base_model, zero3_run, tmp_path):
+    cmd = [*torchrun(29634), "--deepspeed", "ds_configs/zero3_offload_cpu.json",
+           *overrides(base_model, tmp_path / "run")]
+    assert_same_run(launched(cmd, tmp_path / "run"), zero3_run)
+
+
+def test_checkpoint_from_two_zero3_ranks_resumes_on_one(base_model, base_weights, reference, tmp_path):
+    out = tmp_path / "run"
+    cmd = [*torchrun(29635), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out, steps=STEPS // 2)]
+    launched(cmd, out)
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert (state["step"], state["world_size"], state["runtime"]) == (STEPS // 2, 2, "zero3")
+    summary = train(load_config(None, overrides(base_model, out)))  # the same run, now 1 process, to the end
+    assert (summary["runtime"], summary["steps"]) == ("single", STEPS)
+    assert_close_run(out, reference, base_weights)
+
+
+def worker_pids(marker: str) -> dict[int, int]:
+    """rank -> pid of the launched processes whose command line contains ``marker``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if marker in cmdline and "launch/train.py" in cmdline and "RANK" in env and "LOCAL_RANK" in env:
+            found[int(env["RANK"])] = int(entry.name)
+    return found
+
+
+def test_killed_rank_ends_the_job_and_the_run_resumes(base_model, tmp_path):
+    out = tmp_path / "run"
+    cmd = [*torchrun(29636), "--deepspeed", "ds_configs/zero3.json",
+           *overrides(base_model, out, steps=100_000, save_every=5)]
+    log = open(tmp_path / "run.log", "w")
+    job = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (out / "checkpoint" / "trainer_state.json").exists():
+            assert job.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        pids = worker_pids(str(out))
+        assert sorted(pids) == [0, 1]
+        os.kill(pids[1], signal.SIGKILL)
+        killed = time.monotonic()
+        rc = job.wait(timeout=BOUNDED_EXIT_S)
+        took = time.monotonic() - killed
+    finally:
+        if job.poll() is None:
+            job.kill()
+        log.close()
+    assert rc != 0, "the job reported success although a rank died"
+    assert took < BOUNDED_EXIT_S
+    saved = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+    assert saved >= 5 and saved % 5 == 0
+    summary = train(load_config(None, overrides(base_model, out, steps=saved + 2)))
+    assert summary["steps"] == saved + 2
+    records = [json.loads(line) for line in (out / "seedlog.jsonl").read_text().splitlines()[1:]]
+    assert [r["step"] for r in records] == list(range(saved + 2))  # no step lost or repeated
+
+
+@pytest.mark.parametrize(("ds_config", "message"), [
+    ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}, "'optimizer' section"),
+    ({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 3},
+     "train_micro_batch_size_per_gpu=3 contradicts the run: run.batch_size=8"),
+    ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}, "bf16.enabled=True contradicts model.dtype"),
+    ({"zero_optimization": {"stage": 2}}, None),  # stage 2 with dist.mode=zero3, below
+])
+def test_contradicting_deepspeed_config_is_a_clear_error(ds_config, message, base_model, tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds_config))
+    args = ["train", "--deepspeed", str(path), *overrides(base_model, tmp_path / "run")]
+    if message is None:
+        args.append("dist.mode=zero3")
+        message = "dist.mode=zero3 needs a DeepSpeed config with zero_optimization.stage 3"
+    assert cli_main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_malformed_deepspeed_config_names_the_file(base_model, tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text("{'stage': 3")
+    assert cli_main(["train", "--deepspeed", str(path), *overrides(base_model, tmp_path / "run")]) == 2
+    assert f"{path} is not valid JSON" in capsys.readouterr().err
