@@ -102,6 +102,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         loss_reduce: averages a 1-D tensor of this step's losses over data-parallel ranks (one
             collective per step, two with conservative=True); identity by default.
         model: the module the closure calls; only estimator='jvp' needs it.
+        master_weights: keep an fp32 copy of each (local) shard, updated in fp32, from which the
+            low-precision weights are set at every move (see :mod:`zo_scale.core.sweep`): no drift
+            from the +/- eps round trip in bf16/fp16, for 4 extra bytes per trainable element.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         shard_fn: Callable[[torch.Tensor, str], ParamShard] = whole_param_shard,
         loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         model: torch.nn.Module | None = None,
+        master_weights: bool = False,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -135,6 +139,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.rule = make_rule(rule) if isinstance(rule, str) else rule
         if isinstance(self.rule, LozoMomentum) and not isinstance(sampler, LowRankSampler):
             raise ValueError("the LOZO-M rule keeps momentum in the low-rank factor: it needs sampler=LowRankSampler")
+        if conservative and master_weights:
+            raise ValueError("conservative=True with master_weights=True is not supported: its trial moves along "
+                             "the update are not perturbations the master copy could leave out")
         if conservative and not isinstance(self.rule, SGD):
             raise ValueError("conservative=True needs the 'sgd' rule (it compares moves along -/+ lr * g_hat)")
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
@@ -151,6 +158,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.shard_fn = shard_fn
         self.loss_reduce = loss_reduce
         self.model = model
+        self.master_weights = master_weights
+        self._offsets: dict[int, tuple[Direction, float]] = {}  # master_weights: perturbation the shards carry
         self.step_count = 0  # t: steps taken, skipped ones included
         self.skipped_steps = 0
         self.last_record: StepRecord | None = None
@@ -171,6 +180,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             for gi, group in enumerate(self.param_groups)
         ]
 
+    @property
+    def per_element_keys(self) -> tuple[str, ...]:
+        """Names of the state tensors that hold one fp32 value per element of a shard."""
+        return (*self.rule.buffers, "master")
+
     def local_shards(self) -> list[ParamShard]:
         """Every parameter's local shard, in param-group order (the order of ``state_dict()['state']``)."""
         return [s for _, shards in self._shards() for s in shards]
@@ -181,13 +195,28 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self.state[shard.param]
 
     def _sweep(self, before: Moves = (), pending_update: _Pending | None = None, after: Moves = ()) -> None:
+        offsets: Moves = ()
+        if self.master_weights:
+            for d, c in (*before, *after):
+                total = self._offsets.get(id(d), (d, 0.0))[1] + c
+                if total == 0.0:  # +eps, -2eps, +eps sums to exactly 0 in binary floating point
+                    self._offsets.pop(id(d), None)
+                else:
+                    self._offsets[id(d)] = (d, total)
+            offsets = list(self._offsets.values())
         for gi, (_, shards) in enumerate(self._shards()):
             update = None
             if pending_update is not None and pending_update.weights:
                 update = Update(self.rule, pending_update.weights, pending_update.lrs[gi],
                                 pending_update.weight_decays[gi])
             for shard in shards:
-                sweep_shard(shard, before, update, after, self._state_for(shard) if update else None)
+                state = self._state_for(shard) if update or self.master_weights else None
+                master = None
+                if self.master_weights:
+                    if "master" not in state:  # first sweep: the shard is still unperturbed
+                        state["master"] = shard.flat.to(torch.float32, copy=True)
+                    master = state["master"]
+                sweep_shard(shard, before, update, after, state if update else None, master, offsets)
 
     def flush(self) -> None:
         """Apply the pending restore and update now (a no-op unless ``lazy``)."""
@@ -356,3 +385,4 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"checkpoint was written with seed {zo['seed']}, this optimizer has seed {self.seed}")
         self.step_count, self.skipped_steps = zo["step_count"], zo["skipped_steps"]
         self._pending = None
+        self._offsets = {}

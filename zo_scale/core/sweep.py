@@ -10,6 +10,15 @@ direction's chunk once, in this order per element:
 
 These are the same per-element operations, in the same order, as the unfused passes, so the fused
 result equals the reference bit for bit (``tests/core/test_fused_step.py``).
+
+With an fp32 master copy (for bf16/fp16 weights) the shard is never moved by increments: the update
+goes into the master, and the shard is set to the master plus the perturbation it should carry
+after the sweep, rounded once,
+
+    master = rule(master, sum_i w_i z_i, state);   theta = round(master + sum_(d, c) in offsets c * z_d)
+
+so the +eps / -2eps / +eps round trip returns exactly to round(master) instead of drifting by a
+rounding error per move.
 """
 
 from __future__ import annotations
@@ -49,22 +58,27 @@ def sweep_shard(
     update: Update | None = None,
     after: Moves = (),
     state: dict[str, torch.Tensor] | None = None,
+    master: torch.Tensor | None = None,
+    offsets: Moves = (),
 ) -> bool:
     """Apply ``before``, ``update`` and ``after`` to one shard in one pass. Returns whether the
     update touched this shard (False where every update direction is zero on it, e.g. other blocks).
 
     ``state`` holds the rule's flat buffers (same numel as ``shard.flat``) and its 0-dim ``step``.
+    ``master``: an fp32 copy of the unperturbed shard (same numel); then ``before`` / ``after`` are
+    ignored and ``offsets`` (the perturbation the shard carries after this sweep) is used instead.
     """
     rule_moves = update.rule.prepare(shard, update.weights, state, update.lr) if update is not None else None
-    moves = (*before, *after, *(update.weights if update else ()), *(rule_moves or ()))
+    moves = (*before, *after, *offsets, *(update.weights if update else ()), *(rule_moves or ()))
     directions = {id(d): d for d, _ in moves}
     updated = False
     step = int(state["step"]) + 1 if state is not None and "step" in state else 1
     for s in range(0, shard.flat.numel(), CHUNK):
         n = min(CHUNK, shard.flat.numel() - s)
         z = {key: d.z(shard, shard.offset + s, n) for key, d in directions.items()}
-        theta = shard.flat[s : s + n]
-        _move_(theta, z, before)
+        theta = shard.flat[s : s + n] if master is None else master[s : s + n]
+        if master is None:
+            _move_(theta, z, before)
         if update is not None:
             weight_decay = update.weight_decay if shard.decays else 0.0
             zs = [(z[id(d)], w) for d, w in update.weights if z[id(d)] is not None]
@@ -76,7 +90,12 @@ def sweep_shard(
                 chunk_state = {b: state[b][s : s + n] for b in update.rule.buffers if b in state} if state else {}
                 update.rule.apply_(theta, zs, chunk_state, update.lr, weight_decay, step)
                 updated = True
-        _move_(theta, z, after)
+        if master is None:
+            _move_(theta, z, after)
+        else:
+            perturbed = theta.clone()
+            _move_(perturbed, z, offsets)
+            shard.flat[s : s + n].copy_(perturbed)
     if updated and state is not None and "step" in state:
         state["step"] += 1
     return updated

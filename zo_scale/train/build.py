@@ -46,7 +46,7 @@ def build_optimizer(
         optimizer = ZOOptimizer(
             list(named_params), cfg.lr, cfg.eps, rule=build_rule(cfg), sampler=build_sampler(cfg),
             estimator=cfg.estimator, queries=cfg.queries, weight_decay=cfg.weight_decay, seed=seed, lazy=cfg.lazy,
-            conservative=cfg.conservative, **kwargs,
+            conservative=cfg.conservative, master_weights=cfg.master_weights, **kwargs,
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_multiplier(cfg.schedule, total_steps, cfg.warmup_steps)

@@ -52,6 +52,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # rule=adam
     conservative: bool = False  # ZO-SGD-Cons (rule=sgd)
     lazy: bool = True  # fold each update into the next step's first pass (2 passes a step)
+    master_weights: bool = False  # fp32 copy of the (local) weights: no bf16/fp16 drift from the +/- eps round trip
     sparsity: float = 0.75  # sampler=sparse
     resample_every: int = 1  # sampler=sparse: mask period; sampler=lowrank: LOZO's nu
     rank: int = 2  # sampler=lowrank
@@ -62,7 +63,7 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     steps: int = 100
-    batch_size: int = 16
+    batch_size: int = 16  # global: split evenly over the data-parallel ranks
     eval_every: int = 0  # 0: only before and after training
     eval_batch_size: int = 32
     log_every: int = 10

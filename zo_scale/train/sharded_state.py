@@ -1,6 +1,6 @@
 """The ZO optimizer's state in a form that does not depend on how parameters are partitioned.
 
-Per-element rule buffers (momentum, Adam's moments) live per shard: a ZeRO-3 rank holds elements
+Per-element tensors (momentum, Adam's moments, the fp32 master copy) live per shard: a ZeRO-3 rank holds elements
 [offset, offset + n) of each flattened parameter. :func:`consolidate` collects them on rank 0 into
 full-length flat buffers, which is exactly the state dict a single process has (its shard is the
 whole parameter, offset 0); :func:`localize` cuts a consolidated state dict down to this rank's
@@ -20,7 +20,7 @@ from zo_scale.core.shards import ParamShard
 
 
 def _is_per_element(optimizer: ZOOptimizer, key: str, value: Any, shard: ParamShard) -> bool:
-    return key in optimizer.rule.buffers and isinstance(value, torch.Tensor) and value.dim() == 1 \
+    return key in optimizer.per_element_keys and isinstance(value, torch.Tensor) and value.dim() == 1 \
         and value.numel() == shard.flat.numel()
 
 
@@ -50,6 +50,6 @@ def localize(optimizer: ZOOptimizer, full: dict[str, Any]) -> None:
     for i, buffers in full["state"].items():
         shard = shards[int(i)]
         state[i] = {k: v[shard.offset : shard.offset + shard.flat.numel()].clone()
-                    if k in optimizer.rule.buffers and isinstance(v, torch.Tensor) and v.dim() == 1 else v
+                    if k in optimizer.per_element_keys and isinstance(v, torch.Tensor) and v.dim() == 1 else v
                     for k, v in buffers.items()}
     optimizer.load_state_dict({**full, "state": state})
