@@ -125,7 +125,8 @@ def zero3_run(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def test_torchrun_replicated_matches_one_process(base_model, base_weights, reference, tmp_path):
-    out = launched([*torchrun(29632), *overrides(base_model, tmp_path / "run")], tmp_path / "run")
+    out = launched([*torchrun(29632), *overrides(base_model, tmp_path / "run"), "dist.check_seeds=true"],
+                   tmp_path / "run")
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["runtime"], summary["world_size"]) == ("replicated", 2)
     assert_close_run(out, reference, base_weights)
@@ -170,6 +171,18 @@ def test_checkpoint_from_two_zero3_ranks_resumes_on_one(base_model, base_weights
     summary = train(load_config(None, overrides(base_model, out)))  # the same run, now 1 process, to the end
     assert (summary["runtime"], summary["steps"]) == ("single", STEPS)
     assert_close_run(out, reference, base_weights)
+
+
+def test_zero3_bf16_master_weights_return_exactly_with_lr_0(base_model, tmp_path):
+    """bf16 under ZeRO-3 ("auto" precision filled from model.dtype): with the fp32 master copy of each
+    shard, 6 steps of +/- eps round trips at lr 0 leave every weight bit for bit where it started."""
+    out = tmp_path / "run"
+    cmd = [*torchrun(29637), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out),
+           "model.dtype=bfloat16", "optim.master_weights=true", "optim.lr=0", "optim.rule=sgd"]
+    launched(cmd, out)
+    start = {k: v.to(torch.bfloat16) for k, v in load_file(base_model / "model.safetensors").items()}
+    final = weights(out)
+    assert all(final[k].dtype == torch.bfloat16 and torch.equal(final[k], start[k]) for k in start)
 
 
 def worker_pids(marker: str) -> dict[int, int]:

@@ -1,0 +1,120 @@
+"""One rank of benchmarks/scale_out.py (run under torchrun): time a few training steps of one mode.
+
+Modes, all on the OPT-125m-shaped model, each rank with ``--rows`` rows of ``--seq`` tokens:
+    zo-replicated  ZO-SGD, every rank the whole model; the step's losses all-reduced (DistributedRuntime)
+    fo-ddp         first-order SGD under DistributedDataParallel (gradients all-reduced in buckets)
+    zo-zero3       ZO-SGD over ZeRO-3 partitions (Zero3Runtime, ds_configs/zero3.json)
+Bytes: the payload handed to the collectives per step, per rank (ZO: the runtime's count of its
+loss all-reduces; DDP: the gradient buckets, counted by a comm hook around DDP's own all-reduce
+hook). ZeRO-3 also counts its all-gathers per step with the torch profiler. Rank 0 prints one JSON line.
+"""
+
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import common
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def zo_step_fn(mode: str, ids: torch.Tensor) -> tuple[object, torch.nn.Module, object]:
+    """(runtime, model, step function) for the ZO modes."""
+    import zo_scale
+
+    if mode == "zo-zero3":
+        from zo_scale.backends.zero3 import Zero3Runtime
+
+        runtime = Zero3Runtime(ROOT / "ds_configs" / "zero3.json")
+    else:
+        from zo_scale.backends.replicated import DistributedRuntime
+
+        runtime = DistributedRuntime()
+    model, _ = runtime.load_model(lambda: (common.opt_125m("fp32"), None))
+    opt = zo_scale.ZOSGD(model.named_parameters(), lr=1e-6, eps=1e-3, lazy=True, **runtime.optimizer_kwargs())
+    return runtime, model, lambda: opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+
+
+def ddp_step_fn(ids: torch.Tensor) -> tuple[dict[str, int], torch.nn.Module, object]:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo")
+    model = common.opt_125m("fp32")
+    ddp = DistributedDataParallel(model)
+    counter = {"bytes": 0}
+
+    def counting_hook(state: dict[str, int], bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        state["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
+        return default_hooks.allreduce_hook(None, bucket)
+
+    ddp.register_comm_hook(counter, counting_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-6)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = ddp(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return counter, model, step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["zo-replicated", "fo-ddp", "zo-zero3"], required=True)
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    ids = common.lm_batch(args.rows, args.seq, seed=int(os.environ.get("RANK", "0")))
+    if args.mode == "fo-ddp":
+        counter, model, step = ddp_step_fn(ids)
+        sent = lambda: counter["bytes"]  # noqa: E731
+    else:
+        runtime, model, step = zo_step_fn(args.mode, ids)
+        sent = lambda: runtime.comm_bytes  # noqa: E731
+    step()  # warmup (ZeRO-3 records its fetch trace over the first step)
+    times, bytes_per_step = [], []
+    for _ in range(args.steps):
+        before = sent()
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+        bytes_per_step.append(sent() - before)
+    gathers = {}
+    if args.mode == "zo-zero3":
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            step()
+        ops = collections.Counter(e.name for e in prof.events() if e.name.startswith("c10d::"))
+        gathered = sum(torch.Size(e.input_shapes[0]).numel() * 4 for e in prof.events()
+                       if e.name == "c10d::_allgather_base_" and e.input_shapes and e.input_shapes[0])
+        gathers = {"collectives_per_step": dict(ops), "gathered_bytes_per_step": gathered}
+    if dist.get_rank() == 0:
+        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+        print(json.dumps({
+            "mode": args.mode, "world_size": dist.get_world_size(), "rows_per_rank": args.rows, "seq": args.seq,
+            "step_s_median": statistics.median(times), "step_s": times,
+            "bytes_sent_per_step_per_rank": statistics.median(bytes_per_step), "parameters": n_params,
+            "decoder_layers": model.config.num_hidden_layers, "torch_threads": torch.get_num_threads(), **gathers,
+        }))
+    sys.stdout.flush()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
