@@ -65,7 +65,7 @@ def test_load_config_refuses_what_would_undo_or_hide_zo_updates():
         ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}, "no 'optimizer'"),
         ({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100}}, "persistence"),
         ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, "hpz"),
-        ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp"}}}, "nvme"),
+        ({"zero_optimization": {"stage": 3, "zero_quantized_weights": True}}, "quantized"),
     ]
     for config, message in bad:
         with pytest.raises(ValueError, match=message):

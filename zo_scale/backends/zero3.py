@@ -32,6 +32,7 @@ parameter fetch/release hooks, nothing that writes the partitions.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -43,6 +44,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
@@ -95,8 +97,8 @@ def load_config(config: PathOrConfig) -> dict[str, Any]:
     to 0 when absent and refused otherwise: a persistent parameter keeps its gathered full copy
     between forwards, so an edit to its partition would never reach the forward. hpZ (a second copy
     of each partition) and quantized weights are refused for the same reason: they are copies that a
-    partition edit would leave stale. NVMe parameter offload is refused: the partition may be
-    swapped out when the optimizer sweeps it. The batch-size fields are required by DeepSpeed's
+    partition edit would leave stale. With NVMe parameter offload, :func:`zero3_shard` swaps each
+    partition in before the sweep and writes it back after. The batch-size fields are required by DeepSpeed's
     config checks but unused: without its dataloader and optimizer nothing reads them, so "auto"
     there becomes 1 (the total is derived). "auto" precision (``bf16``/``fp16`` ``enabled``) becomes
     false (fp32) here; the trainer fills it from ``model.dtype`` first.
@@ -131,8 +133,6 @@ def load_config(config: PathOrConfig) -> dict[str, Any]:
         problems.append("zero_hpz_partition_size must be 1")
     if parsed.zero_quantized_weights or parsed.zero_quantized_nontrainable_weights:
         problems.append("zero_quantized_weights / zero_quantized_nontrainable_weights must be false")
-    if parsed.offload_param is not None and parsed.offload_param.device == OffloadDeviceEnum.nvme:
-        problems.append("offload_param.device must not be nvme")
     if problems:
         raise ValueError("ZeRO-3 ZO config: " + "; ".join(problems))
     return cfg
@@ -145,6 +145,10 @@ def zero3_shard(param: torch.Tensor, name: str) -> ParamShard:
     ``flat`` is the valid part of ``param.ds_tensor``: elements [r*n, min((r+1)*n, ds_numel)) of the
     flattened parameter, n = ds_tensor.numel(); the padding after ds_numel (last ranks only) is left
     out so it is never perturbed. A rank whose whole partition is padding gets an empty slice.
+
+    With NVMe parameter offload the partition lives in a file between forwards: it is swapped into
+    one of DeepSpeed's buffers here, and the shard's ``release`` writes it back to NVMe and frees the
+    buffer, so the optimizer holds one swapped-in partition at a time.
     """
     if not hasattr(param, "ds_tensor"):
         raise ValueError(f"parameter {name!r} is not a ZeRO-3 parameter (not built under zero.Init or "
@@ -156,6 +160,14 @@ def zero3_shard(param: torch.Tensor, name: str) -> ParamShard:
                            "between forwards, with persistence thresholds 0 (see load_config)")
     if getattr(param, "ds_secondary_tensor", None) is not None or hasattr(param.ds_tensor, "ds_quant_scale"):
         raise RuntimeError(f"ZeRO-3 parameter {name!r} has an hpZ or quantized copy that a ZO update would leave stale")
+    release = None
+    if getattr(param.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme:
+        swapper = param.nvme_swapper
+        if param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE:
+            swapper.swap_in([param], async_op=False)
+        elif param.ds_tensor.status == PartitionedParamStatus.INFLIGHT:  # a prefetch already under way
+            swapper.synchronize_reads()
+        release = functools.partial(swapper.swap_out_and_release, [param])
     group = param.ds_process_group
     rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
     n = param.ds_tensor.ds_numel
@@ -164,7 +176,7 @@ def zero3_shard(param: torch.Tensor, name: str) -> ParamShard:
     offset = rank * n
     valid = max(0, min(n, param.ds_numel - offset))
     flat = param.ds_tensor.data.view(-1)[:valid]
-    return ParamShard(param, name, stream_id(name), flat, offset, torch.Size(param.ds_shape))
+    return ParamShard(param, name, stream_id(name), flat, offset, torch.Size(param.ds_shape), release)
 
 
 # -- model -----------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ all groups' moves, so per-group eps would not give per-group projected gradients
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,12 +173,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         first = sum(len(g["params"]) for g in self.param_groups[:gi])
         return [f"param{first + j}" for j in range(len(group["params"]))]
 
-    def _shards(self) -> list[tuple[dict[str, Any], list[ParamShard]]]:
-        """Each group with its parameters' local shards (rebuilt per call: .data may be swapped)."""
-        return [
-            (group, [self.shard_fn(p, n) for p, n in zip(group["params"], self._names(group, gi), strict=True)])
-            for gi, group in enumerate(self.param_groups)
-        ]
+    def _shards(self) -> Iterator[tuple[int, ParamShard]]:
+        """(group index, local shard) of each parameter, one at a time (rebuilt per call: .data may be
+        swapped); a shard with a ``release`` hook (e.g. swapped in from NVMe) is released once the
+        caller is done with it, before the next one is made."""
+        for gi, group in enumerate(self.param_groups):
+            for p, n in zip(group["params"], self._names(group, gi), strict=True):
+                shard = self.shard_fn(p, n)
+                yield gi, shard
+                if shard.release is not None:
+                    shard.release()
 
     @property
     def per_element_keys(self) -> tuple[str, ...]:
@@ -186,8 +190,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         return (*self.rule.buffers, "master")
 
     def local_shards(self) -> list[ParamShard]:
-        """Every parameter's local shard, in param-group order (the order of ``state_dict()['state']``)."""
-        return [s for _, shards in self._shards() for s in shards]
+        """Every parameter's local shard, in param-group order (the order of ``state_dict()['state']``).
+        For their layout (offset, size, shape): a released shard's ``flat`` data is no longer valid."""
+        return [shard for _, shard in self._shards()]
 
     def _state_for(self, shard: ParamShard) -> dict[str, torch.Tensor]:
         if not self.state[shard.param]:
@@ -204,19 +209,19 @@ class ZOOptimizer(torch.optim.Optimizer):
                 else:
                     self._offsets[id(d)] = (d, total)
             offsets = list(self._offsets.values())
-        for gi, (_, shards) in enumerate(self._shards()):
-            update = None
-            if pending_update is not None and pending_update.weights:
-                update = Update(self.rule, pending_update.weights, pending_update.lrs[gi],
-                                pending_update.weight_decays[gi])
-            for shard in shards:
-                state = self._state_for(shard) if update or self.master_weights else None
-                master = None
-                if self.master_weights:
-                    if "master" not in state:  # first sweep: the shard is still unperturbed
-                        state["master"] = shard.flat.to(torch.float32, copy=True)
-                    master = state["master"]
-                sweep_shard(shard, before, update, after, state if update else None, master, offsets)
+        updates = [None] * len(self.param_groups)
+        if pending_update is not None and pending_update.weights:
+            updates = [Update(self.rule, pending_update.weights, lr, wd)
+                       for lr, wd in zip(pending_update.lrs, pending_update.weight_decays, strict=True)]
+        for gi, shard in self._shards():
+            update = updates[gi]
+            state = self._state_for(shard) if update or self.master_weights else None
+            master = None
+            if self.master_weights:
+                if "master" not in state:  # first sweep: the shard is still unperturbed
+                    state["master"] = shard.flat.to(torch.float32, copy=True)
+                master = state["master"]
+            sweep_shard(shard, before, update, after, state if update else None, master, offsets)
 
     def flush(self) -> None:
         """Apply the pending restore and update now (a no-op unless ``lazy``)."""

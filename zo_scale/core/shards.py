@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,8 @@ class ParamShard:
 
     ``flat`` holds elements [offset, offset + flat.numel()) of the flattened full parameter, whose
     full shape is ``shape`` (numel = prod(shape)). ``param`` is the owning tensor; ``name`` its name.
+    ``release``: called when the optimizer is done with this shard (a backend that swapped the data
+    in writes it back and frees the buffer); None when the data simply lives in ``flat``.
     """
 
     param: torch.Tensor
@@ -43,6 +46,7 @@ class ParamShard:
     flat: torch.Tensor
     offset: int
     shape: torch.Size
+    release: Callable[[], None] | None = None
 
     @property
     def full_numel(self) -> int:
