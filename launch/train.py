@@ -1,7 +1,9 @@
-"""One entry point for launchers: ``python launch/train.py --config my.yaml optim.lr=1e-6 ...``.
+"""One entry point for every launcher: the same flags and config as ``zo-scale train``.
 
-Same flags and config as ``zo-scale train``. (Multi-process launchers, ``deepspeed`` / ``accelerate
-launch`` / ``torchrun``, come with the scale-out backends.)
+    python launch/train.py --config my.yaml optim.lr=1e-6
+    torchrun --nproc_per_node 2 launch/train.py --config my.yaml
+    deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero3.json --config my.yaml
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml launch/train.py --config my.yaml
 """
 
 import sys
