@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,8 +61,15 @@ def launched(cmd: list[str], out: Path, timeout: float = TIMEOUT_S) -> Path:
     return out
 
 
-def torchrun(port: int) -> list[str]:
-    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), "launch/train.py"]
+def free_port() -> int:
+    """A TCP port free right now, for the launcher's rendezvous (fixed ports collide with other jobs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun() -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/train.py"]
 
 
 def train_losses(out: Path) -> list[float]:
@@ -119,13 +127,13 @@ def reference(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def zero3_run(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2 ranks under ZeRO-3, started by DeepSpeed's own launcher (it needs --num_gpus on a CPU machine)."""
     out = tmp_path_factory.mktemp("runs") / "deepspeed-zero3"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29631", "launch/train.py",
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
            "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out)]
     return launched(cmd, out)
 
 
 def test_torchrun_replicated_matches_one_process(base_model, base_weights, reference, tmp_path):
-    out = launched([*torchrun(29632), *overrides(base_model, tmp_path / "run"), "dist.check_seeds=true"],
+    out = launched([*torchrun(), *overrides(base_model, tmp_path / "run"), "dist.check_seeds=true"],
                    tmp_path / "run")
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["runtime"], summary["world_size"]) == ("replicated", 2)
@@ -150,14 +158,14 @@ def base_model_of(run: Path) -> Path:
 
 def test_accelerate_launch_with_deepspeed_config_equals_deepspeed_launcher(base_model, zero3_run, tmp_path):
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", "accelerate_configs/deepspeed_zero3.yaml",
-           "--main_process_port", "29633", "launch/train.py", *overrides(base_model, tmp_path / "run")]
+           "--main_process_port", str(free_port()), "launch/train.py", *overrides(base_model, tmp_path / "run")]
     out = launched(cmd, tmp_path / "run")
     assert json.loads((out / "summary.json").read_text())["runtime"] == "zero3"
     assert_same_run(out, zero3_run)
 
 
 def test_cpu_offload_equals_zero3(base_model, zero3_run, tmp_path):
-    cmd = [*torchrun(29634), "--deepspeed", "ds_configs/zero3_offload_cpu.json",
+    cmd = [*torchrun(), "--deepspeed", "ds_configs/zero3_offload_cpu.json",
            *overrides(base_model, tmp_path / "run")]
     assert_same_run(launched(cmd, tmp_path / "run"), zero3_run)
 
@@ -180,7 +188,7 @@ def test_nvme_offload_equals_zero3(base_model, zero3_run, tmp_path):
     config = json.loads((ROOT / "ds_configs" / "zero3_offload_nvme.json").read_text())
     config["zero_optimization"]["offload_param"]["nvme_path"] = str(tmp_path / "nvme")
     (tmp_path / "nvme.json").write_text(json.dumps(config))
-    cmd = [*torchrun(29638), "--deepspeed", str(tmp_path / "nvme.json"), *overrides(base_model, tmp_path / "run")]
+    cmd = [*torchrun(), "--deepspeed", str(tmp_path / "nvme.json"), *overrides(base_model, tmp_path / "run")]
     assert_same_run(launched(cmd, tmp_path / "run", timeout=900), zero3_run)
     swap_dirs = sorted(p.name for p in (tmp_path / "nvme").rglob("rank*"))  # DeepSpeed's swap folders
     assert swap_dirs == ["rank0", "rank1"]
@@ -188,7 +196,7 @@ def test_nvme_offload_equals_zero3(base_model, zero3_run, tmp_path):
 
 def test_checkpoint_from_two_zero3_ranks_resumes_on_one(base_model, base_weights, reference, tmp_path):
     out = tmp_path / "run"
-    cmd = [*torchrun(29635), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out, steps=STEPS // 2)]
+    cmd = [*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out, steps=STEPS // 2)]
     launched(cmd, out)
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert (state["step"], state["world_size"], state["runtime"]) == (STEPS // 2, 2, "zero3")
@@ -201,7 +209,7 @@ def test_zero3_bf16_master_weights_return_exactly_with_lr_0(base_model, tmp_path
     """bf16 under ZeRO-3 ("auto" precision filled from model.dtype): with the fp32 master copy of each
     shard, 6 steps of +/- eps round trips at lr 0 leave every weight bit for bit where it started."""
     out = tmp_path / "run"
-    cmd = [*torchrun(29637), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out),
+    cmd = [*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out),
            "model.dtype=bfloat16", "optim.master_weights=true", "optim.lr=0", "optim.rule=sgd"]
     launched(cmd, out)
     start = {k: v.to(torch.bfloat16) for k, v in load_file(base_model / "model.safetensors").items()}
@@ -228,7 +236,7 @@ def worker_pids(marker: str) -> dict[int, int]:
 
 def test_killed_rank_ends_the_job_and_the_run_resumes(base_model, tmp_path):
     out = tmp_path / "run"
-    cmd = [*torchrun(29636), "--deepspeed", "ds_configs/zero3.json",
+    cmd = [*torchrun(), "--deepspeed", "ds_configs/zero3.json",
            *overrides(base_model, out, steps=100_000, save_every=5)]
     log = open(tmp_path / "run.log", "w")
     job = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,

@@ -68,12 +68,11 @@ class DistributedRuntime(Runtime):
         return out
 
     def check_same(self, value: int, what: str) -> None:
-        low = torch.tensor([value], dtype=torch.int64, device=self.device)
-        high = -low.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        dist.all_reduce(high, op=dist.ReduceOp.MIN)  # min of -x: -max
-        if int(low) != -int(high):
-            raise RuntimeError(f"{what} differs across ranks (from {int(low)} to {-int(high)}): the ranks have "
+        low_and_minus_high = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(low_and_minus_high, op=dist.ReduceOp.MIN)  # [min x, -max x] in one collective
+        low, high = int(low_and_minus_high[0]), -int(low_and_minus_high[1])
+        if low != high:
+            raise RuntimeError(f"{what} differs across ranks (from {low} to {high}): the ranks have "
                                "desynchronized (different configs or code on different ranks?)")
 
     def barrier(self) -> None:

@@ -157,7 +157,8 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             save_checkpoint(checkpoint_dir, model, tokenizer, optimizer_state, schedule, state, model_state=weights)
         runtime.barrier()  # no rank goes on (or exits) before the checkpoint is whole
 
-    n_params = sum(s.shape.numel() for s in optimizer.local_shards())
+    # ZeRO-3 parameters are empty placeholders: ds_numel is their full size
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     log.info("model %s (%s, %.1fM trainable), task %s: %d train / %d dev / %d eval examples; %s runtime, %d rank(s)",
              cfg.model.name, cfg.model.dtype, n_params / 1e6, cfg.task.name, len(train_enc), len(dev_ex),
              len(eval_enc), runtime.name, runtime.world_size)

@@ -16,12 +16,10 @@ import torch
 
 from zo_scale.backends.runtime import Runtime
 from zo_scale.core.optimizer import ZOOptimizer
-from zo_scale.core.shards import ParamShard
 
 
-def _is_per_element(optimizer: ZOOptimizer, key: str, value: Any, shard: ParamShard) -> bool:
-    return key in optimizer.per_element_keys and isinstance(value, torch.Tensor) and value.dim() == 1 \
-        and value.numel() == shard.flat.numel()
+def _is_per_element(optimizer: ZOOptimizer, key: str, value: Any) -> bool:
+    return key in optimizer.per_element_keys and isinstance(value, torch.Tensor) and value.dim() == 1
 
 
 def consolidate(optimizer: ZOOptimizer, runtime: Runtime) -> dict[str, Any] | None:
@@ -29,7 +27,7 @@ def consolidate(optimizer: ZOOptimizer, runtime: Runtime) -> dict[str, Any] | No
     local = optimizer.state_dict()
     shards = optimizer.local_shards()
     pieces = {(i, k): (shards[i].offset, v.cpu()) for i, buffers in local["state"].items() for k, v in buffers.items()
-              if _is_per_element(optimizer, k, v, shards[i])}
+              if _is_per_element(optimizer, k, v)}
     gathered = runtime.gather(pieces)
     if gathered is None:
         return None
@@ -50,6 +48,6 @@ def localize(optimizer: ZOOptimizer, full: dict[str, Any]) -> None:
     for i, buffers in full["state"].items():
         shard = shards[int(i)]
         state[i] = {k: v[shard.offset : shard.offset + shard.flat.numel()].clone()
-                    if k in optimizer.per_element_keys and isinstance(v, torch.Tensor) and v.dim() == 1 else v
+                    if _is_per_element(optimizer, k, v) else v
                     for k, v in buffers.items()}
     optimizer.load_state_dict({**full, "state": state})
