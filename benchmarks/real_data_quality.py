@@ -1,4 +1,5 @@
-"""Real-data quality: SmolLM2-135M on SST-2, zero-shot vs after N ZO steps, for ZO-SGD, ZO-Adam and LOZO.
+"""Real-data quality: SmolLM2-135M on SST-2, zero-shot vs after N ZO steps, for ZO-SGD, ZO-Adam and LOZO
+(``--set rules``), or full-parameter ZO vs LoRA ZO (``--set peft``).
 
 Each method runs the real trainer (``zo_scale.train.loop.train``) from the demo config: SmolLM2-135M
 (full parameters, fp32), MeZO's SST-2 template, 512 training sentences from the package sample,
@@ -8,6 +9,7 @@ per step. Accuracy is whatever it is: nothing is tuned against the eval set beyo
 listed in the JSON.
 
     python benchmarks/real_data_quality.py            # 100 steps, 200 eval sentences (~20 min on 2 cores)
+    python benchmarks/real_data_quality.py --set peft # full vs LoRA ZO, same forward budget (~20 min)
     python benchmarks/real_data_quality.py --quick    # 4 steps, 32 eval sentences: a smoke run
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 
 import common
@@ -24,11 +27,20 @@ from zo_scale.train.config import load_config
 from zo_scale.train.loop import train
 from zo_scale.train.metrics import read_metrics
 
-METHODS = {  # on top of the demo config (Rademacher directions, lr 3e-5, eps 1e-3, batch 16)
-    "ZO-SGD (Rademacher)": ["optim.rule=sgd"],
-    "ZO-SGD (Gaussian, MeZO)": ["optim.rule=sgd", "optim.sampler=normal"],
-    "ZO-Adam": ["optim.rule=adam"],
-    "LOZO (r=2, nu=50)": ["optim.rule=sgd", "optim.sampler=lowrank", "optim.rank=2", "optim.resample_every=50"],
+SETS = {  # on top of the demo config (Rademacher directions, lr 3e-5, eps 1e-3, batch 16)
+    "rules": {
+        "ZO-SGD (Rademacher)": ["optim.rule=sgd"],
+        "ZO-SGD (Gaussian, MeZO)": ["optim.rule=sgd", "optim.sampler=normal"],
+        "ZO-Adam": ["optim.rule=adam"],
+        "LOZO (r=2, nu=50)": ["optim.rule=sgd", "optim.sampler=lowrank", "optim.rank=2", "optim.resample_every=50"],
+    },
+    # MeZO's LoRA setting (r=8, alpha=16 on q/v, lr 1e-4, eps 1e-2) and lrs 10x and 100x larger
+    "peft": {
+        "full ZO (lr 3e-5)": [],
+        "LoRA ZO (lr 1e-4)": ["peft.method=lora", "optim.lr=1e-4", "optim.eps=1e-2"],
+        "LoRA ZO (lr 1e-3)": ["peft.method=lora", "optim.lr=1e-3", "optim.eps=1e-2"],
+        "LoRA ZO (lr 1e-2)": ["peft.method=lora", "optim.lr=1e-2", "optim.eps=1e-2"],
+    },
 }
 
 
@@ -36,19 +48,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval", type=int, default=200, help="SST-2 dev sentences evaluated")
+    parser.add_argument("--set", choices=SETS, default="rules", help="which methods to compare")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
     args = parser.parse_args()
     steps, n_eval = (4, 32) if args.quick else (args.steps, args.eval)
-    name = "real_data_quality" + ("_quick" if args.quick else "")
+    name = ("real_data_quality" if args.set == "rules" else f"real_data_{args.set}") + ("_quick" if args.quick else "")
+    methods = SETS[args.set]
     if args.plot_only:
         saved = json.loads((common.RESULTS_DIR / f"{name}.json").read_text())
         plot(name, saved["results"], saved["settings"]["steps"], saved["settings"]["eval_examples"])
         return
     results = {}
-    for method, overrides in METHODS.items():
+    for method, overrides in methods.items():
         slug = "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
         out_dir = common.RESULTS_DIR / "runs" / f"{name}-{slug}"
+        shutil.rmtree(out_dir, ignore_errors=True)  # a checkpoint left there would resume instead of training
         cfg = load_config(DEMO_CONFIG, [*overrides, f"run.steps={steps}", f"task.num_eval={n_eval}",
                                         "run.eval_every=0", "run.progress=false", f"run.output_dir={out_dir}"])
         start = time.perf_counter()
@@ -63,7 +78,7 @@ def main() -> None:
         print(f"{method}: {100 * summary['zero_shot_accuracy']:.1f}% -> {100 * summary['final_accuracy']:.1f}% "
               f"in {steps} steps, {wall:.0f} s")
 
-    settings = {"base": str(DEMO_CONFIG), "steps": steps, "eval_examples": n_eval, "methods": METHODS,
+    settings = {"base": str(DEMO_CONFIG), "steps": steps, "eval_examples": n_eval, "methods": methods,
                 "time_per_step": "wall_s includes model load, two evals and checkpointing"}
     common.write_json(name, settings, results)
     plot(name, results, steps, n_eval)

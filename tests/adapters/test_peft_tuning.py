@@ -19,6 +19,7 @@ from zo_scale.adapters.peft_tuning import (
 )
 from zo_scale.core.shards import canonical_name
 from zo_scale.models import load_model
+from zo_scale.models.tiny import learnable_token_batch
 
 ARCHS = ("tiny-opt", "tiny-llama")
 STEPS = 50
@@ -28,19 +29,7 @@ HYPERPARAMS = {"lora": (0.1, 1e-2, 0.1), "prefix": (20.0, 1e-1, 0.1), "prompt": 
 ADAPTER_MARK = {"lora": ".lora_", "prefix": "prompt_encoder.", "prompt": "prompt_encoder."}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine extra threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def token_batch(seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    vocab = torch.randperm(256, generator=g)[:8] + 3  # 8 byte tokens (ids 0-2 are pad/bos/eos)
-    return vocab[torch.randint(0, 8, (4, 32), generator=g)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def adapted(arch: str, method: str, **kw) -> torch.nn.Module:
@@ -78,7 +67,7 @@ def test_zo_trains_the_adapter_and_leaves_the_base_bitwise_unchanged(arch, metho
     adapter_before = {n: p.detach().clone() for n, p in trainable}
 
     lr, eps, least_drop = HYPERPARAMS[method]
-    ids = token_batch()
+    ids = learnable_token_batch()
     optimizer = ZOSGD(trainable, lr=lr, eps=eps, seed=0)
     losses = [optimizer.step(lambda: lm_loss(model, ids)) for _ in range(STEPS)]
 
@@ -108,7 +97,7 @@ def test_lora_default_dropout_makes_train_mode_forwards_repeatable():
     model = adapted("tiny-opt", "lora")
     randomize_adapter(model)  # with B = 0 the LoRA branch (and its dropout) would not show in the output
     model.train()
-    ids = token_batch()
+    ids = learnable_token_batch()
     assert torch.equal(lm_loss(model, ids), lm_loss(model, ids))
 
 
@@ -127,7 +116,7 @@ def test_method_none_returns_the_model_with_every_parameter_trainable():
 
 @pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
 def test_saved_adapter_reloads_onto_a_fresh_base_with_identical_logits(method, tmp_path):
-    arch, ids = "tiny-llama", token_batch()
+    arch, ids = "tiny-llama", learnable_token_batch()
     model = adapted(arch, method)
     randomize_adapter(model)
     expected = logits(model, ids)
@@ -144,7 +133,7 @@ def test_saved_adapter_reloads_onto_a_fresh_base_with_identical_logits(method, t
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_merge_and_export_saves_a_plain_model_with_the_adapted_logits(arch, tmp_path):
-    ids = token_batch()
+    ids = learnable_token_batch()
     model = adapted(arch, "lora")
     randomize_adapter(model)
     expected = logits(model, ids)

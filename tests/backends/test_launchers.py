@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from zo_scale.adapters.peft_tuning import PeftSettings, apply_peft
 from zo_scale.models import load_model
 from zo_scale.train.cli import main as cli_main
 from zo_scale.train.config import load_config
@@ -168,6 +169,48 @@ def test_cpu_offload_equals_zero3(base_model, zero3_run, tmp_path):
     cmd = [*torchrun(), "--deepspeed", "ds_configs/zero3_offload_cpu.json",
            *overrides(base_model, tmp_path / "run")]
     assert_same_run(launched(cmd, tmp_path / "run"), zero3_run)
+
+
+def test_zero3_lora_replicates_the_adapter_and_matches_one_process(base_model, tmp_path):
+    """The adapter is an ordinary tensor on each rank over the partitioned base (see trainable.py):
+    both ranks apply the same update, and the run follows the 1-process one."""
+    lora = ["peft.method=lora", "optim.lr=0.1", "optim.eps=1e-2"]
+    ref = tmp_path / "single"
+    train(load_config(None, [*overrides(base_model, ref), *lora]))
+    out = launched([*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, tmp_path / "run"),
+                    *lora], tmp_path / "run")
+    assert json.loads((out / "summary.json").read_text())["runtime"] == "zero3"
+    assert torch.allclose(torch.tensor(train_losses(out)), torch.tensor(train_losses(ref)), rtol=1e-5, atol=0)
+    got, want = (load_file(r / "checkpoint" / "adapter" / "adapter_model.safetensors") for r in (out, ref))
+    assert got.keys() == want.keys() and any(".lora_B." in k for k in want)
+    start = apply_peft(load_model(str(base_model))[0], PeftSettings(method="lora"), seed=0)  # run.seed is 0
+    initial = {k.replace(".default.", "."): v for k, v in start.state_dict().items() if ".lora_" in k}
+    for name in want:
+        moved = (want[name] - initial[name]).abs().max()
+        assert moved > 0, f"{name} did not move in the reference run"
+        assert (got[name] - want[name]).abs().max() <= 0.01 * moved, name
+    assert not (out / "checkpoint" / "model").exists()  # only the adapter: the base never left its partitions
+
+
+def test_zero3_hybrid_matches_one_process_and_resumes_on_as_many_ranks(base_model, base_weights, tmp_path, capsys):
+    """Hybrid k=1 under ZeRO-3: DeepSpeed's optimizer owns the FO partitions (last block, final norm,
+    untied head), ZO the rest. The run follows the 1-process hybrid run; a checkpoint (with DeepSpeed's
+    per-rank FO state) resumes on 2 ranks onto the same weights, and refuses 1."""
+    hybrid = ["hybrid.fo_layers=1", "hybrid.fo_lr=1e-3"]
+    ref = tmp_path / "single"
+    train(load_config(None, [*overrides(base_model, ref), *hybrid]))
+    zero3 = [*torchrun(), "--deepspeed", "ds_configs/zero3.json"]
+    out = launched([*zero3, *overrides(base_model, tmp_path / "run"), *hybrid], tmp_path / "run")
+    assert_close_run(out, ref, base_weights)
+    assert sorted(p.name for p in (out / "checkpoint").glob("fo_optimizer*")) == [
+        "fo_optimizer.rank0.pt", "fo_optimizer.rank1.pt"]
+
+    split = tmp_path / "split"
+    launched([*zero3, *overrides(base_model, split, steps=STEPS // 2), *hybrid], split)
+    launched([*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, split), *hybrid], split)
+    assert_same_run(split, out)
+    code = cli_main(["train", *overrides(base_model, split, steps=STEPS + 2), *hybrid])  # 1 rank: refused
+    assert code == 2 and "FO optimizer state of a hybrid run under ZeRO-3" in capsys.readouterr().err
 
 
 def aio_unavailable_reason() -> str | None:

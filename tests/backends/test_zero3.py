@@ -17,10 +17,7 @@ references run here. What each check pins down:
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +26,7 @@ import torch
 from zo_scale.core.optimizer import StepRecord
 
 sys.path.insert(0, str(Path(__file__).parent))
+from two_ranks import launch_two_ranks  # noqa: E402
 from zero3_cases import MODELS, build_model, fixed_batch, make_optimizer  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
@@ -75,21 +73,8 @@ def test_load_config_refuses_what_would_undo_or_hide_zo_updates():
 @pytest.fixture(scope="module")
 def zero3_runs(tmp_path_factory):
     """Launch the 2-rank worker once for all cases; returns {case: saved results} and the launch time."""
-    tmp = tmp_path_factory.mktemp("zero3")
-    models, out = tmp / "models", tmp / "out"
-    out.mkdir()
-    for name in {case.split(":")[0] for case in CASES}:
-        build_model(name).save_pretrained(models / name)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
-           "--model-dir", str(models), "--out", str(out), "--config", str(CONFIG), "--steps", str(STEPS), *CASES]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 ranks on 2 cores
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=ROOT)
-    elapsed = time.perf_counter() - start
-    assert proc.returncode == 0, f"2-rank ZeRO-3 run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n" \
-                                 f"{proc.stderr[-8000:]}"
-    results = {case: torch.load(out / f"{case.replace(':', '_')}.pt", weights_only=True) for case in CASES}
-    return results, elapsed
+    return launch_two_ranks(WORKER, CASES, build_model, tmp_path_factory.mktemp("zero3"),
+                            ["--config", str(CONFIG), "--steps", str(STEPS)], timeout_s=LAUNCH_TIMEOUT_S)
 
 
 def reference(model_name: str, opt_name: str, records: list[dict] | None = None) -> tuple[list[float], dict]:

@@ -12,19 +12,18 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import os
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
 from zo_scale.backends import zero3
 
 sys.path.insert(0, str(Path(__file__).parent))
+from two_ranks import leave_worker  # noqa: E402
 from zero3_cases import BATCH, fixed_batch, make_optimizer  # noqa: E402
 
 # DeepSpeed calls torch.distributed.all_gather_into_tensor, which this torch marks deprecated: noise.
@@ -89,14 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     for case in args.cases:
         run_case(case, args.model_dir, args.steps, args.out, args.config)
-    dist.barrier()
-    dist.destroy_process_group()
-    # Everything is saved and the group is gone. A finished ZeRO-3 rank has been seen to abort in
-    # interpreter teardown ('terminate called without an active exception', C++ threads destroyed
-    # still joinable); leaving without the teardown keeps that from failing a run that succeeded.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_worker()
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ TINY = ["model.name=tiny-llama", "task.name=sst2-demo", "task.num_train=32", "ta
 def run_cli(tmp_path):
     """Run ``zo-scale`` in-process; returns (exit code, output dir)."""
 
-    def run(*args, command="train", out="run"):
+    def run(*args, command="train", out="run", flags=()):
         out_dir = tmp_path / out
-        code = main([command, *TINY, f"run.output_dir={out_dir}", *args])
+        code = main([command, *flags, *TINY, f"run.output_dir={out_dir}", *args])
         return code, out_dir
 
     return run

@@ -33,6 +33,7 @@ MeZO's suggested hyperparameters (Malladi et al., 2023, OPT models): LoRA (r=8, 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,10 +131,11 @@ def apply_peft(model: PreTrainedModel, settings: PeftSettings, seed: int | None 
             raise ValueError("target_modules applies to method 'lora' only, not 'none'")
         return model
     config = _peft_config(model, settings)
-    if seed is None:
-        return get_peft_model(model, config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None), warnings.catch_warnings():
+        if seed is not None:
+            torch.manual_seed(seed)
+        # peft asks the model a question transformers 5 renamed: a deprecation warning per call, not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
 
 

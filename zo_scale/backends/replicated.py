@@ -6,6 +6,11 @@ step's seed and applies the same update to its own full copy. Ranks exchange a f
 a step instead of a first-order step's full gradient, and the copies stay bitwise identical
 because each rank performs the same float operations on the same numbers.
 
+Hybrid ZO-FO (:mod:`zo_scale.train.hybrid`): the FO part is ordinary data parallelism. Each rank
+backpropagates its micro-batch and :meth:`DistributedRuntime.average_gradients` averages the FO
+gradients (and the FO loss, in the same buffer) in one all-reduce of a flat fp32 bucket, so the
+FO optimizers on every rank see the same gradient and the copies stay identical.
+
 Works under any launcher that sets torch.distributed's env (``torchrun``, ``deepspeed`` with a
 ZeRO stage 0-2 config, ``accelerate launch``): ZeRO stages 1 and 2 partition optimizer states and
 gradients, which ZO does not have, so under ZO they mean the same as this.
@@ -13,7 +18,9 @@ gradients, which ZO does not have, so under ZO they mean the same as this.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -56,6 +63,27 @@ class DistributedRuntime(Runtime):
         self._sent += buffer.numel() * buffer.element_size()
         dist.all_reduce(buffer)
         return buffer.div_(self.world_size).to(losses.device)
+
+    def average_gradients(self, params: Sequence[torch.Tensor], scalars: Sequence[float] = ()) -> list[float]:
+        """Mean over ranks of every ``p.grad`` (in place) and of ``scalars``: one all-reduce of one flat bucket.
+
+        Bucket layout: [grad_0.flatten(), grad_1.flatten(), ..., scalars], in fp32 (or a wider gradient
+        dtype): bf16 gradients are summed in fp32 and rounded once on the way back. Parameters without
+        a gradient are left out: every rank runs the same graph, so the same ones are missing
+        everywhere. Costs one fp32 copy of the FO gradients while it runs.
+        """
+        grads = [p.grad for p in params if p.grad is not None]
+        dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)
+        bucket = torch.cat([*(g.reshape(-1).to(self.device, dtype) for g in grads),
+                            torch.tensor(list(scalars), dtype=dtype, device=self.device)])
+        self._sent += bucket.numel() * bucket.element_size()
+        dist.all_reduce(bucket)
+        bucket.div_(self.world_size)
+        start = 0
+        for g in grads:  # [start, start + numel) of the bucket is this gradient
+            g.copy_(bucket[start : start + g.numel()].view_as(g))
+            start += g.numel()
+        return bucket[start:].tolist()
 
     def sum(self, values: list[float]) -> list[float]:
         buffer = torch.tensor(values, dtype=torch.float64, device=self.device)

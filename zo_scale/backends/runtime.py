@@ -7,13 +7,20 @@ checkpoint. :class:`Runtime` itself is one process holding the whole model; ``re
 rank holds the whole model, torch.distributed) and ``zero3`` (DeepSpeed partitions) are in their own
 modules, and :mod:`zo_scale.train.select_runtime` picks one from the config and the launcher's environment.
 
+First-order (FO) hooks, for the hybrid ZO-FO optimizer (:mod:`zo_scale.train.hybrid`), where a few
+blocks train by backprop: :meth:`Runtime.fo_forward`, :meth:`Runtime.fo_backward` (backward, then
+:meth:`Runtime.average_gradients`), :meth:`Runtime.fo_step` and :meth:`Runtime.fo_zero_grad`. Here they
+are plain torch (``loss.backward()``, ``fo.step()``); replicated averages the gradients in one
+all-reduce; ZeRO-3 hands backward and step to the DeepSpeed engine, which owns the FO partitions.
+
 Every method here is called by every rank at the same point: the distributed ones are collectives.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +42,8 @@ class Runtime:
 
     @property
     def comm_bytes(self) -> int:
-        """Bytes this rank has sent in the ZO optimizer's own collectives (the loss all-reduces)."""
+        """Bytes this rank has handed to the optimizers' own collectives (the ZO loss all-reduces and, for a
+        hybrid run, the FO gradient reduction)."""
         return 0
 
     def load_model(self, load: Callable[[], ModelAndTokenizer]) -> ModelAndTokenizer:
@@ -64,6 +72,40 @@ class Runtime:
 
     def barrier(self) -> None:
         """Wait for every rank."""
+
+    # -- first-order hooks (hybrid ZO-FO) ----------------------------------------------------------
+    def fo_forward(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``loss_fn()`` with autograd on: the FO forward, whose graph :meth:`fo_backward` consumes."""
+        with torch.enable_grad():
+            return loss_fn()
+
+    def fo_backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> float:
+        """Backward of this rank's ``loss`` (0-dim), then the gradients of ``params`` averaged over ranks.
+
+        Returns the loss averaged over ranks. When that is not finite, the gradients are dropped
+        (``.grad = None``) on every rank alike, so the caller skips the FO update with no rank out of step.
+        """
+        loss.backward()
+        (mean,) = self.average_gradients(params, [float(loss.detach())])  # float(): a host sync
+        if not math.isfinite(mean):
+            for p in params:
+                p.grad = None
+        return mean
+
+    def average_gradients(self, params: Sequence[torch.Tensor], scalars: Sequence[float] = ()) -> list[float]:
+        """Average ``p.grad`` over data-parallel ranks in place, and ``scalars`` with them; returns the
+        averaged scalars. One process: nothing to average."""
+        del params
+        return [float(x) for x in scalars]
+
+    def fo_step(self, fo: torch.optim.Optimizer) -> None:
+        """Apply the FO update from the (averaged) gradients and clear them."""
+        fo.step()
+        fo.zero_grad(set_to_none=True)
+
+    def fo_zero_grad(self, fo: torch.optim.Optimizer) -> None:
+        """Drop the FO gradients without an update (a skipped step)."""
+        fo.zero_grad(set_to_none=True)
 
     def close(self) -> None:
         """Release the process group (after a barrier, so no rank tears it down under a peer)."""

@@ -23,10 +23,26 @@ is zero3)::
     state = runtime.full_state_dict(model)                      # full weights on rank 0
     runtime.close()
 
-No DeepSpeed optimizer: one would keep an fp32 master copy of each partition and write it back
-over ``ds_tensor`` at ``engine.step()``, undoing the ZO updates. ``deepspeed.initialize`` with a
-config that has no ``optimizer`` section builds a ``DeepSpeedZeRoOffload`` instead: only the
-parameter fetch/release hooks, nothing that writes the partitions.
+No DeepSpeed optimizer for the ZO parameters: one would keep an fp32 master copy of each partition
+and write it back over ``ds_tensor`` at ``engine.step()``, undoing the ZO updates.
+``deepspeed.initialize`` with a config that has no ``optimizer`` section builds a
+``DeepSpeedZeRoOffload`` instead: only the parameter fetch/release hooks, nothing that writes the partitions.
+
+Hybrid ZO-FO (:mod:`zo_scale.train.hybrid`): the last k blocks train by backprop. ``load_model(load,
+fo_parameters=..., fo_optimizer_factory=...)`` hands DeepSpeed a torch optimizer over the FO parameters only
+(built in code; the JSON still has no ``optimizer`` section), so the engine becomes DeepSpeed's ZeRO-3
+optimizer (``DeepSpeedZeroOptimizer_Stage3``) and its fp32 master copy, gradient partitions and
+``engine.step()`` cover the FO partitions alone. The two optimizers own disjoint partitions: ZO edits
+the ``ds_tensor`` of its parameters in place, DeepSpeed writes only the FO ones. The FO pass goes
+through the engine (:meth:`Zero3Runtime.fo_forward`, ``engine.backward``, ``engine.step``), whose
+backward reduce-scatters (averages) the FO gradients over the ranks::
+
+    model, tok = runtime.load_model(load, fo_parameters=lambda m: split_fo_parameters(m, k)[0],
+                                    fo_optimizer_factory=lambda named: make_fo_optimizer(named, lr=1e-4))
+    fo_named, zo_named = split_fo_parameters(model, k)           # the same split again
+    zo = ZOSGD(zo_named, lr=1e-6, **runtime.optimizer_kwargs())
+    opt = HybridOptimizer(zo, runtime.fo_optimizer, [p for _, p in fo_named], runtime)
+    loss = opt.step(lambda: model(**micro_batch).loss)
 """
 
 from __future__ import annotations
@@ -34,8 +50,9 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,15 +62,17 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+from deepspeed.runtime.utils import register_output_backward_hooks
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from transformers.integrations import HfDeepSpeedConfig
 
 from zo_scale.backends.replicated import DistributedRuntime
 from zo_scale.backends.runtime import ModelAndTokenizer
-from zo_scale.core.shards import ParamShard, stream_id
+from zo_scale.core.shards import ParamShard, stream_id, whole_param_shard
 
 # DeepSpeed's JIT-built CPU shared-memory all-reduce kernel (op_builder/cpu/comm.py). Only AutoTP
 # inference's inference_all_reduce uses it; ZeRO-3's all-gathers and our loss all-reduce go through
@@ -61,6 +80,7 @@ from zo_scale.core.shards import ParamShard, stream_id
 _SHM_OP = "deepspeed_shm_comm"
 
 PathOrConfig = str | os.PathLike[str] | Mapping[str, Any]
+NamedParams = list[tuple[str, torch.nn.Parameter]]
 
 
 # -- process group -------------------------------------------------------------------------------
@@ -138,6 +158,31 @@ def load_config(config: PathOrConfig) -> dict[str, Any]:
     return cfg
 
 
+def hybrid_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine config of a hybrid ZO-FO run: ``config`` (checked by :func:`load_config`) with
+
+    - ``zero_allow_untested_optimizer``: the FO optimizer comes from code, not the JSON (which still
+      has no ``optimizer`` section); torch's SGD is not on DeepSpeed's list of ZeRO-tested optimizers,
+      but like AdamW it is elementwise on the flat fp32 partitions;
+    - ``stage3_prefetch_bucket_size`` and ``stage3_max_reuse_distance`` 0: DeepSpeed records the module
+      order of one forward+backward (the FO pass) as its trace and then, in every forward, keeps a
+      gathered parameter when the trace says it is used again soon, and prefetches what the trace
+      says comes next. After a ZO forward the trace's next modules are the FO backward's: the tied
+      embedding and the FO blocks would stay gathered (or be prefetched) while the ZO sweep edits
+      their partitions, and the next forward would read the stale gathered copy (:func:`zero3_shard`
+      refuses). With both 0 every module's parameters are gathered on demand and released right
+      after it runs; the cost is no overlap of all-gathers with compute.
+    """
+    cfg = copy.deepcopy(dict(config))
+    cfg["zero_allow_untested_optimizer"] = True
+    zero = cfg["zero_optimization"]
+    zero["stage3_prefetch_bucket_size"] = 0
+    zero["stage3_max_reuse_distance"] = 0
+    for alias in ("prefetch_bucket_size", "max_reuse_distance"):  # DeepSpeed accepts both spellings
+        zero.pop(alias, None)
+    return cfg
+
+
 # -- the core's two hooks --------------------------------------------------------------------------
 def zero3_shard(param: torch.Tensor, name: str) -> ParamShard:
     """The core's view of rank r's partition of a ZeRO-3 parameter (``ZOOptimizer(shard_fn=...)``).
@@ -149,10 +194,13 @@ def zero3_shard(param: torch.Tensor, name: str) -> ParamShard:
     With NVMe parameter offload the partition lives in a file between forwards: it is swapped into
     one of DeepSpeed's buffers here, and the shard's ``release`` writes it back to NVMe and frees the
     buffer, so the optimizer holds one swapped-in partition at a time.
+
+    A parameter DeepSpeed does not manage (no ``ds_tensor``: e.g. a PEFT adapter added after
+    ``deepspeed.initialize``) is replicated: its shard is the whole tensor, and every rank applies
+    the same update to its copy.
     """
-    if not hasattr(param, "ds_tensor"):
-        raise ValueError(f"parameter {name!r} is not a ZeRO-3 parameter (not built under zero.Init or "
-                         "deepspeed.initialize)")
+    if not hasattr(param, "ds_tensor"):  # added after partitioning (a PEFT adapter): the same tensor on every rank
+        return whole_param_shard(param, name)
     if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
         # A gathered full copy (in a forward, a GatheredParameters block, or a persistent parameter)
         # is what the forward reads; editing the partition under it would silently be lost.
@@ -184,9 +232,10 @@ class Zero3Runtime(DistributedRuntime):
     """Data parallel over ZeRO-3 partitions: each rank holds and updates 1/world of every parameter.
 
     ``config``: a DeepSpeed config (path or mapping), checked by :func:`load_config`. ``engine``
-    (after :meth:`load_model`) is the DeepSpeedEngine; ``hf_config`` is kept alive because
-    transformers reaches it through a weak reference, and its ZeRO-3 code paths (from_pretrained,
-    resize_token_embeddings, generate) only run while it lives.
+    (after :meth:`load_model`) is the DeepSpeedEngine; ``fo_optimizer`` is DeepSpeed's ZeRO-3
+    optimizer over the FO parameters of a hybrid run (None for pure ZO); ``hf_config`` is kept alive
+    because transformers reaches it through a weak reference, and its ZeRO-3 code paths
+    (from_pretrained, resize_token_embeddings, generate) only run while it lives.
     """
 
     name = "zero3"
@@ -197,9 +246,15 @@ class Zero3Runtime(DistributedRuntime):
         super().__init__(backend or get_accelerator().communication_backend_name(), timeout_s)
         self.hf_config = HfDeepSpeedConfig(self.config)
         self.engine: Any = None
+        self.fo_optimizer: DeepSpeedZeroOptimizer_Stage3 | None = None
 
-    def load_model(self, load: Callable[[], ModelAndTokenizer]) -> ModelAndTokenizer:
-        """Construct the model partitioned at construction, then wrap it in an engine without optimizer.
+    def load_model(
+        self,
+        load: Callable[[], ModelAndTokenizer],
+        fo_parameters: Callable[[torch.nn.Module], Sequence[tuple[str, torch.nn.Parameter]]] | None = None,
+        fo_optimizer_factory: Callable[[NamedParams], torch.optim.Optimizer] | None = None,
+    ) -> ModelAndTokenizer:
+        """Construct the model partitioned at construction, then wrap it in an engine.
 
         ``load`` runs while the ``HfDeepSpeedConfig`` is alive, so transformers' ``from_pretrained``
         / ``from_config`` construct each parameter inside ``deepspeed.zero.Init`` and no rank ever
@@ -210,16 +265,103 @@ class Zero3Runtime(DistributedRuntime):
         ``from_config`` under ZeRO-3 initialises module by module on rank 0 (transformers'
         ``initialize_weights_zero3``), so the same seed gives other random weights than without
         ZeRO-3: to compare runs, start both from saved weights (``from_pretrained``).
+
+        Pure ZO (``fo_parameters`` None, or it returns nothing): an engine without optimizer, i.e.
+        DeepSpeed's hook-only ``DeepSpeedZeRoOffload``. Hybrid: ``fo_parameters(model)`` names the FO
+        parameters (e.g. ``split_fo_parameters(m, k)[0]``) and ``fo_optimizer_factory(those)`` builds a
+        torch optimizer over exactly them; DeepSpeed wraps it in its ZeRO-3 optimizer (``self.fo_optimizer``),
+        which owns only the FO partitions. Every other parameter is frozen while the engine is built,
+        so DeepSpeed hooks no gradient reduction onto it, and gets its ``requires_grad`` back after.
+        The engine is configured by :func:`hybrid_config` (no prefetch, no reuse-distance retention).
         """
         model, tokenizer = load()
-        self.engine, *_ = deepspeed.initialize(model=model, config=self.config)
-        if not isinstance(self.engine.optimizer, DeepSpeedZeRoOffload):
-            kind = type(self.engine.optimizer).__name__
-            raise RuntimeError(f"expected DeepSpeed's hook-only ZeRO-3 wrapper, got {kind}")
-        return self.engine.module, tokenizer  # the hooks are on the module: calling it gathers
+        fo_named = list(fo_parameters(model)) if fo_parameters is not None else []
+        if not fo_named:
+            self.engine, *_ = deepspeed.initialize(model=model, config=self.config)
+            if not isinstance(self.engine.optimizer, DeepSpeedZeRoOffload):
+                kind = type(self.engine.optimizer).__name__
+                raise RuntimeError(f"expected DeepSpeed's hook-only ZeRO-3 wrapper, got {kind}")
+            return self.engine.module, tokenizer  # the hooks are on the module: calling it gathers
+        if fo_optimizer_factory is None:
+            raise ValueError("fo_parameters needs fo_optimizer_factory: a function from the FO (name, param) list to a "
+                             "torch optimizer over exactly those parameters")
+        client = fo_optimizer_factory(fo_named)
+        fo_ids = {id(p) for _, p in fo_named}
+        if {id(p) for g in client.param_groups for p in g["params"]} != fo_ids:
+            raise ValueError("fo_optimizer_factory must return an optimizer over exactly the FO parameters: "
+                             "DeepSpeed's ZeRO-3 optimizer writes every partition it owns at engine.step()")
+        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in fo_ids]
+        for p in frozen:
+            p.requires_grad_(False)
+        config = hybrid_config(self.config)
+        try:
+            self.engine, *_ = deepspeed.initialize(model=model, optimizer=client,
+                                                   model_parameters=[p for _, p in fo_named], config=config)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        if not isinstance(self.engine.optimizer, DeepSpeedZeroOptimizer_Stage3):
+            raise RuntimeError(f"expected DeepSpeed's ZeRO-3 optimizer, got {type(self.engine.optimizer).__name__}")
+        self.fo_optimizer = self.engine.optimizer
+        return self.engine.module, tokenizer
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         return {"shard_fn": zero3_shard, "loss_reduce": self.mean}
+
+    # -- first-order hooks: the FO pass goes through the engine -----------------------------------
+    def _engine_optimizer(self, fo: Any = None) -> DeepSpeedZeroOptimizer_Stage3:
+        if self.fo_optimizer is None:
+            raise RuntimeError("no FO optimizer: load the model with load_model(load, fo_parameters=..., "
+                               "fo_optimizer_factory=...) for a hybrid ZO-FO run under ZeRO-3")
+        if fo is not None and fo is not self.fo_optimizer:
+            raise ValueError("under ZeRO-3 the FO optimizer must be runtime.fo_optimizer (DeepSpeed's, which owns "
+                             f"the FO partitions), got {type(fo).__name__}")
+        return self.fo_optimizer
+
+    def fo_forward(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``loss_fn()`` (which calls the module, not the engine) with the bookkeeping ``engine.forward``
+        adds around the module call in DeepSpeed 0.19.8: reset the optimizer's backward-hook counters
+        before, and hook the engine's backward prologue onto the output (timers, the gradient-accumulation
+        boundary, entering the backward context the gradient hooks count in). ``engine.backward`` flushes
+        the last reduce bucket itself, so in the tested setup (fp32, no accumulation) the weights come
+        out the same without this (checked on 2 CPU ranks); it is kept so DeepSpeed sees the call
+        sequence ``engine(...)`` produces. ``_backward_prologue`` is private: DeepSpeed is pinned."""
+        self._engine_optimizer().clear_backward_seen_flag()
+        with torch.enable_grad():
+            loss = loss_fn()
+        register_output_backward_hooks(loss, preprocess_once_fn=self.engine._backward_prologue)
+        return loss
+
+    def fo_backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> float:
+        """The loss averaged over ranks (one float64 all-reduce); if it is finite, ``engine.backward(loss)``,
+        whose gradient hooks reduce-scatter the mean gradient into each rank's fp32 FO partitions.
+
+        A non-finite mean skips the backward on every rank: nothing is accumulated, nothing to undo.
+        """
+        self._engine_optimizer()
+        (mean,) = self.mean(torch.tensor([float(loss.detach())], dtype=torch.float64)).tolist()
+        if math.isfinite(mean):
+            self.engine.backward(loss)
+            # the full gradients handed to DeepSpeed's reduce-scatter, in the parameters' dtype
+            self._sent += sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
+        return mean
+
+    def average_gradients(self, params: Sequence[torch.Tensor], scalars: Sequence[float] = ()) -> list[float]:
+        """The mean of ``scalars`` over ranks only: under ZeRO-3 the FO gradients never sit whole in
+        ``p.grad``; ``engine.backward`` reduce-scatters (averages) them into the partitions."""
+        del params
+        if not scalars:
+            return []
+        return self.mean(torch.tensor(list(scalars), dtype=torch.float64)).tolist()
+
+    def fo_step(self, fo: torch.optim.Optimizer) -> None:
+        """``engine.step()``: the FO update on this rank's fp32 partitions, copied into their ``ds_tensor``."""
+        self._engine_optimizer(fo)
+        self.engine.step()
+
+    def fo_zero_grad(self, fo: torch.optim.Optimizer) -> None:
+        """Clear the engine's FO gradients (empty after a skipped backward; kept for symmetry)."""
+        self._engine_optimizer(fo).zero_grad(set_to_none=True)
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """Full parameters by name (tied ones once) as CPU copies on rank 0, gathered one at a time."""

@@ -1,12 +1,21 @@
-"""`load_model`: one entry point for built-in models, local folders and hub ids."""
+"""`load_model`: one entry point for built-in models, local folders and hub ids, optionally quantized."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from zo_scale.models.quantized import (
+    bnb_config,
+    check_quantization,
+    keep_4bit_layout,
+    quiet_int8_cast_warning,
+    saved_quantization,
+)
 from zo_scale.models.smollm2 import SMOLLM2_NAME, smollm2_folder
 from zo_scale.models.tiny import TINY_ARCHS, build_byte_tokenizer, build_tiny_model
 
@@ -24,7 +33,8 @@ _DTYPES = {
 
 
 class ModelLoadError(ValueError):
-    """A model that cannot be loaded: not built in, and not a loadable local folder or hub id."""
+    """A model that cannot be loaded: not built in and not a loadable local folder or hub id, or asked for
+    with settings it cannot take (an unknown quantization, one that contradicts the saved checkpoint)."""
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -35,8 +45,37 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}") from None
 
 
+def _checkpoint_quantization(weights: str | Path) -> str:
+    """The quantization a ``save_pretrained`` folder was written in ('none' if it has no config.json)."""
+    config_file = Path(weights) / "config.json"
+    if not config_file.is_file():
+        return "none"  # from_pretrained reports the missing folder or file in its own words
+    try:
+        return saved_quantization(json.loads(config_file.read_text()).get("quantization_config"))
+    except ValueError as err:
+        raise ModelLoadError(f"cannot load weights from {weights}: {err}") from None
+
+
+def _from_pretrained(
+    source: str | Path, torch_dtype: torch.dtype, quantization: str, device: str, prequantized: bool = False
+) -> PreTrainedModel:
+    if quantization == "none":
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    # bitsandbytes quantizes while loading, onto the device named here (its layers cannot be moved by
+    # .to() afterwards); `dtype` is that of the layers it leaves in float (embeddings, norms, lm_head).
+    # A folder saved quantized brings its own quantization_config (transformers would ignore ours, warning;
+    # an explicit quantization_config=None makes it skip the saved one and re-initialise the quantized layers).
+    extra = {} if prequantized else {"quantization_config": bnb_config(quantization, torch_dtype)}
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map={"": device}, **extra)
+
+
 def load_model(
-    name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0, weights: str | Path | None = None
+    name: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+    weights: str | Path | None = None,
+    quantization: str = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for batched forward passes.
 
@@ -44,17 +83,46 @@ def load_model(
     the randomly initialised tiny models. `weights`: a folder saved by ``save_pretrained`` (e.g. a
     checkpoint) to take the weights from instead; the tokenizer still comes from `name`. The model
     comes back in eval mode on `device`; the tokenizer pads on the left and always has a pad token.
+
+    `quantization` ('none', 'int8' or 'nf4'; ``zo_scale.models.QUANTIZATIONS``) loads the base model
+    through bitsandbytes (``pip install 'zo-scale[quant]'``) directly onto `device`: 'int8' is
+    LLM.int8 (row-wise absmax, outlier threshold 6), 'nf4' is 4-bit NormalFloat with blocks of 64,
+    compute in `dtype` and no double quantization; the linear layers are quantized, embeddings, norms
+    and lm_head stay in `dtype`. A tiny built-in model is built, saved to a temporary folder and
+    loaded back quantized. A `weights` folder saved from a quantized model loads as it was saved (its
+    config.json names the quantization and, for NF4, the compute dtype), which must then equal
+    `quantization`. See :mod:`zo_scale.models.quantized` for ZO over the quantized weights.
+    Raises ModelLoadError (a ValueError) for an unknown quantization or a mismatch, and ImportError
+    when bitsandbytes is missing.
     """
     torch_dtype = resolve_dtype(dtype)
+    try:
+        check_quantization(quantization)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
+    saved = "none" if weights is None else _checkpoint_quantization(weights)
+    if saved not in ("none", quantization):
+        raise ModelLoadError(f"weights in {weights} were saved {saved}-quantized; load them with "
+                             f"quantization={saved!r}, not {quantization!r}")
+    if quantization != "none":
+        bnb_config(quantization, torch_dtype)  # ImportError naming the extra before any loading starts
     source = str(smollm2_folder()) if name == SMOLLM2_NAME else name
     try:
         tokenizer = build_byte_tokenizer() if name in TINY_MODELS else AutoTokenizer.from_pretrained(source)
         if weights is not None:
-            model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch_dtype)
+            model = _from_pretrained(weights, torch_dtype, quantization, device, prequantized=saved != "none")
         elif name in TINY_MODELS:
             model = build_tiny_model(TINY_MODELS[name], seed=seed, dtype=torch_dtype)
+            if quantization != "none":
+                # bitsandbytes quantizes in from_pretrained only: go through a folder. The float tensors
+                # stay mapped copy-on-write from its safetensors file, so ZO edits never reach the file
+                # and deleting it is safe (Linux keeps a deleted file's pages while mapped; on systems
+                # that refuse to delete a mapped file the folder is left behind, not an error).
+                with tempfile.TemporaryDirectory(prefix="zo_scale_tiny_", ignore_cleanup_errors=True) as folder:
+                    model.save_pretrained(folder)
+                    model = _from_pretrained(folder, torch_dtype, quantization, device)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+            model = _from_pretrained(source, torch_dtype, quantization, device)
     except (OSError, ValueError) as err:
         reason = next(iter(str(err).strip().splitlines()), type(err).__name__)
         raise ModelLoadError(
@@ -68,4 +136,11 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer
+    if quantization == "none":
+        model = model.to(device)
+    elif quantization == "int8":
+        quiet_int8_cast_warning()
+    else:
+        keep_4bit_layout(model)
+    return model.eval(), tokenizer
+

@@ -83,3 +83,15 @@ def build_tiny_model(
         torch.manual_seed(seed)
         # Built in `dtype` rather than cast afterwards, which keeps the rotary inv_freq buffer in fp32.
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def learnable_token_batch(rows: int = 4, length: int = 32, distinct: int = 8, seed: int = 0) -> torch.Tensor:
+    """Token ids (rows, length) drawn from ``distinct`` byte tokens, for tests that need a falling loss.
+
+    A randomly initialised tiny model predicts all 259 tokens about uniformly (loss ~ ln 259 = 5.56);
+    a batch over the whole vocabulary would leave nothing to learn, a few tokens give the loss a
+    direction to fall in.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vocab = torch.randperm(256, generator=g)[:distinct] + len(SPECIAL_TOKENS)  # byte tokens only
+    return vocab[torch.randint(0, distinct, (rows, length), generator=g)]

@@ -1,6 +1,7 @@
 """The ``zo-scale`` command: ``train``, ``demo`` and ``replay``.
 
     zo-scale train --config my.yaml optim.lr=1e-6 run.steps=1000
+    zo-scale train --config my.yaml --fo-layers 2 hybrid.fo_lr=1e-5   # last 2 blocks by backprop
     zo-scale demo                       # SmolLM2-135M on an SST-2 sample, zero-shot vs fine-tuned
     zo-scale replay runs/x/seedlog.jsonl runs/x/replayed   # rebuild the weights from the seed log
 
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", help="fine-tune with a YAML config and section.key=value overrides")
     p_train.add_argument("--config", type=Path, help="YAML with sections model, task, optim, run")
     p_train.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (same as dist.deepspeed_config=JSON)")
+    p_train.add_argument("--fo-layers", type=int, metavar="K",
+                         help="hybrid ZO-FO: the last K blocks train by backprop, -1 all (same as hybrid.fo_layers=K)")
     p_train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
     p_train.add_argument("overrides", nargs="*", help="e.g. optim.lr=1e-6 run.steps=500")
     p_demo = sub.add_parser("demo", help="ZO fine-tune SmolLM2-135M on an SST-2 sample (~10 min on 2 CPU cores)")
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if getattr(args, "deepspeed", None):
             overrides.append(f"dist.deepspeed_config={args.deepspeed}")
+        if getattr(args, "fo_layers", None) is not None:
+            overrides.append(f"hybrid.fo_layers={args.fo_layers}")
         summary = train(load_config(config_path, overrides))
     except USER_ERRORS as e:
         print(f"zo-scale: error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ class ModelConfig:
     name: str = "tiny-llama"  # built-in name (smollm2-135m, tiny-opt, tiny-llama, tiny-mistral), folder or hub id
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "cpu"
+    quantization: str = "none"  # none | int8 | nf4 (bitsandbytes; with peft.method=none ZO trains the scales)
 
 
 @dataclass
@@ -61,6 +62,29 @@ class OptimConfig:
 
 
 @dataclass
+class PeftConfig:
+    """``peft.*``: train adapters instead of the full weights (:mod:`zo_scale.adapters.peft_tuning`)."""
+
+    method: str = "none"  # none | lora | prefix | prompt
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0  # keep 0: both forwards of a ZO step must see the same function
+    target_modules: list[str] | None = None  # LoRA; None: the architecture's q_proj, v_proj
+    num_virtual_tokens: int = 10  # prefix and prompt
+
+
+@dataclass
+class HybridConfig:
+    """``hybrid.*``: the last ``fo_layers`` blocks train by backprop (:mod:`zo_scale.train.hybrid`)."""
+
+    fo_layers: int = 0  # k: 0 is pure ZO; -1 (or the number of blocks) is pure FO
+    fo_optimizer: str = "adamw"  # adamw | sgd
+    fo_lr: float = 1e-5
+    fo_weight_decay: float = 0.0
+    fo_betas: tuple[float, float] = (0.9, 0.999)  # adamw
+
+
+@dataclass
 class RunConfig:
     steps: int = 100
     batch_size: int = 16  # global: split evenly over the data-parallel ranks
@@ -89,6 +113,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -117,6 +143,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
         if origin in (str, bool) and type(value) is origin:
             return value
+        if origin is list and isinstance(value, list):
+            (arg,) = typing.get_args(option)
+            return [_coerce(v, arg, key) for v in value]
         if origin is tuple and isinstance(value, list | tuple):
             args = typing.get_args(option)
             if len(value) != len(args):
@@ -137,8 +166,8 @@ def _apply(config: Config, section: str, key: str, value: Any) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file (sections model/task/optim/run), then ``section.key=value`` overrides
-    (values parsed as YAML scalars: 1e-5, true, [0.9, 0.99])."""
+    """Defaults, then the YAML file (sections model/task/optim/peft/hybrid/run/dist), then
+    ``section.key=value`` overrides (values parsed as YAML scalars: 1e-5, true, [0.9, 0.99])."""
     config = Config()
     if path is not None:
         try:

@@ -22,15 +22,21 @@ from tqdm import tqdm
 
 from zo_scale.backends.runtime import Runtime, quiet_unless_main
 from zo_scale.core import noise
-from zo_scale.models import load_model
 from zo_scale.models.scoring import LOSSES, EncodedExample, batch_loss, correct, encode, labels_of, option_scores
 from zo_scale.tasks import get_task, sample_splits
-from zo_scale.train import seedlog, sharded_state
-from zo_scale.train.build import build_optimizer
-from zo_scale.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from zo_scale.train import seedlog
+from zo_scale.train.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    stage_checkpoint,
+    staging_dir,
+)
 from zo_scale.train.config import Config, ConfigError
 from zo_scale.train.metrics import MetricsLog, plot_metrics
+from zo_scale.train.run_optimizer import RunOptimizer
 from zo_scale.train.select_runtime import make_runtime
+from zo_scale.train.trainable import load_trainable
 
 log = logging.getLogger("zo_scale")
 
@@ -60,7 +66,7 @@ class BatchOrder:
 
 # What fixes a run's trajectory: a resume may change anything else (e.g. run.steps, to train longer).
 TRAJECTORY: dict[str, tuple[str, ...] | None] = {
-    "model": None, "task": None, "optim": None, "run": ("seed", "batch_size"),
+    "model": None, "task": None, "optim": None, "peft": None, "hybrid": None, "run": ("seed", "batch_size"),
 }
 
 
@@ -113,10 +119,8 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         start, nonfinite_in_a_row, zero_shot = state["step"], state["nonfinite_in_a_row"], state["zero_shot_accuracy"]
         log.info("resuming from %s at step %d", checkpoint, start)
 
-    model, tokenizer = runtime.load_model(lambda: load_model(
-        cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.run.seed,
-        weights=None if checkpoint is None else checkpoint / "model"))
-    model.eval()  # ZO forwards run without dropout: both points of a pair must see the same function
+    trainable = load_trainable(cfg, runtime, checkpoint)
+    model, tokenizer = trainable.model, trainable.tokenizer
     train_enc = encode(tokenizer, train_ex, cfg.task.max_length)
     eval_enc = encode(tokenizer, eval_ex, cfg.task.max_length)
     dev_enc = encode(tokenizer, dev_ex, cfg.task.max_length) if dev_ex else eval_enc
@@ -124,14 +128,10 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     batches = BatchOrder(len(train_enc), cfg.run.batch_size, cfg.run.seed)
     rows = cfg.run.batch_size // runtime.world_size  # select_runtime checked that it divides
 
-    # optimizer over every trainable parameter (full fine-tuning), on this rank's shards
-    optimizer, schedule = build_optimizer(
-        [(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.optim, cfg.run.seed, cfg.run.steps,
-        model=model, **runtime.optimizer_kwargs(),
-    )
+    # ZO over what this run trains (weights, adapter or scales) on this rank's shards; FO over its last k blocks
+    optimizer = RunOptimizer(trainable, cfg, runtime)
     if checkpoint is not None:
-        sharded_state.localize(optimizer, torch.load(checkpoint / "optimizer.pt", weights_only=False))
-        schedule.load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=False))
+        optimizer.load(checkpoint, state["world_size"])
     metrics = None
     if main:  # the run directory appears only now that config, data and model are valid
         out.mkdir(parents=True, exist_ok=True)
@@ -149,19 +149,27 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
     def save(step: int) -> None:
         optimizer.flush()
-        weights = runtime.full_state_dict(model)
-        optimizer_state = sharded_state.consolidate(optimizer, runtime)
+        # an adapter is replicated on every rank (see trainable.py): nothing to gather
+        weights = runtime.full_state_dict(model) if trainable.kind != "adapter" else None
+        files = optimizer.consolidated_state()
+        if optimizer.per_rank_fo_state:  # every rank writes its own part into the staged checkpoint
+            if main:
+                stage_checkpoint(checkpoint_dir)
+            runtime.barrier()
+            torch.save(optimizer.rank_state(), staging_dir(checkpoint_dir) / f"fo_optimizer.rank{runtime.rank}.pt")
+            runtime.barrier()
         if main:
             state = {"step": step, "nonfinite_in_a_row": nonfinite_in_a_row, "zero_shot_accuracy": zero_shot,
                      "config": config_json, "world_size": runtime.world_size, "runtime": runtime.name}
-            save_checkpoint(checkpoint_dir, model, tokenizer, optimizer_state, schedule, state, model_state=weights)
+            save_checkpoint(checkpoint_dir, model, tokenizer, files, state, model_state=weights,
+                            folder=trainable.folder, staged=optimizer.per_rank_fo_state)
         runtime.barrier()  # no rank goes on (or exits) before the checkpoint is whole
 
     # ZeRO-3 parameters are empty placeholders: ds_numel is their full size
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-    log.info("model %s (%s, %.1fM trainable), task %s: %d train / %d dev / %d eval examples; %s runtime, %d rank(s)",
-             cfg.model.name, cfg.model.dtype, n_params / 1e6, cfg.task.name, len(train_enc), len(dev_ex),
-             len(eval_enc), runtime.name, runtime.world_size)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for _, p in trainable.named)
+    log.info("model %s (%s, %s trainable elements: %s), task %s: %d train / %d dev / %d eval examples; %s runtime, "
+             "%d rank(s)", cfg.model.name, cfg.model.dtype, f"{n_params:,}", trainable.kind, cfg.task.name,
+             len(train_enc), len(dev_ex), len(eval_enc), runtime.name, runtime.world_size)
     if start == 0:
         zero_shot = evaluate(0, eval_enc, "eval")
         log.info("zero-shot eval accuracy: %.1f%% (%d examples)", 100 * zero_shot, len(eval_enc))
@@ -179,11 +187,11 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             return batch_loss(option_scores(model, batch, pad), labels, cfg.task.loss)
 
         loss = optimizer.step(closure)  # the loss is averaged over ranks: every branch below agrees
-        schedule.step()
-        if cfg.dist.check_seeds:
-            runtime.check_same(optimizer.last_record.seed, f"the seed of step {t}")
-        if main:
-            seedlog.append(out / "seedlog.jsonl", optimizer.last_record)
+        record = optimizer.last_record  # None for pure FO: nothing random to log
+        if cfg.dist.check_seeds and record is not None:
+            runtime.check_same(record.seed, f"the seed of step {t}")
+        if main and record is not None:
+            seedlog.append(out / "seedlog.jsonl", record)
         if math.isfinite(loss):
             nonfinite_in_a_row = 0
             window.append(loss)
@@ -200,11 +208,11 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             elapsed = time.perf_counter() - tick
             mean_loss = sum(window) / len(window) if window else float("nan")
             if metrics is not None:
-                metrics.log(t + 1, "train", loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
+                metrics.log(t + 1, "train", loss=mean_loss, **optimizer.lrs(),
                             steps_per_s=len(window) / elapsed if elapsed > 0 else 0.0,
                             skipped_total=optimizer.skipped_steps,
                             comm_bytes_per_step=(runtime.comm_bytes - sent) / max(1, len(window)))
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", **{k: f"{v:.2e}" for k, v in optimizer.lrs().items()})
             window, tick, sent = [], time.perf_counter(), runtime.comm_bytes
         if cfg.run.eval_every and (t + 1) % cfg.run.eval_every == 0 and t + 1 < cfg.run.steps:
             acc = evaluate(t + 1, dev_enc, "dev" if dev_ex else "eval")
@@ -219,7 +227,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     summary = {
         "zero_shot_accuracy": zero_shot, "final_accuracy": final, "steps": cfg.run.steps,
         "eval_examples": len(eval_enc), "skipped_steps": optimizer.skipped_steps,
-        "output_dir": str(out), "model": str(checkpoint_dir / "model"),
+        "output_dir": str(out), "model": str(checkpoint_dir / trainable.folder),
         "runtime": runtime.name, "world_size": runtime.world_size,
     }
     if metrics is not None:

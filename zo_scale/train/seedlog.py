@@ -6,7 +6,8 @@ decay(s), loss and, for ZO-SGD-Cons, the move taken. Directions are functions of
 base weights + this log determine the fine-tuned weights: :func:`replay` rebuilds them by running
 the optimizer's passes with the logged scalars instead of forwards, bit for bit equal to the trained
 weights in fp32. Every rule and sampler replays (stateful rules rebuild their buffers as they go);
-what cannot replay is a run whose parameter set or order differs from the base model's.
+what cannot replay is a run whose parameter set or order differs from the base model's, or a hybrid
+ZO-FO run (its backprop part is not logged). A PEFT run replays to its adapter.
 """
 
 from __future__ import annotations
@@ -53,18 +54,23 @@ def read_records(path: Path) -> Iterator[StepRecord]:
 
 
 def replay(log: Path, output: Path) -> Path:
-    """Rebuild the fine-tuned model from its base model and the seed log; save it to ``output``."""
-    from zo_scale.models import load_model
+    """Rebuild the fine-tuned model (or adapter, for a PEFT run) from its base model and the seed log;
+    save it to ``output``."""
+    from zo_scale.backends.runtime import Runtime
     from zo_scale.train.build import build_optimizer
     from zo_scale.train.config import load_config
+    from zo_scale.train.trainable import load_trainable
 
     header = read_header(log)
     cfg = load_config(overrides=[f"{s}.{k}={json.dumps(v)}" for s, sec in header.items() for k, v in sec.items()])
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.run.seed)
-    optimizer, _ = build_optimizer(model.named_parameters(), cfg.optim, cfg.run.seed, cfg.run.steps, model=model)
+    if cfg.hybrid.fo_layers:
+        raise ValueError(f"{log}: a hybrid ZO-FO run (hybrid.fo_layers={cfg.hybrid.fo_layers}) cannot be replayed: "
+                         "its backprop part is not in the seed log")
+    trainable = load_trainable(cfg, Runtime(), checkpoint=None)
+    optimizer, _ = build_optimizer(trainable.named, cfg.optim, cfg.run.seed, cfg.run.steps, model=trainable.model)
     for record in read_records(log):
         optimizer.step(replay=record)
     optimizer.flush()
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    trainable.model.save_pretrained(output)
+    trainable.tokenizer.save_pretrained(output)
     return output

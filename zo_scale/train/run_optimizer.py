@@ -1,0 +1,147 @@
+"""The optimizers of a run, stepped as one: ZO over ``trainable.named``, and for a hybrid run an FO
+optimizer over ``trainable.fo_named`` (:class:`~zo_scale.train.hybrid.HybridOptimizer`).
+
+Pure ZO (``hybrid.fo_layers=0``) is the ZO optimizer alone, exactly as before hybrid existed; pure FO
+(``fo_layers=-1`` or the number of blocks) has no ZO optimizer. Both share the lr schedule's
+multiplier: ZO's lr is ``optim.lr`` times it, FO's ``hybrid.fo_lr`` times it.
+
+Checkpoint files (beside the model): ``optimizer.pt`` (ZO state, consolidated over ranks, see
+:mod:`zo_scale.train.sharded_state`) and ``schedule.pt`` as for pure ZO; a hybrid run adds the FO
+state: ``fo_optimizer.pt`` (the torch optimizer's state dict, the same on every rank), or under
+ZeRO-3 ``fo_optimizer.rank<r>.pt`` per rank (DeepSpeed's optimizer holds partitioned fp32 copies
+and moments, in a layout tied to the number of ranks: such a run resumes on as many ranks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zo_scale.backends.runtime import Runtime
+from zo_scale.core.optimizer import StepRecord, ZOOptimizer
+from zo_scale.core.schedules import lr_multiplier
+from zo_scale.train import sharded_state
+from zo_scale.train.build import build_optimizer
+from zo_scale.train.config import Config, ConfigError
+from zo_scale.train.trainable import Trainable, fo_optimizer_factory
+
+
+class RunOptimizer:
+    """``zo`` (None for pure FO) and ``fo`` (None for pure ZO), with their schedules.
+
+    ``step(closure)`` returns the loss at theta (averaged over ranks); ``closure()`` is the loss of
+    this rank's batch, called under no_grad by ZO and with autograd on for the FO pass.
+    """
+
+    def __init__(self, trainable: Trainable, cfg: Config, runtime: Runtime) -> None:
+        from zo_scale.train.hybrid import HybridOptimizer
+
+        self.runtime = runtime
+        self.zo: ZOOptimizer | None = None
+        self.schedules: list[torch.optim.lr_scheduler.LambdaLR] = []
+        if trainable.named:
+            self.zo, schedule = build_optimizer(trainable.named, cfg.optim, cfg.run.seed, cfg.run.steps,
+                                                model=trainable.model, **runtime.optimizer_kwargs())
+            self.schedules.append(schedule)
+        self.fo: Any = None
+        self.hybrid: HybridOptimizer | None = None
+        if trainable.fo_named:
+            # under ZeRO-3 DeepSpeed built it with the engine (it owns the FO partitions)
+            self.fo = getattr(runtime, "fo_optimizer", None) or fo_optimizer_factory(cfg)(trainable.fo_named)
+            # DeepSpeed's ZeRO-3 optimizer is no torch Optimizer; the torch one it wraps holds the lrs it reads
+            torch_fo = self.fo if isinstance(self.fo, torch.optim.Optimizer) else self.fo.optimizer
+            multiplier = lr_multiplier(cfg.optim.schedule, cfg.run.steps, cfg.optim.warmup_steps)
+            self.schedules.append(torch.optim.lr_scheduler.LambdaLR(torch_fo, multiplier))
+            try:
+                self.hybrid = HybridOptimizer(self.zo, self.fo, [p for _, p in trainable.fo_named], runtime)
+            except ValueError as e:
+                raise ConfigError(f"hybrid: {e}") from None
+
+    @property
+    def per_rank_fo_state(self) -> bool:
+        """Whether the FO state is partitioned over ranks (ZeRO-3): one file per rank."""
+        return self.fo is not None and not isinstance(self.fo, torch.optim.Optimizer)
+
+    def step(self, closure: Callable[[], torch.Tensor]) -> float:
+        loss = self.hybrid.step(closure) if self.hybrid is not None else self.zo.step(closure)
+        for schedule in self.schedules:
+            schedule.step()
+        return loss
+
+    def flush(self) -> None:
+        """Land a lazy ZO update (before evaluating or saving)."""
+        if self.zo is not None:
+            self.zo.flush()
+
+    @property
+    def last_record(self) -> StepRecord | None:
+        """The ZO step's record (the seed log's line); None without a ZO part."""
+        return self.zo.last_record if self.zo is not None else None
+
+    @property
+    def skipped_steps(self) -> int:
+        return (self.zo.skipped_steps if self.zo else 0) + (self.hybrid.fo_skipped_steps if self.hybrid else 0)
+
+    def lrs(self) -> dict[str, float]:
+        """The current lr of each part, as logged: ``lr`` (ZO) and ``fo_lr``."""
+        out = {}
+        if self.zo is not None:
+            out["lr"] = self.zo.param_groups[0]["lr"]
+        if self.fo is not None:
+            out["fo_lr"] = self.fo.param_groups[0]["lr"]
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def consolidated_state(self) -> dict[str, Any] | None:
+        """What rank 0 writes (every rank must call this: it is a collective): file name -> object."""
+        zo_state = sharded_state.consolidate(self.zo, self.runtime) if self.zo is not None else None
+        if not self.runtime.is_main:
+            return None
+        files: dict[str, Any] = {"schedule.pt": self.schedules[0].state_dict()}
+        if zo_state is not None:
+            files["optimizer.pt"] = zo_state
+        if self.fo is not None and not self.per_rank_fo_state:
+            files["fo_optimizer.pt"] = self._fo_state()
+        return files
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's own FO state (ZeRO-3 hybrid), for ``fo_optimizer.rank<r>.pt``."""
+        return self._fo_state()
+
+    def _fo_state(self) -> dict[str, Any]:
+        assert self.hybrid is not None
+        return {"optimizer": self.fo.state_dict(), "schedule": self.schedules[-1].state_dict(),
+                "fo_skipped_steps": self.hybrid.fo_skipped_steps, "step_count": self.hybrid.step_count}
+
+    def load(self, checkpoint: Path, saved_world_size: int) -> None:
+        """Restore every part from ``checkpoint`` (written by a run with the same optimizers)."""
+        if self.zo is not None:
+            sharded_state.localize(self.zo, torch.load(checkpoint / "optimizer.pt", weights_only=False))
+        self.schedules[0].load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=False))
+        if self.fo is None:
+            return
+        if any(checkpoint.glob("fo_optimizer.rank*.pt")) != self.per_rank_fo_state:
+            raise ConfigError(f"{checkpoint} holds the FO optimizer state of a hybrid run "
+                              f"{'under' if not self.per_rank_fo_state else 'outside'} ZeRO-3 (DeepSpeed's is "
+                              "partitioned per rank, torch's is not); resume it in the runtime that wrote it")
+        if self.per_rank_fo_state:
+            if saved_world_size != self.runtime.world_size:
+                raise ConfigError(f"{checkpoint} holds DeepSpeed's FO optimizer state partitioned over "
+                                  f"{saved_world_size} ranks; resume this hybrid ZeRO-3 run on {saved_world_size} "
+                                  f"ranks, not {self.runtime.world_size}")
+            path = checkpoint / f"fo_optimizer.rank{self.runtime.rank}.pt"
+        else:
+            path = checkpoint / "fo_optimizer.pt"
+        state = torch.load(path, weights_only=False)
+        if self.per_rank_fo_state:  # DeepSpeed's ZeRO-3 optimizer takes every rank's state and picks its own
+            states = [None] * self.runtime.world_size
+            states[self.runtime.rank] = state["optimizer"]
+            self.fo.load_state_dict(states)
+        else:
+            self.fo.load_state_dict(state["optimizer"])
+        self.schedules[-1].load_state_dict(state["schedule"])
+        assert self.hybrid is not None
+        self.hybrid.fo_skipped_steps, self.hybrid.step_count = state["fo_skipped_steps"], state["step_count"]
