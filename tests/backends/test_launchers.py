@@ -213,6 +213,19 @@ def test_zero3_hybrid_matches_one_process_and_resumes_on_as_many_ranks(base_mode
     assert code == 2 and "FO optimizer state of a hybrid run under ZeRO-3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    (["model.quantization=int8"], "model.quantization=int8 with ZeRO-3"),
+    (["peft.method=lora", "hybrid.fo_layers=1"], "hybrid.fo_layers with peft under ZeRO-3"),
+])
+def test_zero3_refuses_what_it_cannot_run_with_a_clear_error(base_model, tmp_path, extra, message):
+    out = tmp_path / "run"
+    result = launch([*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out), *extra],
+                    tmp_path / "run.log")
+    assert result.returncode != 0
+    assert message in (tmp_path / "run.log").read_text()
+    assert not out.exists()
+
+
 def aio_unavailable_reason() -> str | None:
     """Why DeepSpeed's async I/O op (NVMe offload) cannot be built here, or None if it can."""
     from deepspeed.ops.op_builder import AsyncIOBuilder

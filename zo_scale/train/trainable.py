@@ -108,7 +108,7 @@ def load_trainable(cfg: Config, runtime: Runtime, checkpoint: Path | None) -> Tr
     _check(cfg, runtime)
     method, k = cfg.peft.method, cfg.hybrid.fo_layers
     weights = None
-    if checkpoint is not None and method == "none":
+    if checkpoint is not None and method == "none" and cfg.model.quantization == "none":
         weights = checkpoint / "model"
     hooks: dict[str, Any] = {}
     if k and runtime.name == "zero3":  # DeepSpeed's optimizer takes the FO partitions when the engine is built
@@ -123,12 +123,35 @@ def load_trainable(cfg: Config, runtime: Runtime, checkpoint: Path | None) -> Tr
     elif cfg.model.quantization != "none":
         from zo_scale.models.quantized import quantized_scales
 
-        return Trainable(model, tokenizer, quantized_scales(model), "scales")
+        named = quantized_scales(model)
+        if checkpoint is not None:
+            _load_trained(named, checkpoint / "model")
+        return Trainable(model, tokenizer, named, "scales")
     else:
         kind = "full"
     fo_named, zo_named = _split(model, k) if k else ([], [(n, p) for n, p in model.named_parameters()
                                                             if p.requires_grad])
     return Trainable(model, tokenizer, zo_named, kind, fo_named)
+
+
+def _load_trained(named: NamedTensors, folder: Path) -> None:
+    """Copy a quantized checkpoint's trained tensors (scales, float weights) into a freshly quantized base.
+
+    transformers cannot save a model again that it loaded pre-quantized, so a resumed run quantizes
+    the base as the first run did (the same codes) and takes only what trained from the checkpoint.
+    bitsandbytes' int8 layers save their row scale as ``<layer>.SCB``, not ``<layer>.weight.SCB``.
+    """
+    from safetensors.torch import load_file
+
+    saved = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        saved.update(load_file(file))
+    for name, tensor in named:
+        key = name.replace(".weight.SCB", ".SCB")
+        if key not in saved:
+            raise ConfigError(f"{folder} has no {key!r}: it does not fit model.quantization of this run")
+        with torch.no_grad():
+            tensor.copy_(saved[key])
 
 
 def _with_adapter(model: torch.nn.Module, cfg: Config, checkpoint: Path | None) -> tuple[torch.nn.Module, NamedTensors]:
