@@ -21,7 +21,9 @@ imports torch, transformers, peft, bitsandbytes and zo_scale and records its RSS
 the model (and adapter), copies its float tensors out of the checkpoint's memory map (see
 ``unmap_checkpoint``), frees what loading left behind (``gc`` + glibc ``malloc_trim``), records
 its RSS ("model"), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), runs
-``--warmup`` + ``--steps`` steps and reads the peak (``getrusage(RUSAGE_SELF).ru_maxrss``). Reported:
+``--warmup`` + ``--steps`` steps and reads the peak (``getrusage(RUSAGE_SELF).ru_maxrss``). A child
+during which other processes took more than 5% of the CPU is rerun (``--retries`` times at most) and
+the quietest attempt kept. Reported:
 
     peak_mib           raw peak RSS during the steps
     net_peak_mib       peak_mib - runtime RSS: the model plus what the steps need, without Python/torch
@@ -67,6 +69,8 @@ parser.add_argument("--seq", type=int, default=64)
 parser.add_argument("--warmup", type=int, default=1)
 parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--loss-steps", type=int, default=100)
+parser.add_argument("--retries", type=int, default=2,
+                    help="rerun a variant whose child saw other processes take >5%% of the CPU; keep the quietest")
 parser.add_argument("--quick", action="store_true", help="batch 2 x 32, 1 warmup + 1 timed step, 20 loss steps")
 parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
 args = parser.parse_args()
@@ -279,8 +283,17 @@ try:
     info = child("prepare", folder=folder)
     results: dict[str, dict] = {}
     for variant in VARIANTS:
-        results[variant] = m = child("measure", variant=variant, folder=folder, batch=args.batch, seq=args.seq,
-                                     warmup=args.warmup, steps=args.steps)
+        # On a shared machine another job can double a step time: rerun a disturbed variant and keep the
+        # quietest attempt (memory comes from the same attempt; it does not depend on other processes).
+        attempts = []
+        while len(attempts) <= args.retries and (not attempts or min(attempts) > 0.05):
+            m = child("measure", variant=variant, folder=folder, batch=args.batch, seq=args.seq,
+                      warmup=args.warmup, steps=args.steps)
+            attempts.append(m["cpu_fraction_taken_by_other_processes"])
+            if attempts[-1] == min(attempts):
+                results[variant] = m
+        m = results[variant]
+        m["cpu_fraction_taken_by_other_processes_per_attempt"] = attempts
         print(f"{variant:15s} peak {m['peak_mib']:6.0f} MiB  net {m['net_peak_mib']:6.0f} MiB  "
               f"weights {m['weights_mib']:5.0f} MiB  accounted {m['accounted_mib']:6.0f} MiB  "
               f"step {m['step_s_median']:6.2f} s  (others took {m['cpu_fraction_taken_by_other_processes']:.0%} of "
@@ -313,6 +326,7 @@ settings = {
                "tensors out of the checkpoint mmap, malloc_trim; peak = "
                "ru_maxrss after the steps, counter reset after model load via /proc/self/clear_refs",
     "loss_steps": args.loss_steps,
+    "retries": args.retries,
     "quick": args.quick,
 }
 notes = [
@@ -332,6 +346,9 @@ notes = [
     "Peak RSS of one variant moves by up to ~100 MiB from run to run (allocator and page-fault timing; seen "
     "on this machine: qzo_int8 net peak 551 MiB in one run, 449 MiB in the next): differences of that size "
     "between variants are noise. accounted_mib is exact.",
+    "machine.cpu_fraction_taken_by_other_processes covers the whole run, discarded attempts and the loss "
+    "curves included; each variant's own cpu_fraction_taken_by_other_processes (its kept attempt) says "
+    "whether its step time can be trusted (above ~0.05: no).",
     "A ZO step is 2 forwards + 3 passes over the trained tensors (noise generation dominates, see step_time); "
     "at this small batch those passes over 125M parameters cost about as much as FO's backward + AdamW, so "
     "ZO's advantage here is memory, not time. LoRA and QZO train fewer tensors (1.1 MiB, ~155 MiB) and their "

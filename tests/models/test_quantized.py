@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from zo_scale import ZOSGD
 from zo_scale.adapters.peft_tuning import PeftSettings, apply_peft, trainable_named_parameters
 from zo_scale.models import ModelLoadError, load_model, quantized_scales
-from zo_scale.models.tiny import build_tiny_model
+from zo_scale.models.tiny import build_tiny_model, learnable_token_batch
 
 ARCHS = ("tiny-opt", "tiny-llama")
 QUANTS = ("int8", "nf4")
@@ -28,19 +28,7 @@ QZO_FULL = (3e-3, 1e-3, 0.25)
 QZO_SCALES_ONLY = (1e-2, 1e-3, 0.05)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine extra threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def token_batch(seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    vocab = torch.randperm(256, generator=g)[:8] + 3  # 8 byte tokens (ids 0-2 are pad/bos/eos)
-    return vocab[torch.randint(0, 8, (4, 32), generator=g)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -87,7 +75,7 @@ def assert_loss_fell(losses: list[float], least_drop: float, label: str) -> None
 @pytest.mark.parametrize("quantization", QUANTS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_load_model_quantizes_the_linear_layers_and_keeps_the_rest_float(arch, quantization):
-    ids = token_batch()
+    ids = learnable_token_batch()
     reference, _ = load_model(arch)
     model, tokenizer = load_model(arch, quantization=quantization)
     assert not model.training and tokenizer.padding_side == "left"
@@ -111,7 +99,7 @@ def test_load_model_quantizes_the_linear_layers_and_keeps_the_rest_float(arch, q
 @pytest.mark.parametrize("quantization", QUANTS)
 def test_bf16_quantized_model_runs_with_float32_scales(quantization):
     model, _ = load_model("tiny-llama", dtype="bf16", quantization=quantization)
-    ids = token_batch()
+    ids = learnable_token_batch()
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16 and math.isfinite(out.loss.item())
@@ -146,7 +134,7 @@ def test_a_quantized_checkpoint_loads_only_with_its_own_quantization(tmp_path):
 
 
 def test_an_unquantized_checkpoint_is_quantized_on_load(tmp_path):
-    ids = token_batch()
+    ids = learnable_token_batch()
     saved = build_tiny_model("opt", seed=3).eval()
     saved.save_pretrained(tmp_path)
     model, _ = load_model("tiny-opt", weights=tmp_path, quantization="nf4")  # seed 0 would build other weights
@@ -174,7 +162,7 @@ def test_zo_trains_an_adapter_over_a_quantized_base_that_stays_bitwise_unchanged
     assert quantized_before
 
     lr, eps, least_drop = PEFT_HYPERPARAMS[method]
-    losses = train(model, trainable, lr, eps, token_batch())
+    losses = train(model, trainable, lr, eps, learnable_token_batch())
 
     assert_loss_fell(losses, least_drop, f"{arch} {quantization} {method}")
     after = model.state_dict()
@@ -190,7 +178,7 @@ def test_zo_trains_an_adapter_over_a_quantized_base_that_stays_bitwise_unchanged
 @pytest.mark.parametrize("arch", ARCHS)
 def test_quantized_scales_are_the_tensors_the_forward_reads(arch, quantization):
     model, _ = load_model(arch, quantization=quantization)
-    ids = token_batch()
+    ids = learnable_token_batch()
     params = quantized_scales(model)
     layers = bnb_layers(model)
     kind = "SCB" if quantization == "int8" else "absmax"
@@ -230,7 +218,7 @@ def test_qzo_moves_the_scales_and_float_weights_never_the_codes(arch, quantizati
     floats_before = {n: p.detach().clone() for n, p in params if not n.endswith((".SCB", ".absmax"))}
 
     lr, eps, least_drop = QZO_FULL
-    losses = train(model, params, lr, eps, token_batch())
+    losses = train(model, params, lr, eps, learnable_token_batch())
 
     assert_loss_fell(losses, least_drop, f"{arch} {quantization} QZO full")
     for name, (codes, scale) in quantized_tensors(model).items():
@@ -249,7 +237,7 @@ def test_qzo_scales_only_trains_the_scales_alone(arch, quantization):
     floats_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.is_floating_point()}
 
     lr, eps, least_drop = QZO_SCALES_ONLY
-    losses = train(model, params, lr, eps, token_batch())
+    losses = train(model, params, lr, eps, learnable_token_batch())
 
     assert_loss_fell(losses, least_drop, f"{arch} {quantization} QZO scales only")
     for name, (codes, scale) in quantized_tensors(model).items():
@@ -259,7 +247,7 @@ def test_qzo_scales_only_trains_the_scales_alone(arch, quantization):
 
 @pytest.mark.parametrize("quantization", QUANTS)
 def test_trained_scales_survive_save_and_reload(quantization, tmp_path):
-    arch, ids = "tiny-llama", token_batch()
+    arch, ids = "tiny-llama", learnable_token_batch()
     model, _ = load_model(arch, quantization=quantization)
     untrained = logits(model, ids)
     params = quantized_scales(model)
@@ -298,7 +286,7 @@ def test_nf4_layers_keep_their_float32_layout_through_forwards():
     """bnb repacks Linear4bit at its first inference forward on AVX512-BF16 CPUs, into bf16 scales
     that ZO moves would not reach; load_model turns that off, and quantized_scales refuses a repacked model."""
     model, _ = load_model("tiny-llama", quantization="nf4")
-    ids = token_batch()
+    ids = learnable_token_batch()
     logits(model, ids)
     for name, module in bnb_layers(model).items():
         state = module.weight.quant_state

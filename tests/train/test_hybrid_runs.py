@@ -75,6 +75,7 @@ def test_hybrid_over_a_lora_adapter(run_cli):
     (["hybrid.fo_layers=3"], "k must be in [0, 2]"),
     (["hybrid.fo_layers=1", "hybrid.fo_optimizer=lion"], "unknown FO optimizer 'lion'"),
     (["hybrid.fo_layers=1", "model.quantization=int8"], "the quantized weights have no gradient"),
+    (["hybrid.fo_layers=1", "peft.method=prefix"], "nothing trainable is in the last 1 block(s)"),
 ])
 def test_a_bad_hybrid_config_exits_2_and_names_the_problem(run_cli, capsys, overrides, message):
     code, out = run_cli("run.steps=2", *overrides)

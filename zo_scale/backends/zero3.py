@@ -119,9 +119,11 @@ def load_config(config: PathOrConfig) -> dict[str, Any]:
     of each partition) and quantized weights are refused for the same reason: they are copies that a
     partition edit would leave stale. With NVMe parameter offload, :func:`zero3_shard` swaps each
     partition in before the sweep and writes it back after. The batch-size fields are required by DeepSpeed's
-    config checks but unused: without its dataloader and optimizer nothing reads them, so "auto"
-    there becomes 1 (the total is derived). "auto" precision (``bf16``/``fp16`` ``enabled``) becomes
-    false (fp32) here; the trainer fills it from ``model.dtype`` first.
+    config checks; pure ZO never reads them (no dataloader, no optimizer), so "auto" there becomes 1
+    (the total is derived). A hybrid ZO-FO engine does read ``gradient_accumulation_steps``
+    (``engine.backward`` divides the loss by it): 1 here and in the trainer, which refuses others.
+    "auto" precision (``bf16``/``fp16`` ``enabled``) becomes false (fp32) here; the trainer fills it
+    from ``model.dtype`` first.
     """
     if isinstance(config, Mapping):
         cfg = copy.deepcopy(dict(config))
@@ -339,7 +341,7 @@ class Zero3Runtime(DistributedRuntime):
         A non-finite mean skips the backward on every rank: nothing is accumulated, nothing to undo.
         """
         self._engine_optimizer()
-        (mean,) = self.mean(torch.tensor([float(loss.detach())], dtype=torch.float64)).tolist()
+        (mean,) = self.average_gradients(params, [float(loss.detach())])
         if math.isfinite(mean):
             self.engine.backward(loss)
             # the full gradients handed to DeepSpeed's reduce-scatter, in the parameters' dtype

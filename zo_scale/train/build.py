@@ -48,9 +48,14 @@ def build_optimizer(
             estimator=cfg.estimator, queries=cfg.queries, weight_decay=cfg.weight_decay, seed=seed, lazy=cfg.lazy,
             conservative=cfg.conservative, master_weights=cfg.master_weights, **kwargs,
         )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_multiplier(cfg.schedule, total_steps, cfg.warmup_steps)
-        )
+        schedule = build_schedule(optimizer, cfg, total_steps)
     except ValueError as e:
         raise ConfigError(f"optim: {e}") from None
     return optimizer, schedule
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``optim.schedule`` with warmup as a LambdaLR: each group's lr is its initial lr times the multiplier."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.schedule, total_steps, cfg.warmup_steps))

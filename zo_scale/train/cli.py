@@ -28,7 +28,8 @@ from zo_scale.train.loop import TrainingError, train
 from zo_scale.train.seedlog import replay
 
 DEMO_CONFIG = resources.files("zo_scale") / "configs" / "demo.yaml"
-USER_ERRORS = (ConfigError, TaskDataError, ModelLoadError, TrainingError, FileNotFoundError, ValueError)
+# ImportError: an optional extra the config asks for is missing (the message names the pip command)
+USER_ERRORS = (ConfigError, TaskDataError, ModelLoadError, TrainingError, FileNotFoundError, ValueError, ImportError)
 
 
 def _parser() -> argparse.ArgumentParser:

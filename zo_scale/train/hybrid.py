@@ -39,7 +39,7 @@ set them and :func:`split_fo_parameters` gives the same split before and after. 
 neither optimizer should be frozen by the caller (peft does this for an adapter's base).
 
 Under ZeRO-3 the FO optimizer is DeepSpeed's (it owns the FO partitions): build the model with
-``Zero3Runtime.load_model(load, fo_parameters=..., fo_optimizer=...)`` and pass
+``Zero3Runtime.load_model(load, fo_parameters=..., fo_optimizer_factory=...)`` and pass
 ``runtime.fo_optimizer``; see :mod:`zo_scale.backends.zero3`.
 """
 
@@ -233,7 +233,8 @@ class HybridOptimizer:
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        """The ZO optimizer's param groups, then the FO optimizer's (a scheduler may edit their ``lr``)."""
+        """The ZO optimizer's param groups, then the FO optimizer's (edit their ``lr`` to schedule; a torch
+        LRScheduler needs a torch Optimizer, so schedule ``zo`` and ``fo`` one by one)."""
         return [*(self.zo.param_groups if self.zo else []), *(self.fo.param_groups if self.fo else [])]
 
     def step(self, loss_fn: Callable[[], torch.Tensor]) -> float:

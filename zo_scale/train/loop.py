@@ -111,8 +111,10 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     start, nonfinite_in_a_row, zero_shot = 0, 0, None
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
+        defaults = Config().as_json()  # a checkpoint from before a key existed ran with its default
         changed = [f"{s}.{k}" for s, keys in TRAJECTORY.items() for k in config_json[s]
-                   if (keys is None or k in keys) and state["config"][s][k] != config_json[s][k]]
+                   if (keys is None or k in keys)
+                   and state["config"].get(s, {}).get(k, defaults[s][k]) != config_json[s][k]]
         if changed:
             raise ConfigError(f"{checkpoint} was written with other values of {changed}; resuming would not continue "
                               f"that run (use a new run.output_dir)")
@@ -166,7 +168,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         runtime.barrier()  # no rank goes on (or exits) before the checkpoint is whole
 
     # ZeRO-3 parameters are empty placeholders: ds_numel is their full size
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for _, p in trainable.named)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for _, p in trainable.named + trainable.fo_named)
     log.info("model %s (%s, %s trainable elements: %s), task %s: %d train / %d dev / %d eval examples; %s runtime, "
              "%d rank(s)", cfg.model.name, cfg.model.dtype, f"{n_params:,}", trainable.kind, cfg.task.name,
              len(train_enc), len(dev_ex), len(eval_enc), runtime.name, runtime.world_size)
@@ -202,7 +204,8 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                 optimizer.flush()
                 raise TrainingError(
                     f"the loss was non-finite for {nonfinite_in_a_row} steps in a row (last at step {t}); "
-                    f"lower optim.lr or optim.eps, or use model.dtype=float32. The last checkpoint is intact."
+                    "lower optim.lr or optim.eps (hybrid.fo_lr for the backprop part), or use model.dtype=float32. "
+                    "The last checkpoint is intact."
                 )
         if (t + 1) % cfg.run.log_every == 0 or t + 1 == cfg.run.steps:
             elapsed = time.perf_counter() - tick

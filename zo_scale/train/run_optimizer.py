@@ -22,9 +22,8 @@ import torch
 
 from zo_scale.backends.runtime import Runtime
 from zo_scale.core.optimizer import StepRecord, ZOOptimizer
-from zo_scale.core.schedules import lr_multiplier
 from zo_scale.train import sharded_state
-from zo_scale.train.build import build_optimizer
+from zo_scale.train.build import build_optimizer, build_schedule
 from zo_scale.train.config import Config, ConfigError
 from zo_scale.train.trainable import Trainable, fo_optimizer_factory
 
@@ -50,11 +49,11 @@ class RunOptimizer:
         self.hybrid: HybridOptimizer | None = None
         if trainable.fo_named:
             # under ZeRO-3 DeepSpeed built it with the engine (it owns the FO partitions)
-            self.fo = getattr(runtime, "fo_optimizer", None) or fo_optimizer_factory(cfg)(trainable.fo_named)
+            engine_fo = getattr(runtime, "fo_optimizer", None)
+            self.fo = engine_fo if engine_fo is not None else fo_optimizer_factory(cfg)(trainable.fo_named)
             # DeepSpeed's ZeRO-3 optimizer is no torch Optimizer; the torch one it wraps holds the lrs it reads
             torch_fo = self.fo if isinstance(self.fo, torch.optim.Optimizer) else self.fo.optimizer
-            multiplier = lr_multiplier(cfg.optim.schedule, cfg.run.steps, cfg.optim.warmup_steps)
-            self.schedules.append(torch.optim.lr_scheduler.LambdaLR(torch_fo, multiplier))
+            self.schedules.append(build_schedule(torch_fo, cfg.optim, cfg.run.steps))
             try:
                 self.hybrid = HybridOptimizer(self.zo, self.fo, [p for _, p in trainable.fo_named], runtime)
             except ValueError as e:

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from zo_scale.adapters.peft_tuning import PeftSettings, apply_peft, trainable_named_parameters
 from zo_scale.backends.runtime import Runtime
 from zo_scale.models import load_model
 from zo_scale.train.config import Config, ConfigError
@@ -118,7 +119,7 @@ def load_trainable(cfg: Config, runtime: Runtime, checkpoint: Path | None) -> Tr
         quantization=cfg.model.quantization), **hooks)
     model.eval()  # ZO forwards run without dropout: both points of a pair must see the same function
     if method != "none":
-        model, _ = _with_adapter(model, cfg, checkpoint)
+        model = _with_adapter(model, cfg, checkpoint)
         kind = "adapter"
     elif cfg.model.quantization != "none":
         from zo_scale.models.quantized import quantized_scales
@@ -129,8 +130,10 @@ def load_trainable(cfg: Config, runtime: Runtime, checkpoint: Path | None) -> Tr
         return Trainable(model, tokenizer, named, "scales")
     else:
         kind = "full"
-    fo_named, zo_named = _split(model, k) if k else ([], [(n, p) for n, p in model.named_parameters()
-                                                            if p.requires_grad])
+    fo_named, zo_named = _split(model, k) if k else ([], trainable_named_parameters(model))
+    if k and not fo_named:
+        raise ConfigError(f"hybrid.fo_layers={k}: nothing trainable is in the last {k} block(s) (a prefix or prompt "
+                          "adapter lives outside the blocks); use hybrid.fo_layers=-1 for pure backprop, or 0")
     return Trainable(model, tokenizer, zo_named, kind, fo_named)
 
 
@@ -154,11 +157,10 @@ def _load_trained(named: NamedTensors, folder: Path) -> None:
             tensor.copy_(saved[key])
 
 
-def _with_adapter(model: torch.nn.Module, cfg: Config, checkpoint: Path | None) -> tuple[torch.nn.Module, NamedTensors]:
-    """``model`` wrapped with the configured adapter (its saved weights when resuming), and its tensors."""
+def _with_adapter(model: torch.nn.Module, cfg: Config, checkpoint: Path | None) -> torch.nn.Module:
+    """``model`` wrapped with the configured adapter (its saved weights when resuming)."""
     from peft import load_peft_weights, set_peft_model_state_dict
 
-    from zo_scale.adapters.peft_tuning import PeftSettings, apply_peft, trainable_named_parameters
 
     try:  # seeded: every rank starts from the same adapter
         model = apply_peft(model, PeftSettings(**asdict(cfg.peft)), seed=cfg.run.seed)
@@ -170,4 +172,4 @@ def _with_adapter(model: torch.nn.Module, cfg: Config, checkpoint: Path | None) 
             raise ConfigError(f"{checkpoint / 'adapter'} does not fit peft.* of this run: unexpected "
                               f"{result.unexpected_keys[:3]}")
     model.eval()
-    return model, trainable_named_parameters(model)
+    return model
