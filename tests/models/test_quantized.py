@@ -264,6 +264,23 @@ def test_trained_scales_survive_save_and_reload(quantization, tmp_path):
         assert torch.equal(scale, trained[name]), name
 
 
+@pytest.mark.parametrize("quantization", QUANTS)
+def test_a_model_loaded_from_a_quantized_checkpoint_resaves_only_in_bnb_format(quantization, tmp_path):
+    """transformers 5.23 cannot invert the bnb deserialisation it applied at a pre-quantized load, so a
+    plain save_pretrained raises; save_original_format=False writes bnb's own state dict, which reloads."""
+    arch, ids = "tiny-llama", learnable_token_batch()
+    load_model(arch, quantization=quantization)[0].save_pretrained(tmp_path / "first")
+    model, _ = load_model(arch, weights=tmp_path / "first", quantization=quantization)
+    train(model, quantized_scales(model), *QZO_FULL[:2], ids, steps=3)
+    expected = logits(model, ids)
+
+    with pytest.raises(NotImplementedError):
+        model.save_pretrained(tmp_path / "plain")
+    model.save_pretrained(tmp_path / "second", save_original_format=False)
+    reloaded, _ = load_model(arch, weights=tmp_path / "second", quantization=quantization)
+    assert torch.equal(logits(reloaded, ids), expected)
+
+
 # -- errors and bitsandbytes' CPU repacking ----------------------------------------------------
 
 

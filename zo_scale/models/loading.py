@@ -91,7 +91,9 @@ def load_model(
     and lm_head stay in `dtype`. A tiny built-in model is built, saved to a temporary folder and
     loaded back quantized. A `weights` folder saved from a quantized model loads as it was saved (its
     config.json names the quantization and, for NF4, the compute dtype), which must then equal
-    `quantization`. See :mod:`zo_scale.models.quantized` for ZO over the quantized weights.
+    `quantization`. Such a model saves only with ``save_pretrained(folder, save_original_format=False)``
+    (transformers 5.23 cannot invert the bnb deserialisation of a pre-quantized load: NotImplementedError);
+    one quantized on load saves plainly. See :mod:`zo_scale.models.quantized` for ZO over the quantized weights.
     Raises ModelLoadError (a ValueError) for an unknown quantization or a mismatch, and ImportError
     when bitsandbytes is missing.
     """
