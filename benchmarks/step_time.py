@@ -6,14 +6,17 @@ Batch: ``--batch`` x ``--seq`` random token ids, one fixed batch; loss = the mod
 warmup; the variants are timed round-robin, each on its own copy of the model):
 
     (a) 2 forwards       two forward passes under torch.inference_mode()                  (baseline)
-    (b) ZO eager         zo_scale.ZOSGD(model.named_parameters(), lr=1e-6, eps=1e-3).step(closure)
-    (c) ZO lazy          the same with lazy=True; the warmup step makes the timed ones steady state
+    (b) ZO eager         zo_scale.ZOSGD(model.named_parameters(), lr=1e-6, eps=1e-3).step(closure): the
+                         library's defaults (kernel 'auto': one compiled kernel per shard of >= 64K elements)
+    (b') ZO eager, eager kernel  the same with kernel="eager": the chunked tensor-op reference sweep
+    (c) ZO lazy          the same as (b) with lazy=True; the warmup step makes the timed ones steady state
     (d) ZO lazy rad.     ZOOptimizer(..., sampler=DenseSampler("rademacher"), lazy=True)
     (e) MeZO reference   the published MeZO step, written below: 4 passes over the named parameters
                          (+eps z, -2 eps z, +eps z, update), each regenerating z with torch.normal from a
                          torch.Generator reseeded with the step's seed, applied with p.data.add_(z, alpha=...)
 
-Each is reported as a ratio to (a): 1.0 would mean the parameter passes cost nothing. A ZO step
+The warmup step also compiles the sweep kernels. Each is reported as a ratio to (a): 1.0 would mean
+the parameter passes cost nothing. A ZO step
 does the same 2 forwards plus passes over the 125M parameters (eager: 3, lazy: 2, MeZO: 4), so
 ratio - 1 is the price of the perturb / restore / update passes. ``--profile`` adds a cProfile of
 one eager step (top functions by own time) to the JSON.
@@ -123,17 +126,19 @@ def new_copy() -> torch.nn.Module:
     return copy.deepcopy(model)
 
 
-m_eager, m_lazy, m_rad, m_mezo = new_copy(), new_copy(), new_copy(), new_copy()
+m_eager, m_ref, m_lazy, m_rad, m_mezo = new_copy(), new_copy(), new_copy(), new_copy(), new_copy()
 variants: dict[str, Callable[[], None]] = {
     "(a) 2 forwards": two_forwards(model),
     "(b) ZO eager": optimizer_step(m_eager, zo_scale.ZOSGD(m_eager.named_parameters(), lr=LR, eps=EPS)),
+    "(b') ZO eager, eager kernel": optimizer_step(m_ref, zo_scale.ZOSGD(m_ref.named_parameters(), lr=LR, eps=EPS,
+                                                                        kernel="eager")),
     "(c) ZO lazy": optimizer_step(m_lazy, zo_scale.ZOSGD(m_lazy.named_parameters(), lr=LR, eps=EPS, lazy=True)),
     "(d) ZO lazy rademacher": optimizer_step(m_rad, zo_scale.ZOOptimizer(
         m_rad.named_parameters(), lr=LR, eps=EPS, sampler=zo_scale.DenseSampler("rademacher"), lazy=True)),
     "(e) MeZO reference": optimizer_step(m_mezo, MeZOReference(m_mezo, LR, EPS)),
 }
-passes = {"(a) 2 forwards": 0, "(b) ZO eager": 3, "(c) ZO lazy": 2, "(d) ZO lazy rademacher": 2,
-          "(e) MeZO reference": 4}
+passes = {"(a) 2 forwards": 0, "(b) ZO eager": 3, "(b') ZO eager, eager kernel": 3, "(c) ZO lazy": 2,
+          "(d) ZO lazy rademacher": 2, "(e) MeZO reference": 4}
 
 # -----------------------------------------------------------------------------
 # measure
@@ -177,6 +182,8 @@ settings = {
     "repeats": args.repeats,
     "timing": "round-robin over the variants, median of repeats, each variant on its own model copy",
     "noise_chunk_elements": noise.CHUNK,
+    "sweep_kernel": {label: ("eager" if "eager kernel" in label else "auto") for label in variants
+                     if label.startswith(("(b", "(c", "(d"))},
     "quick": args.quick,
 }
 notes = [
@@ -193,7 +200,8 @@ print("wrote", common.write_json(name, settings, results, notes))
 fig, ax = common.new_figure()
 labels = list(variants)
 common.hbar_with_ratios(ax, labels, [timings[k].median_s for k in labels], [timings[k].times_s for k in labels],
-                        [timings[k].median_s / base for k in labels], ["tab:gray"] + ["tab:blue"] * 3 + ["tab:orange"])
+                        [timings[k].median_s / base for k in labels],
+                        ["tab:gray", "tab:blue", "tab:olive", "tab:blue", "tab:blue", "tab:orange"])
 ax.axvline(base, color="gray", linestyle="--", linewidth=1)
 ax.set_xlabel("wall-clock time per step (s; bar: median, dots: repeats; lower is better)")
 ax.set_title(f"ZO step time vs 2 forwards: OPT-125m shape, {args.dtype}, batch {args.batch} x {args.seq}\n"

@@ -18,13 +18,14 @@ def model_and_batch():
 
 
 def reference_mezo_steps(model, loss_fn, steps, lr, eps, seed, queries, weight_decay):
-    """MeZO as published: +eps z, -2 eps z, +eps z, then the update, each a full pass with full-size z."""
+    """MeZO as published: +eps z, -2 eps z, +eps z, then the update, each a full pass with full-size z,
+    in MeZO's own expressions (theta + s * z * eps; theta - lr * (g z + wd theta)); q queries average."""
     params = list(model.named_parameters())
 
     def move(direction_seed, scale):
         for name, p in params:
             z = noise.normal(direction_seed, stream_id(name), 0, p.numel()).view_as(p)
-            p.data.add_(z, alpha=scale)
+            p.data = p.data + scale / eps * z * eps
 
     for t in range(steps):
         seeds = [noise.derive_seed(seed, t, i) for i in range(queries)]
@@ -38,11 +39,12 @@ def reference_mezo_steps(model, loss_fn, steps, lr, eps, seed, queries, weight_d
                 move(s, eps)
                 grads.append((lp - lm) / (2 * eps))
             for name, p in params:
-                if p.ndim >= 2 and weight_decay:
-                    p.data.mul_(1 - lr * weight_decay)
-                for s, g in zip(seeds, grads, strict=True):
-                    z = noise.normal(s, stream_id(name), 0, p.numel()).view_as(p)
-                    p.data.add_(z, alpha=-lr * g / queries)
+                zs = [noise.normal(s, stream_id(name), 0, p.numel()).view_as(p) for s in seeds]
+                g_hat = zs[0] * (grads[0] / queries)
+                for z, g in zip(zs[1:], grads[1:], strict=True):
+                    g_hat = g_hat + z * (g / queries)
+                decay = weight_decay if p.ndim >= 2 else 0.0
+                p.data = p.data - lr * (g_hat + decay * p.data)
 
 
 @pytest.mark.parametrize("lazy", [False, True])

@@ -1,9 +1,10 @@
 """Which runtime a run gets, and which DeepSpeed configs are refused (no process group is started)."""
 
 import pytest
+import torch
 
 from zo_scale.train.config import ConfigError, load_config
-from zo_scale.train.select_runtime import reconcile_deepspeed_config, resolve_mode
+from zo_scale.train.select_runtime import reconcile_deepspeed_config, resolve_device, resolve_mode
 
 STAGE3 = {"zero_optimization": {"stage": 3}}
 
@@ -53,3 +54,25 @@ def test_auto_values_are_filled_from_the_run():
 def test_deepspeed_config_that_contradicts_the_run_is_refused(ds, message):
     with pytest.raises(ConfigError, match=message):
         reconcile_deepspeed_config(ds, load_config(None, ["run.batch_size=16"]), world=2)
+
+
+def test_model_device_auto_is_this_ranks_gpu_else_the_cpu(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda:3"  # a launcher's rank 3 trains on its own GPU
+    assert resolve_device("cuda") == "cuda:3"
+    assert resolve_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    assert resolve_device("cpu") == "cpu"
+    assert load_config(None, []).model.device == "auto"  # the default
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("gpu0", "model.device: 'gpu0' is not a device"),
+    ("cuda:0", "CUDA is not available here"),
+])
+def test_bad_devices_are_config_errors(monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=message):
+        resolve_device(device)

@@ -54,6 +54,29 @@ def test_replay_rebuilds_the_fine_tuned_weights_bitwise(run_cli, tmp_path):
     assert base.keys() == trained.keys()
 
 
+def test_compiled_and_eager_sweeps_train_the_same_weights(run_cli):
+    code, eager = run_cli("run.steps=3", "optim.rule=adam", "optim.kernel=eager", out="eager")
+    assert code == 0
+    code, fused = run_cli("run.steps=3", "optim.rule=adam", "optim.kernel=compiled", out="fused")
+    assert code == 0
+    a, b = weights(eager), weights(fused)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert records(eager) == records(fused)
+
+
+def test_seed_log_records_the_sweep_arithmetic_and_an_old_log_is_flagged(tmp_path, caplog):
+    from zo_scale.core.sweep import ARITHMETIC_VERSION
+    from zo_scale.train import seedlog
+
+    log = tmp_path / "seedlog.jsonl"
+    seedlog.write_header(log, {"run": {"seed": 1}})
+    assert json.loads(log.read_text().splitlines()[0])["sweep_arithmetic"] == ARITHMETIC_VERSION
+    assert seedlog.read_header(log) == {"run": {"seed": 1}} and "sweep arithmetic" not in caplog.text
+    log.write_text(json.dumps({"header": {"run": {"seed": 1}}}) + "\n")  # written before the version existed
+    assert seedlog.read_header(log) == {"run": {"seed": 1}}
+    assert "sweep arithmetic version 1" in caplog.text and "not bit for bit" in caplog.text
+
+
 def test_resume_refuses_a_changed_trajectory(run_cli, capsys):
     assert run_cli("run.steps=2")[0] == 0
     code, _ = run_cli("run.steps=4", "optim.lr=0.5")
@@ -69,6 +92,8 @@ def test_resume_refuses_a_changed_trajectory(run_cli, capsys):
         ("optim.rule=lion", "unknown 'lion'"),
         ("task.loss=mse", "task.loss"),
         ("run.batch_size=0", "run.batch_size"),
+        ("optim.kernel=fast", "kernel='fast' is not a sweep kernel mode"),
+        ("model.device=gpu0", "model.device: 'gpu0' is not a device"),
     ],
 )
 def test_bad_input_exits_2_with_a_message_and_writes_nothing(run_cli, capsys, override, message, monkeypatch):

@@ -38,6 +38,12 @@ class Direction:
         in the shard's dtype and device; None where z is zero on this parameter."""
         raise NotImplementedError
 
+    def on(self, shard: ParamShard) -> Direction | None:
+        """This direction as it acts on one parameter: None where z is zero there, a simpler direction
+        where one gives the same z (a :class:`DenseDirection` is what the compiled sweep can fuse)."""
+        del shard
+        return self
+
 
 @dataclass
 class DenseDirection(Direction):
@@ -116,6 +122,9 @@ class LowRankDirection(Direction):
             return noise.generate("normal", self.seed, shard.stream, start, count, shard.flat.dtype, shard.flat.device)
         return low_rank_slice(lambda r0, n: self.u_rows(shard, r0, n), self.v(shard), shard, start, count)
 
+    def on(self, shard: ParamShard) -> Direction:
+        return self if len(shard.shape) == 2 else DenseDirection(self.seed)  # dense normal off matrices
+
 
 def low_rank_slice(
     left_rows: Callable[[int, int], torch.Tensor], right: torch.Tensor, shard: ParamShard, start: int, count: int
@@ -152,6 +161,9 @@ class FactorDirection(Direction):
             return None
         return low_rank_slice(lambda r0, n: self.factor[r0 : r0 + n], self.right, shard, start, count)
 
+    def on(self, shard: ParamShard) -> Direction | None:
+        return self if shard.stream == self.stream else None
+
 
 @dataclass
 class BlockDirection(Direction):
@@ -166,6 +178,9 @@ class BlockDirection(Direction):
 
     def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor | None:
         return self.inner.z(shard, start, count) if shard.stream in self.active else None
+
+    def on(self, shard: ParamShard) -> Direction | None:
+        return self.inner.on(shard) if shard.stream in self.active else None
 
 
 class DirectionSampler:

@@ -17,8 +17,11 @@ Q holds the normal quantiles at (k + 1/2) / 65536, rescaled to unit variance, so
 E[z] = 0 and E[z z^T] = I matter; the table lookup is what makes generation faster than
 ``torch.randn`` on a CPU (see ``benchmarks/noise_throughput.py``).
 
-Generation runs in chunks of ``CHUNK`` elements so a 262M-element tensor never needs a full-size
-temporary; :func:`add_noise_` fuses generate-and-add for the same reason.
+Two forms compute the same numbers. :func:`generate` works in chunks of ``CHUNK`` elements, one hash
+per word (the fast form for eager tensor ops, and a 262M-element tensor never needs a full-size
+temporary). :func:`at` is the elementwise form, one hash per element, that a compiler fuses into the
+kernel consuming z (:mod:`zo_scale.core.kernel`): z is never written to memory at all.
+:func:`add_noise_` runs through the ZO sweep, so it takes whichever path the sweep takes.
 """
 
 from __future__ import annotations
@@ -127,6 +130,28 @@ def _chunk(kind: str, key: int, start: int, count: int, dtype: torch.dtype, devi
 KINDS = ("normal", "rademacher")
 
 
+def table(kind: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The lookup table :func:`at` reads for this kind (the normal quantiles in ``dtype``); None for signs."""
+    return _normal_table(dtype, device) if kind == "normal" else None
+
+
+def at(kind: str, index: torch.Tensor, key: int, lookup: torch.Tensor | None) -> torch.Tensor:
+    """z[index] of the stream with this key (:func:`stream_key`), elementwise, for an int64 ``index``.
+
+    Equal bit for bit to :func:`generate` at the same indices (``tests/core/test_noise.py``). Written
+    with constant shifts and masks only, so inductor vectorizes it (C++ SIMD on CPU, Triton on CUDA).
+    ``lookup``: :func:`table` of the kind, in the dtype z is wanted in (normal); signs come out int64.
+    """
+    if kind == "normal":
+        word = hash64((index >> 2) + 1, key)
+        lane = index & 3  # int16 lane j of the word: bits [16j, 16j + 16), little-endian as in _chunk
+        bits = torch.where(lane == 0, word, torch.where(lane == 1, word >> 16, torch.where(lane == 2, word >> 32,
+                                                                                             word >> 48)))
+        return lookup[(bits & 0xFFFF) ^ 0x8000]  # the int16 value + 32768, as in _chunk
+    word = hash64((index >> 6) + 1, key)
+    return ((word >> (index & 63)) & 1) * 2 - 1
+
+
 def _check(kind: str, start: int, count: int) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; choose one of {KINDS}")
@@ -180,14 +205,20 @@ def rademacher(
     return generate("rademacher", seed, stream, start, count, dtype, device)
 
 
-def add_noise_(out: torch.Tensor, kind: str, seed: int, stream: int, start: int, alpha: float) -> torch.Tensor:
-    """out += alpha * z[start : start + out.numel()], generated chunk by chunk (no full-size temporary).
+def add_noise_(
+    out: torch.Tensor, kind: str, seed: int, stream: int, start: int, alpha: float, kernel: str | None = None
+) -> torch.Tensor:
+    """out <- round(out + alpha * z[start : start + out.numel()]), computed in fp32, as one sweep.
 
-    ``out`` must be a contiguous 1-D view (e.g. a flat parameter or one rank's shard of it).
+    ``out`` must be a contiguous 1-D view (e.g. a flat parameter or one rank's shard of it). This is
+    the ZO sweep with one move (:func:`zo_scale.core.sweep.sweep_shard`): a compiled kernel or the
+    chunked eager reference, by ``kernel`` (:mod:`zo_scale.core.kernel`), with equal results.
     """
+    from zo_scale.core.directions import DenseDirection  # the sweep builds on this module
+    from zo_scale.core.shards import ParamShard
+    from zo_scale.core.sweep import sweep_shard
+
     _check(kind, start, out.numel())
-    key = stream_key(seed, stream)
-    for s in range(0, out.numel(), CHUNK):
-        n = min(CHUNK, out.numel() - s)
-        out[s : s + n].add_(_chunk(kind, key, start + s, n, out.dtype, out.device), alpha=alpha)
+    shard = ParamShard(out, "", stream, out, start, torch.Size([start + out.numel()]))
+    sweep_shard(shard, after=[(DenseDirection(seed, kind), alpha)], kernel_mode=kernel)
     return out

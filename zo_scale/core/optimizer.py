@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from zo_scale.core import kernel as sweep_kernel
 from zo_scale.core import noise
 from zo_scale.core.directions import DenseSampler, Direction, DirectionSampler, LowRankSampler
 from zo_scale.core.forward_grad import loss_and_directional_derivative
@@ -125,6 +126,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         model: torch.nn.Module | None = None,
         master_weights: bool = False,
+        kernel: str | None = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -136,6 +138,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
         if queries < 1:
             raise ValueError(f"queries must be >= 1, got {queries}")
+        self.kernel = sweep_kernel.resolve(kernel)
         self.rule = make_rule(rule) if isinstance(rule, str) else rule
         if isinstance(self.rule, LozoMomentum) and not isinstance(sampler, LowRankSampler):
             raise ValueError("the LOZO-M rule keeps momentum in the low-rank factor: it needs sampler=LowRankSampler")
@@ -164,7 +167,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.last_record: StepRecord | None = None
         self._pending: _Pending | None = None
-        self.sampler.bind(self.local_shards())
+        shards = self.local_shards()
+        self.sampler.bind(shards)
+        for device in {s.flat.device for s in shards}:
+            sweep_kernel.announce(self.kernel, device)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _names(self, group: dict[str, Any], gi: int) -> list[str]:
@@ -221,7 +227,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if "master" not in state:  # first sweep: the shard is still unperturbed
                     state["master"] = shard.flat.to(torch.float32, copy=True)
                 master = state["master"]
-            sweep_shard(shard, before, update, after, state if update else None, master, offsets)
+            sweep_shard(shard, before, update, after, state if update else None, master, offsets, self.kernel)
 
     def flush(self) -> None:
         """Apply the pending restore and update now (a no-op unless ``lazy``)."""

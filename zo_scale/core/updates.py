@@ -2,18 +2,21 @@ r"""Update rules: how a ZO gradient estimate moves the parameters.
 
 The estimate is never a dense tensor: it is :math:`\hat g = \sum_i w_i z_i` with scalars
 :math:`w_i` (the projected gradients divided by q) and directions :math:`z_i` regenerated from seeds.
-A rule sees one chunk of one parameter at a time, with the matching chunks of its state, so the
-optimizer can fuse it with the restore and perturbation passes (:mod:`zo_scale.core.sweep`).
+A rule turns :math:`\hat g` into a step direction u, elementwise, and the sweep applies
 
-Symbols: :math:`\eta` = ``lr``, :math:`\lambda` = ``weight_decay`` (decoupled; matrices only).
-Every rule first applies :math:`\theta \leftarrow \theta (1 - \eta\lambda)`, then:
+.. math:: \theta \leftarrow \theta - \eta\,(u + \lambda \theta)
 
-- :class:`SGD` (ZO-SGD, MeZO): :math:`\theta \leftarrow \theta - \eta \hat g`
-- :class:`Sign` (ZO-SGD-Sign): :math:`\theta \leftarrow \theta - \eta\,\mathrm{sign}(\hat g)`
-- :class:`Momentum` (ZO-SGD-MMT): :math:`m \leftarrow \beta m + \hat g,\ \theta \leftarrow \theta - \eta m`
+(:math:`\eta` = ``lr``, :math:`\lambda` = ``weight_decay``, decoupled, matrices only; for ZO-SGD this
+is MeZO's own expression). A rule sees one chunk of one parameter, or a whole shard inside one
+compiled kernel (:mod:`zo_scale.core.kernel`), with the matching slices of its state; it is written
+as pure tensor expressions in fp32 so both see the same operations:
+
+- :class:`SGD` (ZO-SGD, MeZO): :math:`u = \hat g`
+- :class:`Sign` (ZO-SGD-Sign): :math:`u = \mathrm{sign}(\hat g)`
+- :class:`Momentum` (ZO-SGD-MMT): :math:`m \leftarrow \beta m + \hat g,\ u = m`
 - :class:`Adam` (ZO-Adam): :math:`m \leftarrow \beta_1 m + (1-\beta_1)\hat g,\
   v \leftarrow \beta_2 v + (1-\beta_2)\hat g^2,\
-  \theta \leftarrow \theta - \eta\,\hat m / (\sqrt{\hat v} + \epsilon_{adam})` with bias-corrected
+  u = \hat m / (\sqrt{\hat v} + \epsilon_{adam})` with bias-corrected
   :math:`\hat m, \hat v`; its step count is kept per parameter, as torch.optim.Adam does.
 
 State buffers are fp32 whatever the parameter dtype, and are created only for the parameters the
@@ -30,25 +33,9 @@ import torch
 from zo_scale.core.directions import Direction, FactorDirection, LowRankDirection
 from zo_scale.core.shards import ParamShard
 
-WeightedZ = Sequence[tuple[torch.Tensor, float]]  # [(z_i chunk, w_i)]: g_hat = sum_i w_i * z_i
-
-
-def _ghat(zs: WeightedZ) -> torch.Tensor:
-    """sum_i w_i z_i in fp32, shape of one chunk."""
-    z0, w0 = zs[0]
-    out = z0.float() * w0
-    for z, w in zs[1:]:
-        out.add_(z.float(), alpha=w)
-    return out
-
-
-def decay_(theta: torch.Tensor, lr: float, weight_decay: float) -> None:
-    if weight_decay:
-        theta.mul_(1.0 - lr * weight_decay)
-
 
 class UpdateRule:
-    """``apply_`` updates one chunk of a parameter in place; ``buffers`` names its per-element state."""
+    """``direction`` maps g_hat to the step direction u; ``buffers`` names its per-element state."""
 
     buffers: tuple[str, ...] = ()
 
@@ -60,41 +47,39 @@ class UpdateRule:
         return state
 
     def prepare(
-        self, shard: ParamShard, weights: Sequence[tuple[Direction, float]], state: dict[str, torch.Tensor], lr: float
+        self, shard: ParamShard, weights: Sequence[tuple[Direction, float]], state: dict[str, torch.Tensor]
     ) -> list[tuple[Direction, float]] | None:
-        """Optionally state this shard's update as moves along the rule's own directions (applied after
-        weight decay, instead of ``apply_``). Called once per shard and step, before its chunks."""
-        del shard, weights, state, lr
+        """Optionally state this shard's u as a sum of weighted directions of the rule's own (then the
+        sweep applies u = sum_k c_k z_k instead of ``direction``). Called once per shard and step."""
+        del shard, weights, state
         return None
 
-    def apply_(
-        self, theta: torch.Tensor, zs: WeightedZ, state: dict[str, torch.Tensor], lr: float, weight_decay: float,
-        step: int,
-    ) -> None:
+    def scalars(self, step: int) -> tuple[float, ...]:
+        """The step-dependent numbers ``direction`` needs (e.g. Adam's bias corrections), for ``step`` >= 1."""
+        del step
+        return ()
+
+    def direction(
+        self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """u for the fp32 estimate ``g`` (one chunk or shard), and the new values of the state buffers."""
         raise NotImplementedError
 
 
 @dataclass
 class SGD(UpdateRule):
-    def apply_(
-        self, theta: torch.Tensor, zs: WeightedZ, state: dict[str, torch.Tensor], lr: float, weight_decay: float,
-        step: int,
-    ) -> None:
-        del state, step
-        decay_(theta, lr, weight_decay)
-        for z, w in zs:  # theta -= lr * w_i * z_i, in the parameter dtype, as MeZO does
-            theta.add_(z, alpha=-lr * w)
+    def direction(
+        self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return g, {}
 
 
 @dataclass
 class Sign(UpdateRule):
-    def apply_(
-        self, theta: torch.Tensor, zs: WeightedZ, state: dict[str, torch.Tensor], lr: float, weight_decay: float,
-        step: int,
-    ) -> None:
-        del state, step
-        decay_(theta, lr, weight_decay)
-        theta.add_(_ghat(zs).sign_().to(theta.dtype), alpha=-lr)
+    def direction(
+        self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return torch.sign(g), {}
 
 
 @dataclass
@@ -106,15 +91,11 @@ class Momentum(UpdateRule):
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"momentum beta must be in [0, 1), got {self.beta}")
 
-    def apply_(
-        self, theta: torch.Tensor, zs: WeightedZ, state: dict[str, torch.Tensor], lr: float, weight_decay: float,
-        step: int,
-    ) -> None:
-        del step
-        m = state["momentum"]
-        m.mul_(self.beta).add_(_ghat(zs))
-        decay_(theta, lr, weight_decay)
-        theta.add_(m.to(theta.dtype), alpha=-lr)
+    def direction(
+        self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = state["momentum"] * self.beta + g
+        return m, {"momentum": m}
 
 
 @dataclass
@@ -131,18 +112,21 @@ class Adam(UpdateRule):
         if self.eps <= 0:
             raise ValueError(f"Adam eps must be > 0, got {self.eps}")
 
-    def apply_(
-        self, theta: torch.Tensor, zs: WeightedZ, state: dict[str, torch.Tensor], lr: float, weight_decay: float,
-        step: int,
-    ) -> None:
-        g = _ghat(zs)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.mul_(self.beta1).add_(g, alpha=1 - self.beta1)
-        v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-        m_hat_scale = 1.0 / (1 - self.beta1**step)
-        v_hat = v / (1 - self.beta2**step)
-        decay_(theta, lr, weight_decay)
-        theta.add_((m * m_hat_scale / (v_hat.sqrt_() + self.eps)).to(theta.dtype), alpha=-lr)
+    def scalars(self, step: int) -> tuple[float, ...]:
+        # bias corrections as reciprocals: inductor turns a division by a scalar into this product
+        # anyway, so the eager reference multiplies too
+        return (1 / (1 - self.beta1**step), 1 / (1 - self.beta2**step))
+
+    def direction(
+        self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        correction1, correction2 = scalars
+        m = state["exp_avg"] * self.beta1 + g * (1 - self.beta1)
+        v = state["exp_avg_sq"] * self.beta2 + g * g * (1 - self.beta2)
+        # sqrt through fp64: correctly rounded on every path (eager fp32 sqrt on CPU is not, inductor's is)
+        root = torch.sqrt((v * correction2).double()).float()
+        u = (m * correction1) / (root + self.eps)
+        return u, {"exp_avg": m, "exp_avg_sq": v}
 
 
 @dataclass
@@ -166,7 +150,7 @@ class LozoMomentum(Momentum):
                 "factor": torch.zeros(shard.shape[0], 0, device=shard.flat.device)}
 
     def prepare(
-        self, shard: ParamShard, weights: Sequence[tuple[Direction, float]], state: dict[str, torch.Tensor], lr: float
+        self, shard: ParamShard, weights: Sequence[tuple[Direction, float]], state: dict[str, torch.Tensor]
     ) -> list[tuple[Direction, float]] | None:
         if len(shard.shape) != 2:
             return None
@@ -185,7 +169,7 @@ class LozoMomentum(Momentum):
         for d, w in weights:
             factor.add_(d.u_rows(shard, 0, m), alpha=w)  # type: ignore[attr-defined]
         state["factor"], state["v_seed"] = factor, torch.tensor(current.v_seed)
-        return [(FactorDirection(factor, current.v(shard), shard.stream), -lr)]
+        return [(FactorDirection(factor, current.v(shard), shard.stream), 1.0)]
 
 
 RULES = {"sgd": SGD, "sign": Sign, "momentum": Momentum, "adam": Adam, "lozo-m": LozoMomentum}

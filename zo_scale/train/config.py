@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "tiny-llama"  # built-in name (smollm2-135m, tiny-opt, tiny-llama, tiny-mistral), folder or hub id
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    device: str = "cpu"
+    device: str = "auto"  # auto (this rank's GPU, cuda:$LOCAL_RANK, where CUDA is available; else cpu) | cpu | cuda[:N]
     quantization: str = "none"  # none | int8 | nf4 (bitsandbytes; with peft.method=none ZO trains the scales)
 
 
@@ -59,6 +59,7 @@ class OptimConfig:
     rank: int = 2  # sampler=lowrank
     schedule: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
+    kernel: str | None = None  # what runs each sweep: auto | compiled | eager; None: $ZO_SCALE_KERNEL, else auto
 
 
 @dataclass

@@ -8,18 +8,26 @@ the optimizer's passes with the logged scalars instead of forwards, bit for bit 
 weights in fp32. Every rule and sampler replays (stateful rules rebuild their buffers as they go);
 what cannot replay is a run whose parameter set or order differs from the base model's, or a hybrid
 ZO-FO run (its backprop part is not logged). A PEFT run replays to its adapter.
+
+The header also records the sweep's arithmetic version (:data:`zo_scale.core.sweep.ARITHMETIC_VERSION`):
+a log written by another version replays to weights equal to rounding error, not bit for bit, and
+:func:`replay` says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from zo_scale.core.optimizer import StepRecord
+from zo_scale.core.sweep import ARITHMETIC_VERSION
+
+log = logging.getLogger(__name__)
 
 
 def write_header(path: Path, config: dict[str, Any], keep_steps_below: int = 0) -> None:
@@ -27,7 +35,7 @@ def write_header(path: Path, config: dict[str, Any], keep_steps_below: int = 0) 
     kept = [r for r in read_records(path) if r.step < keep_steps_below] if keep_steps_below and path.exists() else []
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
-        f.write(json.dumps({"header": config}) + "\n")
+        f.write(json.dumps({"header": config, "sweep_arithmetic": ARITHMETIC_VERSION}) + "\n")
         for record in kept:
             f.write(json.dumps(dataclasses.asdict(record)) + "\n")
     os.replace(tmp, path)
@@ -39,10 +47,16 @@ def append(path: Path, record: StepRecord) -> None:
 
 
 def read_header(path: Path) -> dict[str, Any]:
+    """The logged config; warns when the log was written with another sweep arithmetic (logs from
+    before the version was recorded are version 1)."""
     with path.open() as f:
         first = json.loads(f.readline())
     if "header" not in first:
         raise ValueError(f"{path}: not a zo-scale seed log (first line has no header)")
+    version = first.get("sweep_arithmetic", 1)
+    if version != ARITHMETIC_VERSION:
+        log.warning("%s was written with sweep arithmetic version %s, this zo-scale uses %s: the replayed weights "
+                    "equal the trained ones to rounding error, not bit for bit", path, version, ARITHMETIC_VERSION)
     return first["header"]
 
 

@@ -121,6 +121,21 @@ def resolve_mode(cfg: Config, ds: dict[str, Any] | None, world: int) -> str:
     return mode
 
 
+def resolve_device(name: str) -> str:
+    """``model.device`` for this rank: 'auto' is this rank's GPU (``cuda:$LOCAL_RANK``, as launchers set
+    it) where CUDA is available, else 'cpu'; a bare 'cuda' is this rank's GPU too; anything else as given."""
+    local = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if name == "auto":
+        return local if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(local if name == "cuda" else name)
+    except RuntimeError:
+        raise ConfigError(f"model.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={name}, but CUDA is not available here; use model.device=auto or cpu")
+    return str(device)
+
+
 def make_runtime(cfg: Config) -> Runtime:
     """The runtime the config and the launcher ask for, with its process group up (if any)."""
     world = world_size()

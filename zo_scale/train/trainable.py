@@ -42,6 +42,7 @@ from zo_scale.adapters.peft_tuning import PeftSettings, apply_peft, trainable_na
 from zo_scale.backends.runtime import Runtime
 from zo_scale.models import load_model
 from zo_scale.train.config import Config, ConfigError
+from zo_scale.train.select_runtime import resolve_device
 
 log = logging.getLogger("zo_scale")
 
@@ -115,7 +116,7 @@ def load_trainable(cfg: Config, runtime: Runtime, checkpoint: Path | None) -> Tr
     if k and runtime.name == "zero3":  # DeepSpeed's optimizer takes the FO partitions when the engine is built
         hooks = {"fo_parameters": lambda m: _split(m, k)[0], "fo_optimizer_factory": fo_optimizer_factory(cfg)}
     model, tokenizer = runtime.load_model(lambda: load_model(
-        cfg.model.name, cfg.model.dtype, cfg.model.device, seed=cfg.run.seed, weights=weights,
+        cfg.model.name, cfg.model.dtype, resolve_device(cfg.model.device), seed=cfg.run.seed, weights=weights,
         quantization=cfg.model.quantization), **hooks)
     model.eval()  # ZO forwards run without dropout: both points of a pair must see the same function
     if method != "none":

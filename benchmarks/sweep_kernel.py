@@ -1,0 +1,168 @@
+"""Sweep kernel: the compiled one-kernel-per-shard sweep vs the eager reference, vs a plain add_.
+
+Part 1, time. Over one tensor of ``--numel`` elements (default 16M) in fp32 and bf16, the median
+wall time (round-robin, after a warmup that also compiles) of:
+
+    plain add_                 x.add_(y), y a stored tensor of the same size: the memory-bound floor (baseline)
+    eager add_noise_ normal    zo_scale.core.noise.add_noise_(x, "normal", ..., kernel="eager")   (64K chunks)
+    compiled add_noise_ normal the same with kernel="compiled" (one torch.compile kernel)
+    ... rademacher             the same two with Rademacher signs
+
+reported as ratios to plain add_ (1.0: z costs nothing beyond the read-modify-write of x).
+
+Part 2, work per sweep. One steady-state lazy ZO-SGD sweep (restore + update + next perturbation:
+two directions), one ZO-Adam sweep and one SparseZO sweep over a shard of ``--count-numel``
+elements, under torch.profiler: aten ops per 64K chunk (eager; on a GPU each is a kernel launch),
+host syncs (``aten::item`` / ``aten::_local_scalar_dense`` / ``aten::is_nonzero``), compiled graph
+calls and inductor kernels per shard, and with ``--device cuda`` the CUDA kernel launches.
+
+Run:
+    .venv/bin/python benchmarks/sweep_kernel.py                  # 16M elements, 7 repeats (about 2 min on 2 cores)
+    .venv/bin/python benchmarks/sweep_kernel.py --device cuda    # on a GPU (benchmarks/gpu_check.py runs this)
+    .venv/bin/python benchmarks/sweep_kernel.py --quick          # smoke run: 1M elements, 2 repeats
+
+Writes benchmarks/results/sweep_kernel_<device>[_quick].{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import common
+import torch
+from torch._inductor import metrics as inductor_metrics
+from torch.profiler import ProfilerActivity, profile
+
+from zo_scale.core import noise
+from zo_scale.core.directions import DenseDirection, SparseDirection
+from zo_scale.core.shards import ParamShard
+from zo_scale.core.sweep import Update, sweep_shard
+from zo_scale.core.updates import SGD, Adam
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--numel", type=int, default=1 << 24)
+parser.add_argument("--count-numel", type=int, default=1 << 20, help="shard size for the op counts (16 chunks)")
+parser.add_argument("--repeats", type=int, default=7)
+parser.add_argument("--device", default="cpu")
+parser.add_argument("--quick", action="store_true", help="1M elements, 2 repeats")
+args = parser.parse_args()
+if args.quick:
+    args.numel, args.repeats = 1 << 20, 2
+device = torch.device(args.device)
+name = f"sweep_kernel_{device.type}" + ("_quick" if args.quick else "")
+SEED, STREAM, EPS = 1234, 7, 1e-3
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero")
+
+
+def synchronized(fn: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+# -----------------------------------------------------------------------------
+# part 1: time per pass over one tensor, as a ratio to a plain add_
+
+time_results: dict[str, dict[str, object]] = {}
+for dtype_name in common.DTYPES:
+    dtype = common.torch_dtype(dtype_name)
+    x = torch.randn(args.numel, device=device).to(dtype)
+    y = torch.randn(args.numel, device=device).to(dtype)
+    methods = {"plain add_": synchronized(lambda x=x, y=y: x.add_(y, alpha=1e-9))}
+    for kind in noise.KINDS:
+        for mode in ("eager", "compiled"):
+            methods[f"{mode} add_noise_ {kind}"] = synchronized(
+                lambda x=x, kind=kind, mode=mode: noise.add_noise_(x, kind, SEED, STREAM, 0, 1e-9, kernel=mode))
+    timings = common.time_interleaved(methods, warmup=1, repeats=args.repeats)
+    base = timings["plain add_"].median_s
+    for label, t in timings.items():
+        time_results[f"{dtype_name} {label}"] = {"median_s": t.median_s, "times_s": t.times_s,
+                                                 "ratio_vs_plain_add": t.median_s / base,
+                                                 "elements_per_s": args.numel / t.median_s}
+        print(f"{dtype_name} {label:32s} {t.median_s * 1e3:8.2f} ms  x{t.median_s / base:.2f} vs plain add_")
+
+# -----------------------------------------------------------------------------
+# part 2: what one sweep issues, per chunk (eager) and per shard (compiled)
+
+
+def sweep_case(case: str, flat: torch.Tensor) -> Callable[[str], None]:
+    shard = ParamShard(flat, "w", STREAM, flat, 0, torch.Size([flat.numel()]))
+    now, then = DenseDirection(noise.derive_seed(SEED, 1)), DenseDirection(noise.derive_seed(SEED, 2))
+    if case == "sgd lazy":  # restore from theta - eps z_t, update along z_t, then theta + eps z_(t+1)
+        update = Update(SGD(), [(now, 0.5)], 1e-6, 0.0)
+        return lambda mode: sweep_shard(shard, [(now, EPS)], update, [(then, EPS)], kernel_mode=mode)
+    if case == "adam":
+        rule = Adam()
+        state = rule.init_state(shard)
+        update = Update(rule, [(now, 0.5)], 1e-6, 0.0)
+        return lambda mode: sweep_shard(shard, [(now, EPS)], update, [(then, EPS)], state, kernel_mode=mode)
+    sparse = SparseDirection(noise.derive_seed(SEED, 3), noise.derive_seed(SEED, 4), 0.75)
+    return lambda mode: sweep_shard(shard, after=[(sparse, EPS)], kernel_mode=mode)
+
+
+def count(run: Callable[[], None]) -> dict[str, int]:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    run()  # warm: compiled, tables cached
+    inductor_metrics.reset()
+    with profile(activities=activities) as prof:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    aten = sum(e.count for e in events if e.key.startswith("aten::"))
+    out = {"aten_ops": aten, "host_syncs": sum(e.count for e in events if e.key in SYNC_OPS),
+           "compiled_graph_calls": sum(e.count for e in events if e.key.startswith("## Call CompiledFxGraph"))}
+    if device.type == "cuda":
+        out["cuda_kernel_launches"] = sum(e.count for e in events if e.key == "cudaLaunchKernel"
+                                          or e.key == "cuLaunchKernel" or e.key == "cuLaunchKernelEx")
+    return out
+
+
+def kernels_in_graph(run: Callable[[], None]) -> int:
+    """Inductor kernels generated for this sweep's graph (compiled fresh, so the count is its own)."""
+    torch._dynamo.reset()
+    inductor_metrics.reset()
+    run()
+    return inductor_metrics.generated_kernel_count
+
+
+chunks = -(-args.count_numel // noise.CHUNK)
+count_results: dict[str, dict[str, object]] = {}
+for case in ("sgd lazy", "adam", "sparse"):
+    flat = torch.zeros(args.count_numel, device=device)
+    run = sweep_case(case, flat)
+    eager = count(lambda run=run: run("eager"))
+    row: dict[str, object] = {"eager": eager, "eager_aten_ops_per_chunk": eager["aten_ops"] / chunks,
+                              "eager_host_syncs_per_chunk": eager["host_syncs"] / chunks}
+    if case != "sparse":  # the sparse mask's cycle walk has a data-dependent loop: eager only
+        row["compiled"] = count(lambda run=run: run("compiled"))
+        row["compiled_kernels_per_shard"] = kernels_in_graph(lambda run=run: run("compiled"))
+    count_results[case] = row
+    print(f"{case:9s} eager: {row['eager_aten_ops_per_chunk']:.1f} aten ops and "
+          f"{row['eager_host_syncs_per_chunk']:.1f} host syncs per 64K chunk"
+          + (f"; compiled: {row['compiled']} per shard, {row['compiled_kernels_per_shard']} inductor kernel(s)"
+             if "compiled" in row else ""))
+
+settings = {"numel": args.numel, "count_numel": args.count_numel, "chunks_per_count_shard": chunks,
+            "device": str(device), "repeats": args.repeats, "warmup": 1, "noise_chunk_elements": noise.CHUNK,
+            "timing": "round-robin, median of repeats; the warmup pass also compiles", "quick": args.quick}
+notes = ["ratio_vs_plain_add: median time / median time of x.add_(y) over the same number of elements.",
+         "aten_ops: every aten op the profiler saw in one sweep (eager: per chunk divide by chunks); on a GPU "
+         "each is a kernel launch or a host-side op. compiled_graph_calls: calls into the compiled graph.",
+         "compiled_kernels_per_shard: inductor's generated_kernel_count for the sweep's graph."]
+print("wrote", common.write_json(name, settings, {"time": time_results, "work_per_sweep": count_results}, notes))
+
+fig, ax = common.new_figure()
+labels = list(time_results)
+common.hbar_with_ratios(ax, labels, [time_results[k]["median_s"] * 1e3 for k in labels],
+                        [[s * 1e3 for s in time_results[k]["times_s"]] for k in labels],
+                        [time_results[k]["ratio_vs_plain_add"] for k in labels],
+                        ["tab:gray" if "plain" in k else "tab:orange" if "eager" in k else "tab:blue" for k in labels])
+ax.set_xlabel("ms per pass (bar: median, dots: repeats; lower is better)")
+ax.set_title(f"Noise-add over {args.numel / 1e6:.0f}M elements on {device.type}: compiled (blue) vs eager (orange)\n"
+             f"xN: ratio to a plain add_ of the same size (gray)\n{common.machine_label()}", fontsize=10)
+print("wrote", common.save_figure(fig, name))

@@ -1,0 +1,175 @@
+"""The compiled sweep (one kernel per shard) equals the eager reference bit for bit, and compiles once."""
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import zo_scale
+from zo_scale.core import kernel, noise
+from zo_scale.core.optimizer import ZOOptimizer
+
+
+def model_and_loss(dtype):
+    torch.manual_seed(0)
+    # odd sizes: shards that are not multiples of 4 (normal words), 64 (sign words) or a SIMD width
+    model = torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Tanh(), torch.nn.Linear(37, 5)).to(dtype)
+    x, y = torch.randn(32, 13, dtype=dtype), torch.randn(32, 5, dtype=dtype)
+    return model, (lambda m: (m(x) - y).float().pow(2).mean())
+
+
+OPTIMIZERS = {
+    "sgd": lambda p, k: zo_scale.ZOSGD(p, lr=1e-2, kernel=k),
+    "sgd-q3-wd-lazy": lambda p, k: zo_scale.ZOSGD(p, lr=1e-2, queries=3, weight_decay=0.1, lazy=True, kernel=k),
+    "momentum": lambda p, k: zo_scale.ZOSGD(p, lr=1e-2, momentum=0.9, kernel=k),
+    "sign": lambda p, k: zo_scale.ZOSignSGD(p, lr=1e-3, kernel=k),
+    "adam-wd": lambda p, k: zo_scale.ZOAdam(p, lr=1e-3, weight_decay=0.01, kernel=k),
+    "rademacher-forward": lambda p, k: ZOOptimizer(p, lr=1e-2, estimator="forward", queries=2, kernel=k,
+                                                   sampler=zo_scale.DenseSampler("rademacher")),
+    "conservative": lambda p, k: zo_scale.ZOConservative(p, lr=1e-2, kernel=k),
+    "block": lambda p, k: zo_scale.BlockZO(p, lr=1e-2, queries=2, kernel=k),
+    "lozo-m": lambda p, k: zo_scale.LOZOM(p, lr=1e-3, rank=2, nu=2, kernel=k),
+    "sparse": lambda p, k: zo_scale.SparseZO(p, lr=1e-2, sparsity=0.5, kernel=k),
+    "master-adam": lambda p, k: zo_scale.ZOAdam(p, lr=1e-3, master_weights=True, lazy=True, kernel=k),
+}
+
+
+def train(name, dtype, mode, steps=4):
+    model, loss = model_and_loss(dtype)
+    opt = OPTIMIZERS[name](model.named_parameters(), mode)
+    losses = [opt.step(lambda: loss(model)) for _ in range(steps)]
+    opt.flush()
+    return model, losses, opt.state_dict()
+
+
+# the master copy is for 16-bit weights only
+CASES = [(n, d) for n in sorted(OPTIMIZERS) for d in (torch.float32, torch.bfloat16, torch.float16)
+         if not (n.startswith("master") and d == torch.float32)]
+
+
+@pytest.mark.parametrize("name,dtype", CASES)
+def test_compiled_steps_equal_eager_bitwise(name, dtype):
+    eager, eager_losses, eager_state = train(name, dtype, "eager")
+    fused, fused_losses, fused_state = train(name, dtype, "compiled")
+    assert fused_losses == eager_losses
+    for (n, p), q in zip(fused.named_parameters(), eager.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    for index, buffers in eager_state["state"].items():
+        for key, value in buffers.items():
+            assert torch.equal(fused_state["state"][index][key], value), (index, key)
+    assert not torch.equal(fused[0].weight, model_and_loss(dtype)[0][0].weight)  # it moved
+
+
+@pytest.mark.parametrize("kind", noise.KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_noise_compiled_equals_eager_on_random_slices(kind, dtype):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        start = int(torch.randint(0, 1 << 40, (1,), generator=gen))
+        n = int(torch.randint(1, 200_000, (1,), generator=gen))
+        x = torch.randn(n, generator=gen).to(dtype)
+        a, b = x.clone(), x.clone()
+        noise.add_noise_(a, kind, 5, 9, start, 0.3, kernel="eager")
+        noise.add_noise_(b, kind, 5, 9, start, 0.3, kernel="compiled")
+        assert torch.equal(a, b), (start, n)
+        z = noise.generate(kind, 5, 9, start, n, dtype)
+        assert torch.equal(a, (x.float() + 0.3 * z.float()).to(dtype))
+
+
+def test_elementwise_noise_equals_generate():
+    for kind in noise.KINDS:
+        index = torch.arange(1_000_003, 1_070_001)
+        key = noise.stream_key(3, 7)
+        at = noise.at(kind, index, key, noise.table(kind, torch.float32, index.device)).float()
+        assert torch.equal(at, noise.generate(kind, 3, 7, 1_000_003, index.numel()))
+
+
+def test_no_recompiles_across_shapes_steps_and_seeds():
+    torch._dynamo.reset()
+    counters.clear()
+
+    def run(sizes, seed):
+        params = [(f"w{i}", torch.nn.Parameter(torch.randn(n))) for i, n in enumerate(sizes)]
+        opt = zo_scale.ZOAdam(params, lr=1e-3, seed=seed, kernel="compiled", weight_decay=0.1)
+        for _ in range(3):
+            opt.step(lambda: sum(p.sum() for _, p in params))
+
+    run([1000, 3001], seed=0)  # warm-up: each sweep shape compiles here
+    warm = counters["stats"]["unique_graphs"]
+    run([77_777, 12_345, 5, 300_000], seed=9)  # new sizes, offsets, seeds, coefficients, steps
+    assert counters["stats"]["unique_graphs"] == warm
+    assert warm <= 8  # per plan and dtype: no shape- or value-specialized copies
+
+
+def test_mode_comes_from_argument_then_environment(monkeypatch):
+    monkeypatch.setenv(kernel.ENV, "eager")
+    assert kernel.resolve(None) == "eager"
+    assert kernel.resolve("compiled") == "compiled"
+    assert not kernel.wants_compiled(None, torch.device("cpu"), 1 << 30)
+    monkeypatch.delenv(kernel.ENV)
+    assert kernel.resolve(None) == "auto"
+    assert kernel.wants_compiled("auto", torch.device("cpu"), kernel.MIN_COMPILED_NUMEL)
+    assert not kernel.wants_compiled("auto", torch.device("cpu"), kernel.MIN_COMPILED_NUMEL - 1)
+    assert kernel.wants_compiled("auto", torch.device("meta"), 1)  # any accelerator: always compiled
+    monkeypatch.setenv(kernel.ENV, "fast")
+    with pytest.raises(ValueError, match=r"\$ZO_SCALE_KERNEL='fast' is not a sweep kernel mode"):
+        kernel.resolve(None)
+    with pytest.raises(ValueError, match="kernel='fused' is not a sweep kernel mode"):
+        zo_scale.ZOSGD([torch.nn.Parameter(torch.ones(3))], kernel="fused")
+
+
+def test_the_log_says_which_kernel_runs(caplog):
+    with caplog.at_level(logging.INFO, logger="zo_scale.core.kernel"):
+        kernel._announced.clear()
+        zo_scale.ZOSGD([torch.nn.Parameter(torch.ones(3))], kernel="eager")
+        zo_scale.ZOSGD([torch.nn.Parameter(torch.ones(3))], kernel="compiled")
+    assert "eager tensor ops (reference)" in caplog.text
+    assert "one torch.compile kernel per shard (inductor, C++/OpenMP)" in caplog.text
+
+
+def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    def broken(fn, **kwargs):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(kernel, "_compiled", {})
+    monkeypatch.setattr(kernel, "_failure", None)
+    monkeypatch.setattr(torch, "compile", broken)
+    x = torch.randn(kernel.MIN_COMPILED_NUMEL)
+    reference = noise.add_noise_(x.clone(), "normal", 1, 2, 0, 0.5, kernel="eager")
+    with caplog.at_level(logging.WARNING, logger="zo_scale.core.kernel"):
+        out = noise.add_noise_(x.clone(), "normal", 1, 2, 0, 0.5, kernel="auto")
+    assert torch.equal(out, reference)
+    assert "torch.compile failed" in caplog.text and "no C compiler" in caplog.text
+    assert "torch.compile failed" in kernel.describe("auto", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        monkeypatch.setattr(kernel, "_compiled", {})
+        noise.add_noise_(x.clone(), "normal", 1, 2, 0, 0.5, kernel="compiled")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run benchmarks/gpu_check.py there)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_compiled_equals_cuda_eager_and_cpu(dtype):
+    x = torch.randn(1_000_003).to(dtype)
+    cpu = noise.add_noise_(x.clone(), "normal", 3, 4, 99, 0.25, kernel="eager")
+    eager = noise.add_noise_(x.cuda(), "normal", 3, 4, 99, 0.25, kernel="eager")
+    fused = noise.add_noise_(x.cuda(), "normal", 3, 4, 99, 0.25, kernel="compiled")
+    assert torch.equal(eager, fused)
+    assert torch.equal(eager.cpu(), cpu)  # the table lookup is exact: same z on every device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run benchmarks/gpu_check.py there)")
+@pytest.mark.parametrize("name", ["sgd-q3-wd-lazy", "adam-wd", "master-adam"])
+def test_cuda_steps_compiled_equal_eager(name):
+    def run(mode):
+        model, loss = model_and_loss(torch.bfloat16)
+        model = model.cuda()
+        x = torch.randn(32, 13, dtype=torch.bfloat16, device="cuda")
+        opt = OPTIMIZERS[name](model.named_parameters(), mode)
+        for _ in range(3):
+            opt.step(lambda: model(x).float().pow(2).mean())
+        opt.flush()
+        return model
+
+    for p, q in zip(run("eager").parameters(), run("compiled").parameters(), strict=True):
+        assert torch.equal(p, q)
