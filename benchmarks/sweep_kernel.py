@@ -16,6 +16,11 @@ elements, under torch.profiler: aten ops per 64K chunk (eager; on a GPU each is 
 host syncs (``aten::item`` / ``aten::_local_scalar_dense`` / ``aten::is_nonzero``), compiled graph
 calls and inductor kernels per shard, and with ``--device cuda`` the CUDA kernel launches.
 
+Part 3, the noise format. The same compiled noise-add (fp32) with a candidate 32-bit counter hash in
+place of SplitMix64 (two rounds of a 32-bit finalizer over the counter's low and high words, one
+hash per element, 16 bits for the table index or 1 bit for a sign; defined here, not in the
+library), to see whether a 32-bit generator would be worth a new noise format.
+
 Run:
     .venv/bin/python benchmarks/sweep_kernel.py                  # 16M elements, 7 repeats (about 2 min on 2 cores)
     .venv/bin/python benchmarks/sweep_kernel.py --device cuda    # on a GPU (benchmarks/gpu_check.py runs this)
@@ -147,14 +152,69 @@ for case in ("sgd lazy", "adam", "sparse"):
           + (f"; compiled: {row['compiled']} per shard, {row['compiled_kernels_per_shard']} inductor kernel(s)"
              if "compiled" in row else ""))
 
+# -----------------------------------------------------------------------------
+# part 3: a 32-bit counter hash in place of SplitMix64, same kernel shape (fp32)
+
+MASK32 = 0xFFFFFFFF
+
+
+def int32(value: int) -> int:
+    value &= MASK32
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def finalize32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit multiply-xorshift finalizer on int32 (shifts masked to act as logical shifts)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * int32(0x7FEB352D)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * int32(0x846CA68B)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def hash32(index: torch.Tensor, key0: int, key1: int) -> torch.Tensor:
+    return finalize32(finalize32(index.to(torch.int32) ^ key0) ^ (index >> 32).to(torch.int32) ^ key1)
+
+
+def add_32bit(kind: str) -> Callable[..., torch.Tensor]:
+    def add(x: torch.Tensor, table: torch.Tensor, key0: int, key1: int, start: int) -> torch.Tensor:
+        index = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + start
+        h = hash32(index, key0, key1)
+        z = table[(h & 0xFFFF).to(torch.int64)] if kind == "normal" else ((h & 1) * 2 - 1).float()
+        return x.copy_(x.float() + 1e-9 * z)
+
+    return torch.compile(add, dynamic=True)
+
+
+x = torch.randn(args.numel, device=device)
+y = torch.randn(args.numel, device=device)
+lookup = noise.table("normal", torch.float32, device)
+keys32 = (int32(noise.stream_key(SEED, STREAM)), int32(noise.stream_key(SEED, STREAM) >> 32))
+candidates = {"plain add_": synchronized(lambda: x.add_(y, alpha=1e-9))}
+for kind in noise.KINDS:
+    candidates[f"splitmix64 {kind}"] = synchronized(
+        lambda kind=kind: noise.add_noise_(x, kind, SEED, STREAM, 0, 1e-9, kernel="compiled"))
+    add32 = add_32bit(kind)
+    candidates[f"32-bit hash {kind}"] = synchronized(lambda add32=add32: add32(x, lookup, *keys32, 0))
+timings = common.time_interleaved(candidates, warmup=1, repeats=args.repeats)
+format_results = {label: {"median_s": t.median_s, "times_s": t.times_s,
+                          "ratio_vs_plain_add": t.median_s / timings["plain add_"].median_s}
+                  for label, t in timings.items()}
+for label, row in format_results.items():
+    print(f"format fp32 {label:24s} x{row['ratio_vs_plain_add']:.2f} vs plain add_")
+
 settings = {"numel": args.numel, "count_numel": args.count_numel, "chunks_per_count_shard": chunks,
             "device": str(device), "repeats": args.repeats, "warmup": 1, "noise_chunk_elements": noise.CHUNK,
             "timing": "round-robin, median of repeats; the warmup pass also compiles", "quick": args.quick}
 notes = ["ratio_vs_plain_add: median time / median time of x.add_(y) over the same number of elements.",
          "aten_ops: every aten op the profiler saw in one sweep (eager: per chunk divide by chunks); on a GPU "
          "each is a kernel launch or a host-side op. compiled_graph_calls: calls into the compiled graph.",
-         "compiled_kernels_per_shard: inductor's generated_kernel_count for the sweep's graph."]
-print("wrote", common.write_json(name, settings, {"time": time_results, "work_per_sweep": count_results}, notes))
+         "compiled_kernels_per_shard: inductor's generated_kernel_count for the sweep's graph.",
+         "host_syncs count every .item() the profiler saw; the rule's step counter is a CPU tensor, so on a GPU "
+         "those are host reads, not device syncs.",
+         "noise_format_fp32: the compiled noise-add with SplitMix64 (the format) vs a candidate 32-bit hash."]
+results = {"time": time_results, "work_per_sweep": count_results, "noise_format_fp32": format_results}
+print("wrote", common.write_json(name, settings, results, notes))
 
 fig, ax = common.new_figure()
 labels = list(time_results)

@@ -180,11 +180,10 @@ def sweep_shard(
     if master is not None:
         before, after = (), offsets
     directions, ((b, bc), (u, uc), (a, ac)) = _resolve(shard, (before, weights, after))
-    if not u:
+    if not u:  # every update direction is zero on this shard
         rule = None
-    plan = Plan(tuple(getattr(d, "kind", "") for d in directions), b, u if rule else (), a, rule,
-                master is not None)
-    k = Scalars(bc, uc if rule else [], ac)
+    plan = Plan(tuple(getattr(d, "kind", "") for d in directions), b, u, a, rule, master is not None)
+    k = Scalars(bc, uc, ac)
     if rule is not None:
         step = int(state["step"]) + 1 if state is not None and "step" in state else 1
         k.lr, k.weight_decay = update.lr, (update.weight_decay if shard.decays else 0.0)
