@@ -52,3 +52,34 @@ def test_bad_arguments_are_named():
         noise.generate("uniform", 0, 0, 0, 10)
     with pytest.raises(ValueError, match="start and count"):
         noise.normal(0, 0, -1, 10)
+
+
+def test_the_16_bit_table_index_is_uniform_chi_square():
+    """Each normal is Q[16 bits of the hash]: the 65,536 indices must be equally likely."""
+    z = noise.normal(seed=4, stream=2, start=0, count=1 << 22)  # 64 draws per index on average
+    index = torch.searchsorted(noise.table("normal", torch.float32, z.device), z)
+    counts = torch.bincount(index, minlength=65536).double()
+    expected = z.numel() / 65536
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    dof = 65535
+    assert abs(chi2 - dof) < 5 * (2 * dof) ** 0.5, chi2  # chi-square(dof) has sd sqrt(2 dof)
+
+
+def test_normal_tails_follow_the_gaussian_and_stop_at_the_table_ends():
+    z = noise.normal(seed=5, stream=0, start=0, count=4_000_000)
+    for k, p in ((2.0, 0.0455), (3.0, 0.0027)):  # P(|z| > k) of N(0, 1)
+        assert abs((z.abs() > k).double().mean().item() - p) < 4 * (p * (1 - p) / z.numel()) ** 0.5, k
+    table = noise.table("normal", torch.float32, z.device)
+    assert z.abs().max().item() <= table.abs().max().item() < 4.4  # 16-bit quantiles end at 4.3 sigma
+
+
+@pytest.mark.parametrize("kind", noise.KINDS)
+def test_neighbours_and_offsets_are_uncorrelated(kind):
+    """Lanes of one hash word (lags 1-3 for normals, 1-63 for signs) and far offsets look independent."""
+    z = noise.generate(kind, seed=6, stream=3, start=0, count=1 << 21).double()
+    bound = 5 / z.numel() ** 0.5  # 5 sigma of a correlation estimate
+    for lag in (1, 2, 3, 4, 63, 64, 65_536):
+        r = torch.corrcoef(torch.stack([z[:-lag], z[lag:]]))[0, 1].item()
+        assert abs(r) < bound, (lag, r)
+    shifted = noise.generate(kind, seed=6, stream=3, start=1 << 40, count=1 << 21).double()
+    assert abs(torch.corrcoef(torch.stack([z, shifted]))[0, 1].item()) < bound
