@@ -11,7 +11,8 @@ wall time (round-robin, after a warmup that also compiles) of:
 reported as ratios to plain add_ (1.0: z costs nothing beyond the read-modify-write of x).
 
 Part 2, work per sweep. One steady-state lazy ZO-SGD sweep (restore + update + next perturbation:
-two directions), one ZO-Adam sweep and one SparseZO sweep over a shard of ``--count-numel``
+two directions), one ZO-Adam sweep, one LOZO perturbation (rank 2, on a square matrix) and one
+SparseZO sweep over a shard of ``--count-numel``
 elements, under torch.profiler: aten ops per 64K chunk (eager; on a GPU each is a kernel launch),
 host syncs (``aten::item`` / ``aten::_local_scalar_dense`` / ``aten::is_nonzero``), compiled graph
 calls and inductor kernels per shard, and with ``--device cuda`` the CUDA kernel launches.
@@ -40,7 +41,7 @@ from torch._inductor import metrics as inductor_metrics
 from torch.profiler import ProfilerActivity, profile
 
 from zo_scale.core import noise
-from zo_scale.core.directions import DenseDirection, SparseDirection
+from zo_scale.core.directions import DenseDirection, LowRankDirection, SparseDirection
 from zo_scale.core.shards import ParamShard
 from zo_scale.core.sweep import Update, sweep_shard
 from zo_scale.core.updates import SGD, Adam
@@ -105,6 +106,11 @@ def sweep_case(case: str, flat: torch.Tensor) -> Callable[[str], None]:
         state = rule.init_state(shard)
         update = Update(rule, [(now, 0.5)], 1e-6, 0.0)
         return lambda mode: sweep_shard(shard, [(now, EPS)], update, [(then, EPS)], state, kernel_mode=mode)
+    if case == "lozo":  # U V^T / sqrt(r) on a square matrix of count_numel elements, rank 2
+        side = int(flat.numel() ** 0.5)
+        matrix = ParamShard(flat, "w", STREAM, flat[: side * side], 0, torch.Size([side, side]))
+        low_rank = LowRankDirection(noise.derive_seed(SEED, 5), noise.derive_seed(SEED, 6), 2)
+        return lambda mode: sweep_shard(matrix, after=[(low_rank, EPS)], kernel_mode=mode)
     sparse = SparseDirection(noise.derive_seed(SEED, 3), noise.derive_seed(SEED, 4), 0.75)
     return lambda mode: sweep_shard(shard, after=[(sparse, EPS)], kernel_mode=mode)
 
@@ -137,7 +143,7 @@ def kernels_in_graph(run: Callable[[], None]) -> int:
 
 chunks = -(-args.count_numel // noise.CHUNK)
 count_results: dict[str, dict[str, object]] = {}
-for case in ("sgd lazy", "adam", "sparse"):
+for case in ("sgd lazy", "adam", "lozo", "sparse"):
     flat = torch.zeros(args.count_numel, device=device)
     run = sweep_case(case, flat)
     eager = count(lambda run=run: run("eager"))

@@ -30,6 +30,7 @@ OPTIMIZERS = {
     "conservative": lambda p, k: zo_scale.ZOConservative(p, lr=1e-2, kernel=k),
     "block": lambda p, k: zo_scale.BlockZO(p, lr=1e-2, queries=2, kernel=k),
     "lozo-m": lambda p, k: zo_scale.LOZOM(p, lr=1e-3, rank=2, nu=2, kernel=k),
+    "lozo-lazy": lambda p, k: zo_scale.LOZO(p, lr=1e-2, rank=3, nu=2, lazy=True, kernel=k),
     "sparse": lambda p, k: zo_scale.SparseZO(p, lr=1e-2, sparsity=0.5, kernel=k),
     "master-adam": lambda p, k: zo_scale.ZOAdam(p, lr=1e-3, master_weights=True, lazy=True, kernel=k),
 }
@@ -85,6 +86,35 @@ def test_elementwise_noise_equals_generate():
         assert torch.equal(at, noise.generate(kind, 3, 7, 1_000_003, index.numel()))
 
 
+def test_dense_low_rank_and_factor_directions_take_the_compiled_path(monkeypatch):
+    from zo_scale.core.directions import (
+        BlockDirection,
+        DenseDirection,
+        FactorDirection,
+        LowRankDirection,
+        SparseDirection,
+    )
+    from zo_scale.core.shards import whole_param_shard
+    from zo_scale.core.sweep import sweep_shard
+
+    calls = []
+    real_run = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *args, **kw: calls.append(args[2].specs) or real_run(*args, **kw))
+    w = torch.randn(9, 7)
+    shard = whole_param_shard(w, "w")
+    low_rank = LowRankDirection(1, 2, 2)
+    directions = {
+        "dense": DenseDirection(3, "rademacher"),
+        "lowrank": low_rank,
+        "factor": FactorDirection(torch.randn(9, 2), low_rank.v(shard), shard.stream),
+        "block": BlockDirection(DenseDirection(4), frozenset({shard.stream})),
+        "sparse": SparseDirection(5, 6, 0.5),
+    }
+    for d in directions.values():
+        sweep_shard(shard, after=[(d, 1e-3)], kernel_mode="compiled")
+    assert calls == [(("rademacher",),), (("lowrank", 2),), (("factor", 2),), (("normal",),)]  # sparse: eager
+
+
 def test_no_recompiles_across_shapes_steps_and_seeds():
     torch._dynamo.reset()
     counters.clear()
@@ -95,7 +125,7 @@ def test_no_recompiles_across_shapes_steps_and_seeds():
         for _ in range(3):
             opt.step(lambda: sum(p.sum() for _, p in params))
 
-    run([1000, 3001], seed=0)  # warm-up: each sweep shape compiles here
+    run([1000, 3001, 70_001], seed=0)  # warm-up: each sweep shape compiles here, for small and large shards
     warm = counters["stats"]["unique_graphs"]
     run([77_777, 12_345, 5, 300_000], seed=9)  # new sizes, offsets, seeds, coefficients, steps
     assert counters["stats"]["unique_graphs"] == warm

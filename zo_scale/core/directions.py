@@ -21,6 +21,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +45,33 @@ class Direction:
         del shard
         return self
 
+    def fused(self, shard: ParamShard) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+        """How the compiled sweep generates this z per element (:func:`z_at`): a static spec and the
+        spec's inputs on this shard; None where it cannot (then the sweep runs eager)."""
+        del shard
+        return None
+
+
+def z_at(spec: tuple[Any, ...], index: torch.Tensor, inputs: tuple[Any, ...], dtype: torch.dtype) -> torch.Tensor:
+    """z at the flat int64 ``index`` of a direction given by its :meth:`Direction.fused` spec and
+    inputs, elementwise and in fp32 (the value of the eager ``z`` in ``dtype``, widened): the form the
+    compiled sweep fuses. Equal bit for bit to ``z`` (``tests/core/test_kernel.py``)."""
+    if spec[0] in noise.KINDS:  # dense: (kind,), inputs (table, key)
+        table, key = inputs
+        return noise.at(spec[0], index, key, table).float()
+    rank = spec[1]
+    if spec[0] == "lowrank":  # U generated: (normal table in fp32, U's key, V flat, ncols)
+        table, key, right, ncols = inputs
+        left = lambda k: noise.at("normal", (index // ncols) * rank + k, key, table)  # noqa: E731
+    else:  # "factor": (M flat, V flat, ncols)
+        factor, right, ncols = inputs
+        left = lambda k: factor[(index // ncols) * rank + k]  # noqa: E731
+    col = index % ncols
+    block = left(0) * right[col * rank]
+    for k in range(1, rank):  # the order of low_rank_slice
+        block = block + left(k) * right[col * rank + k]
+    return (block * (1 / math.sqrt(rank))).to(dtype).float()
+
 
 @dataclass
 class DenseDirection(Direction):
@@ -52,6 +80,10 @@ class DenseDirection(Direction):
 
     def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor:
         return noise.generate(self.kind, self.seed, shard.stream, start, count, shard.flat.dtype, shard.flat.device)
+
+    def fused(self, shard: ParamShard) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        table = noise.table(self.kind, shard.flat.dtype, shard.flat.device)
+        return (self.kind,), (table, noise.stream_key(self.seed, shard.stream))
 
 
 def _feistel(x: torch.Tensor, bits: int, key: int) -> torch.Tensor:
@@ -125,6 +157,11 @@ class LowRankDirection(Direction):
     def on(self, shard: ParamShard) -> Direction:
         return self if len(shard.shape) == 2 else DenseDirection(self.seed)  # dense normal off matrices
 
+    def fused(self, shard: ParamShard) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        table = noise.table("normal", torch.float32, shard.flat.device)  # U is fp32, as in u_rows
+        key = noise.stream_key(self.seed, shard.stream)
+        return ("lowrank", self.rank), (table, key, self.v(shard).reshape(-1), shard.shape[1])
+
 
 def low_rank_slice(
     left_rows: Callable[[int, int], torch.Tensor], right: torch.Tensor, shard: ParamShard, start: int, count: int
@@ -139,10 +176,12 @@ def low_rank_slice(
     left = left_rows(row0, row1 - row0)
     # sum_k l[:, k] r[:, k]^T elementwise, in a fixed order: a GEMM's summation order depends on
     # the shape, and a slice must equal the same elements of the whole bit for bit.
+    # Written as z_at computes it per element (a product by 1/sqrt(r), not a division: inductor turns
+    # a division by a scalar into that product), so the compiled sweep gives the same bits.
     block = left[:, :1] * right[:, 0]
     for k in range(1, rank):
-        block.addcmul_(left[:, k : k + 1], right[:, k])
-    block /= math.sqrt(rank)
+        block = block + left[:, k : k + 1] * right[:, k]
+    block = block * (1 / math.sqrt(rank))
     skip = start - row0 * ncols
     return block.view(-1)[skip : skip + count].to(shard.flat.dtype)
 
@@ -163,6 +202,10 @@ class FactorDirection(Direction):
 
     def on(self, shard: ParamShard) -> Direction | None:
         return self if shard.stream == self.stream else None
+
+    def fused(self, shard: ParamShard) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        rank = self.right.shape[1]
+        return ("factor", rank), (self.factor.reshape(-1), self.right.reshape(-1), shard.shape[1])
 
 
 @dataclass

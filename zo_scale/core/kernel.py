@@ -69,29 +69,40 @@ def describe(mode: str | None, device: torch.device) -> str:
     return f"one torch.compile kernel per shard (inductor, {backend}{small})"
 
 
-def compiled(factory: Callable[[Any], Callable[..., Any]], plan: Hashable) -> Callable[..., Any]:
+def compiled(factory: Callable[[Any], Callable[..., Any]], plan: Hashable, large: bool = True,
+             exact_casts: bool = False) -> Callable[..., Any]:
     """``factory(plan)`` compiled with dynamic shapes and scalars, made once per plan.
 
     ``plan`` is the static part of a kernel (which noise kinds, which moves, which rule); everything
     that changes from step to step or shard to shard (sizes, seeds, coefficients) is a call argument,
     so a plan compiles once per dtype, not once per shape or step. Each plan's function gets its own
     code object: dynamo's recompile limit counts per code object, and closures share theirs.
+
+    ``large``: whether the shards are of at least :data:`MIN_COMPILED_NUMEL` elements. Inductor
+    decides from the first call's size whether the C++ kernel runs on several threads, so small and
+    large shards get kernels of their own, and its on-disk graph cache (which would hand a kernel made
+    for a small shard in another process to a large one) is off for these: the generated C++ is still
+    cached by its source. ``exact_casts``: keep every explicit rounding to a narrower dtype, which
+    inductor otherwise folds away (emulate_precision_casts; slower, so only plans that round mid-way).
     """
-    key = (factory, plan)
+    key = (factory, plan, large, exact_casts)
     if key not in _compiled:
         fn = factory(plan)
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_compiled)}")
         fn = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-        _compiled[key] = torch.compile(fn, dynamic=True, fullgraph=True)
+        options = {"emulate_precision_casts": exact_casts, "fx_graph_cache": False}
+        _compiled[key] = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
     return _compiled[key]
 
 
-def run(mode: str | None, factory: Callable[[Any], Callable[..., Any]], plan: Hashable, *args: Any) -> bool:
-    """Run the compiled kernel of ``plan`` on ``args``; False if it could not be compiled (then the
-    caller runs the eager reference). Under 'compiled' a failure raises instead."""
+def run(mode: str | None, factory: Callable[[Any], Callable[..., Any]], plan: Hashable, *args: Any,
+        numel: int, exact_casts: bool = False) -> bool:
+    """Run the compiled kernel of ``plan`` on ``args`` (a shard of ``numel`` elements); False if it could
+    not be compiled (then the caller runs the eager reference). Under 'compiled' a failure raises."""
     global _failure
     try:
-        compiled(factory, plan)(*args)
+        with torch.no_grad():  # one grad mode for every call: dynamo guards on it (a flip recompiles)
+            compiled(factory, plan, numel >= MIN_COMPILED_NUMEL, exact_casts)(*args)
     except Exception as error:  # inductor raises many types (no compiler, codegen, backend errors)
         if resolve(mode) == "compiled":
             raise

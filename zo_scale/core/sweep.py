@@ -23,8 +23,8 @@ Two implementations run this, with equal results (``tests/core/test_kernel.py``)
   :meth:`~zo_scale.core.directions.Direction.z`, the formula above as tensor ops;
 - compiled (:mod:`zo_scale.core.kernel`): the whole shard as one elementwise kernel in which z is
   generated per element (:func:`zo_scale.core.noise.at`): one launch per shard, no temporaries.
-  It takes dense directions (normal or Rademacher, also inside block and off-matrix LOZO
-  directions); a sweep with sparse or low-rank ones runs eager.
+  It takes dense (normal, Rademacher), low-rank (LOZO's U V^T, U generated in the kernel) and
+  LOZO-M factor directions, also inside block directions; a sweep with a sparse one runs eager.
 
 With an fp32 master copy (for bf16/fp16 weights) the shard is never moved by increments: the update
 goes into the master, and the shard is set to the master plus the perturbation it should carry
@@ -36,11 +36,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from zo_scale.core import kernel, noise
-from zo_scale.core.directions import DenseDirection, Direction
+from zo_scale.core.directions import DenseDirection, Direction, z_at
 from zo_scale.core.noise import CHUNK
 from zo_scale.core.shards import ParamShard
 from zo_scale.core.updates import SGD, UpdateRule
@@ -66,12 +67,13 @@ class Update:
 class Plan:
     """The static shape of one shard's sweep (what a compiled kernel is specialized on).
 
-    ``kinds``: the noise kind of each distinct direction (compiled path); ``before``, ``update`` and
-    ``after``: for each move of that phase, the index of its direction; ``rule``: None when no update
-    reaches this shard; ``master``: the base is the fp32 master copy.
+    ``specs``: how each distinct direction's z is generated (:meth:`Direction.fused`; None: eager
+    only); ``before``, ``update`` and ``after``: for each move of that phase, the index of its
+    direction; ``rule``: None when no update reaches this shard; ``master``: the base is the fp32
+    master copy.
     """
 
-    kinds: tuple[str, ...]
+    specs: tuple[tuple[Any, ...] | None, ...]
     before: tuple[int, ...]
     update: tuple[int, ...]
     after: tuple[int, ...]
@@ -119,13 +121,12 @@ def _compiled_sweep(plan: Plan) -> Callable[..., None]:
     """The sweep of a whole shard with z generated per element: the function kernel.compiled fuses."""
 
     def sweep(theta: torch.Tensor, master: torch.Tensor | None, state: dict[str, torch.Tensor],
-              tables: list[torch.Tensor | None], keys: list[int], start: int, before: list[float],
-              weights: list[float], after: list[float], lr: float, weight_decay: float, rule: list[float]) -> None:
+              inputs: list[tuple[Any, ...]], start: int, before: list[float], weights: list[float],
+              after: list[float], lr: float, weight_decay: float, rule: list[float]) -> None:
         # plain lists and floats, not a Scalars: dynamo makes them kernel arguments instead of constants
         k = Scalars(before, weights, after, lr, weight_decay, tuple(rule))
         index = torch.arange(theta.numel(), dtype=torch.int64, device=theta.device) + start
-        zs = [noise.at(kind, index, key, table).float() for kind, key, table in zip(plan.kinds, keys, tables,
-                                                                                      strict=True)]
+        zs = [z_at(spec, index, args, theta.dtype) for spec, args in zip(plan.specs, inputs, strict=True)]
         _sweep_into(plan, theta, master, state, zs, k)
 
     return sweep
@@ -182,7 +183,8 @@ def sweep_shard(
     directions, ((b, bc), (u, uc), (a, ac)) = _resolve(shard, (before, weights, after))
     if not u:  # every update direction is zero on this shard
         rule = None
-    plan = Plan(tuple(getattr(d, "kind", "") for d in directions), b, u, a, rule, master is not None)
+    fused = [d.fused(shard) for d in directions]
+    plan = Plan(tuple(f[0] if f else None for f in fused), b, u, a, rule, master is not None)
     k = Scalars(bc, uc, ac)
     if rule is not None:
         step = int(state["step"]) + 1 if state is not None and "step" in state else 1
@@ -190,9 +192,12 @@ def sweep_shard(
         k.rule = rule.scalars(step)
     buffers = {b: state[b] for b in rule.buffers} if rule is not None else {}
     flat = shard.flat
-    fused = all(isinstance(d, DenseDirection) for d in directions) and kernel.wants_compiled(
-        kernel_mode, flat.device, flat.numel())
-    if not (fused and _run_compiled(kernel_mode, plan, shard, master, buffers, directions, k)):
+    compiled = all(fused) and kernel.wants_compiled(kernel_mode, flat.device, flat.numel())
+    # low-rank z is formed in fp32 and rounded to the weights' dtype mid-kernel: that rounding must stay
+    exact_casts = any(spec[0] not in noise.KINDS for spec in plan.specs if spec is not None)
+    if not (compiled and kernel.run(kernel_mode, _compiled_sweep, plan, flat, master, buffers, [f[1] for f in fused],
+                                    shard.offset, k.before, k.weights, k.after, k.lr, k.weight_decay, list(k.rule),
+                                    numel=flat.numel(), exact_casts=exact_casts)):
         for s in range(0, flat.numel(), CHUNK):
             n = min(CHUNK, flat.numel() - s)
             zs = [d.z(shard, shard.offset + s, n).float() for d in directions]
@@ -201,12 +206,3 @@ def sweep_shard(
     if rule is not None and state is not None and "step" in state:
         state["step"] += 1
     return rule is not None
-
-
-def _run_compiled(mode: str | None, plan: Plan, shard: ParamShard, master: torch.Tensor | None,
-                  buffers: dict[str, torch.Tensor], directions: list[Direction], k: Scalars) -> bool:
-    flat = shard.flat
-    tables = [noise.table(d.kind, flat.dtype, flat.device) for d in directions]  # type: ignore[attr-defined]
-    keys = [noise.stream_key(d.seed, shard.stream) for d in directions]
-    return kernel.run(mode, _compiled_sweep, plan, flat, master, buffers, tables, keys, shard.offset, k.before,
-                      k.weights, k.after, k.lr, k.weight_decay, list(k.rule))
