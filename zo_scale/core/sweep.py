@@ -68,7 +68,7 @@ class Plan:
     """The static shape of one shard's sweep (what a compiled kernel is specialized on).
 
     ``specs``: how each distinct direction's z is generated (:meth:`Direction.fused`; None: eager
-    only); ``before``, ``update`` and ``after``: for each move of that phase, the index of its
+    only; empty for an eager sweep); ``before, ``update`` and ``after``: for each move of that phase, the index of its
     direction; ``rule``: None when no update reaches this shard; ``master``: the base is the fp32
     master copy.
     """
@@ -181,9 +181,13 @@ def sweep_shard(
     if master is not None:
         before, after = (), offsets
     directions, ((b, bc), (u, uc), (a, ac)) = _resolve(shard, (before, weights, after))
+    if not directions:  # z is zero on this shard (another block's direction): nothing moves, no pass
+        return False
     if not u:  # every update direction is zero on this shard
         rule = None
-    fused = [d.fused(shard) for d in directions]
+    flat = shard.flat
+    wanted = kernel.wants_compiled(kernel_mode, flat.device, flat.numel())
+    fused = [d.fused(shard) for d in directions] if wanted else []  # the kernel's inputs: only if it runs
     plan = Plan(tuple(f[0] if f else None for f in fused), b, u, a, rule, master is not None)
     k = Scalars(bc, uc, ac)
     if rule is not None:
@@ -191,8 +195,7 @@ def sweep_shard(
         k.lr, k.weight_decay = update.lr, (update.weight_decay if shard.decays else 0.0)
         k.rule = rule.scalars(step)
     buffers = {b: state[b] for b in rule.buffers} if rule is not None else {}
-    flat = shard.flat
-    compiled = all(fused) and kernel.wants_compiled(kernel_mode, flat.device, flat.numel())
+    compiled = wanted and all(fused)
     # low-rank z is formed in fp32 and rounded to the weights' dtype mid-kernel: that rounding must stay
     exact_casts = any(spec[0] not in noise.KINDS for spec in plan.specs if spec is not None)
     if not (compiled and kernel.run(kernel_mode, _compiled_sweep, plan, flat, master, buffers, [f[1] for f in fused],
