@@ -149,14 +149,12 @@ for case in ("sgd lazy", "adam", "lozo", "sparse"):
     eager = count(lambda run=run: run("eager"))
     row: dict[str, object] = {"eager": eager, "eager_aten_ops_per_chunk": eager["aten_ops"] / chunks,
                               "eager_host_syncs_per_chunk": eager["host_syncs"] / chunks}
-    if case != "sparse":  # the sparse mask's cycle walk has a data-dependent loop: eager only
-        row["compiled"] = count(lambda run=run: run("compiled"))
-        row["compiled_kernels_per_shard"] = kernels_in_graph(lambda run=run: run("compiled"))
+    row["compiled"] = count(lambda run=run: run("compiled"))
+    row["compiled_kernels_per_shard"] = kernels_in_graph(lambda run=run: run("compiled"))
     count_results[case] = row
     print(f"{case:9s} eager: {row['eager_aten_ops_per_chunk']:.1f} aten ops and "
           f"{row['eager_host_syncs_per_chunk']:.1f} host syncs per 64K chunk"
-          + (f"; compiled: {row['compiled']} per shard, {row['compiled_kernels_per_shard']} inductor kernel(s)"
-             if "compiled" in row else ""))
+          + f"; compiled: {row['compiled']} per shard, {row['compiled_kernels_per_shard']} inductor kernel(s)")
 
 # -----------------------------------------------------------------------------
 # part 3: a 32-bit counter hash in place of SplitMix64, same kernel shape (fp32)

@@ -7,7 +7,8 @@ from zo_scale.core.directions import (
     LowRankSampler,
     SparseSampler,
     block_of,
-    permute_index,
+    kept,
+    mask_threshold,
 )
 from zo_scale.core.shards import canonical_name, stream_id, whole_param_shard
 
@@ -28,20 +29,29 @@ def test_direction_slices_are_exact(sampler):
         assert torch.equal(z[a:b], d.z(shard, a, b - a))
 
 
-def test_permutation_is_a_bijection():
-    for n in (1, 2, 7, 1000, 4097):
-        perm = permute_index(torch.arange(n), n, key=12345)
-        assert torch.equal(perm.sort().values, torch.arange(n))
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.75, 0.99])
+def test_sparse_mask_keeps_each_element_with_probability_1_minus_sparsity(sparsity):
+    n = 1 << 20
+    mask = kept(torch.arange(n), key=12345, threshold=mask_threshold(sparsity))
+    p = 1 - sparsity
+    assert abs(int(mask.sum()) - p * n) <= 5 * (n * p * (1 - p)) ** 0.5 + 1e-9  # binomial: within 5 sigma
+    if 0 < sparsity:  # independent neighbours: P(both kept) = p^2
+        both = int((mask[1:] & mask[:-1]).sum())
+        assert abs(both - p * p * (n - 1)) <= 5 * (n * p * p * (1 - p * p)) ** 0.5
+    other = kept(torch.arange(n), key=54321, threshold=mask_threshold(sparsity))
+    if 0 < sparsity:  # another key (stream or resample): another mask, overlapping by chance only
+        assert abs(int((mask & other).sum()) - p * p * n) <= 5 * (n * p * p * (1 - p * p)) ** 0.5
 
 
-def test_sparse_mask_has_the_exact_ratio_and_is_resampled_on_schedule():
-    shard = whole_param_shard(torch.zeros(123, 45), "w")
+def test_sparse_mask_is_resampled_on_schedule_and_differs_across_tensors():
+    w, b = whole_param_shard(torch.zeros(123, 45), "w"), whole_param_shard(torch.zeros(123 * 45), "b")
     sampler = SparseSampler(sparsity=0.7, resample_every=3)
-    masks = [full_z(sampler.directions(0, t, 1)[0], shard) != 0 for t in range(4)]
-    expected_kept = 123 * 45 - round(0.7 * 123 * 45)
-    assert all(int(m.sum()) == expected_kept for m in masks)
+    masks = [full_z(sampler.directions(0, t, 1)[0], w) != 0 for t in range(4)]
+    n = 123 * 45
+    assert all(abs(int(m.sum()) - 0.3 * n) < 5 * (n * 0.21) ** 0.5 for m in masks)
     assert torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2])
     assert not torch.equal(masks[2], masks[3])
+    assert not torch.equal(masks[0].view(-1), full_z(sampler.directions(0, 0, 1)[0], b) != 0)
 
 
 def test_lozo_perturbation_is_rank_r_with_lazy_v():

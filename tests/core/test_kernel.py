@@ -86,7 +86,7 @@ def test_elementwise_noise_equals_generate():
         assert torch.equal(at, noise.generate(kind, 3, 7, 1_000_003, index.numel()))
 
 
-def test_dense_low_rank_and_factor_directions_take_the_compiled_path(monkeypatch):
+def test_every_direction_takes_the_compiled_path(monkeypatch):
     from zo_scale.core.directions import (
         BlockDirection,
         DenseDirection,
@@ -112,7 +112,7 @@ def test_dense_low_rank_and_factor_directions_take_the_compiled_path(monkeypatch
     }
     for d in directions.values():
         sweep_shard(shard, after=[(d, 1e-3)], kernel_mode="compiled")
-    assert calls == [(("rademacher",),), (("lowrank", 2),), (("factor", 2),), (("normal",),)]  # sparse: eager
+    assert calls == [(("rademacher",),), (("lowrank", 2),), (("factor", 2),), (("normal",),), (("sparse", "normal"),)]
 
 
 def test_no_recompiles_across_shapes_steps_and_seeds():

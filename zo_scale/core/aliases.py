@@ -9,7 +9,7 @@ ZOAdam             Adam                                  dense normal
 ZOConservative     SGD, conservative=True                dense normal
 LOZO               SGD                                   low-rank U V^T, V lazy
 LOZOM              LozoMomentum (momentum in factor)     low-rank U V^T, V lazy
-SparseZO           SGD                                   sparse mask, exact ratio
+SparseZO           SGD                                   sparse Bernoulli mask
 BlockZO            SGD                                   one block (layer) per query
 =================  ====================================  =====================================
 
@@ -73,7 +73,7 @@ class LOZOM(ZOOptimizer):
 
 
 class SparseZO(ZOOptimizer):
-    """Sparse ZO: perturb exactly (1 - sparsity) of each tensor, mask redrawn every ``resample_every`` steps."""
+    """Sparse ZO: perturb each element with probability 1 - sparsity, mask redrawn every ``resample_every`` steps."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, sparsity: float = 0.75,
                  resample_every: int = 1, **kwargs: Any) -> None:

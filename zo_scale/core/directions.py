@@ -8,8 +8,8 @@ is a function of the step, so resumed and multi-rank runs agree without exchangi
 Samplers (the estimators' "what to perturb" half; :mod:`zo_scale.core.estimators` is the "how"):
 
 - :class:`DenseSampler`: z ~ N(0, I) (MeZO) or Rademacher signs, every element.
-- :class:`SparseSampler`: z = m * n with a random mask m holding exactly round((1 - sparsity) * numel)
-  ones per tensor, drawn anew every ``resample_every`` steps.
+- :class:`SparseSampler`: z = m * n with a random mask m keeping each element with probability
+  1 - sparsity (independently), drawn anew every ``resample_every`` steps.
 - :class:`LowRankSampler` (LOZO): for a 2-D weight W (m x n), z = U V^T / sqrt(r) with U (m x r) new
   every step and V (n x r) redrawn every ``resample_every`` steps (lazy); other params dense normal.
 - :class:`BlockSampler`: perturb one block (a transformer layer, or "the rest") per query, cycling.
@@ -59,6 +59,9 @@ def z_at(spec: tuple[Any, ...], index: torch.Tensor, inputs: tuple[Any, ...], dt
     if spec[0] in noise.KINDS:  # dense: (kind,), inputs (table, key)
         table, key = inputs
         return noise.at(spec[0], index, key, table).float()
+    if spec[0] == "sparse":  # (sparse, kind), inputs (table, key, mask key, threshold)
+        table, key, mask_key, threshold = inputs
+        return noise.at(spec[1], index, key, table).float() * kept(index, mask_key, threshold)
     rank = spec[1]
     if spec[0] == "lowrank":  # U generated: (normal table in fp32, U's key, V flat, ncols)
         table, key, right, ncols = inputs
@@ -86,45 +89,47 @@ class DenseDirection(Direction):
         return (self.kind,), (table, noise.stream_key(self.seed, shard.stream))
 
 
-def _feistel(x: torch.Tensor, bits: int, key: int) -> torch.Tensor:
-    """A keyed bijection of [0, 2**bits) (4-round Feistel network over two bits/2 halves)."""
-    half = bits // 2
-    mask = (1 << half) - 1
-    left, right = x >> half, x & mask
-    for r in range(4):
-        left, right = right, left ^ (noise.hash64(right, noise.derive_seed(key, r)) & mask)
-    return (left << half) | right
+MASK_BITS = 53  # a sparse mask compares this many bits of a hash with round(keep * 2**MASK_BITS)
 
 
-def permute_index(i: torch.Tensor, n: int, key: int) -> torch.Tensor:
-    """A keyed random permutation of [0, n), evaluated at the int64 indices ``i``.
+def mask_threshold(sparsity: float) -> int:
+    """The integer an element's mask draw is compared with: P(kept) = 1 - sparsity, exact to 2**-53."""
+    return round((1.0 - sparsity) * (1 << MASK_BITS))
 
-    Cycle-walking a Feistel permutation of [0, 2**bits) until the value falls in [0, n) restricts
-    it to a bijection of [0, n); each index is computed alone, so any slice is cheap and exact.
+
+def kept(index: torch.Tensor, key: int, threshold: int) -> torch.Tensor:
+    """The sparse mask at the int64 ``index``: True where element i is perturbed.
+
+    Each element is kept independently with probability threshold / 2**53, from its own hash
+    (SplitMix64 of i under the mask's key), so any slice is exact and costs one hash per element, with
+    no data-dependent loop: the same expression runs eager and inside the compiled sweep.
     """
-    bits = max(2, (n - 1).bit_length() + ((n - 1).bit_length() % 2))
-    y = _feistel(i, bits, key)
-    out_of_range = y >= n
-    while bool(out_of_range.any()):
-        y[out_of_range] = _feistel(y[out_of_range], bits, key)
-        out_of_range = y >= n
-    return y
+    return ((noise.hash64(index + 1, key) >> (64 - MASK_BITS)) & ((1 << MASK_BITS) - 1)) < threshold
 
 
 @dataclass
 class SparseDirection(Direction):
+    """z = m * n: n dense noise, m a Bernoulli(1 - sparsity) mask per element (:func:`kept`), redrawn
+    with ``mask_seed``. The number of perturbed elements per tensor is binomial: for a tensor of N
+    elements it is (1 - sparsity) N +- sqrt(sparsity (1 - sparsity) N), not an exact count."""
+
     seed: int
     mask_seed: int
     sparsity: float
     kind: str = "normal"
 
+    def _mask_key(self, shard: ParamShard) -> int:
+        return noise.derive_seed(self.mask_seed, shard.stream)
+
     def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor:
-        n = shard.full_numel
-        kept = n - round(self.sparsity * n)  # exactly this many perturbed elements per tensor
         idx = torch.arange(start, start + count, dtype=torch.int64, device=shard.flat.device)
-        mask = permute_index(idx, n, noise.derive_seed(self.mask_seed, shard.stream)) < kept
         z = noise.generate(self.kind, self.seed, shard.stream, start, count, shard.flat.dtype, shard.flat.device)
-        return z * mask
+        return z * kept(idx, self._mask_key(shard), mask_threshold(self.sparsity))
+
+    def fused(self, shard: ParamShard) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        table = noise.table(self.kind, shard.flat.dtype, shard.flat.device)
+        key = noise.stream_key(self.seed, shard.stream)
+        return ("sparse", self.kind), (table, key, self._mask_key(shard), mask_threshold(self.sparsity))
 
 
 @dataclass

@@ -87,7 +87,7 @@ def _word_index(n: int, device: torch.device) -> torch.Tensor:
 
 def hash64(x: torch.Tensor, key: int) -> torch.Tensor:
     """mix64(key + x * GAMMA) elementwise on an int64 tensor (a new tensor): SplitMix64's output for
-    counter x under this key; also the round function of the sparse mask's Feistel permutation."""
+    counter x under this key; also the sparse mask's per-element draw."""
     w = x * _signed(_GAMMA)
     w += key
     return _mix64_(w)

@@ -23,8 +23,9 @@ Two implementations run this, with equal results (``tests/core/test_kernel.py``)
   :meth:`~zo_scale.core.directions.Direction.z`, the formula above as tensor ops;
 - compiled (:mod:`zo_scale.core.kernel`): the whole shard as one elementwise kernel in which z is
   generated per element (:func:`zo_scale.core.noise.at`): one launch per shard, no temporaries.
-  It takes dense (normal, Rademacher), low-rank (LOZO's U V^T, U generated in the kernel) and
-  LOZO-M factor directions, also inside block directions; a sweep with a sparse one runs eager.
+  It takes every direction: dense (normal, Rademacher), sparse (the mask drawn per element in the
+  kernel), low-rank (LOZO's U V^T, U generated in the kernel) and LOZO-M factor directions, also
+  inside block directions. No host sync either way.
 
 With an fp32 master copy (for bf16/fp16 weights) the shard is never moved by increments: the update
 goes into the master, and the shard is set to the master plus the perturbation it should carry
@@ -40,7 +41,7 @@ from typing import Any
 
 import torch
 
-from zo_scale.core import kernel, noise
+from zo_scale.core import kernel
 from zo_scale.core.directions import DenseDirection, Direction, z_at
 from zo_scale.core.noise import CHUNK
 from zo_scale.core.shards import ParamShard
@@ -48,9 +49,10 @@ from zo_scale.core.updates import SGD, UpdateRule
 
 Moves = Sequence[tuple[Direction, float]]  # [(direction, coefficient)]: theta += coefficient * z
 
-# The sweep's arithmetic, for the seed log: 2 = the fp32 formula above. Version 1 (zo-scale before the
-# compiled kernel) moved theta by fused multiply-adds in its own dtype, one rounding per move.
-ARITHMETIC_VERSION = 2
+# The sweep's arithmetic, for the seed log. 1: zo-scale before the compiled kernel moved theta by fused
+# multiply-adds in its own dtype, one rounding per move; 2: the fp32 formula above; 3: as 2, with
+# sparse masks drawn per element (Bernoulli) instead of an exact count through a permutation.
+ARITHMETIC_VERSION = 3
 
 
 @dataclass
@@ -197,7 +199,7 @@ def sweep_shard(
     buffers = {b: state[b] for b in rule.buffers} if rule is not None else {}
     compiled = wanted and all(fused)
     # low-rank z is formed in fp32 and rounded to the weights' dtype mid-kernel: that rounding must stay
-    exact_casts = any(spec[0] not in noise.KINDS for spec in plan.specs if spec is not None)
+    exact_casts = any(spec[0] in ("lowrank", "factor") for spec in plan.specs if spec is not None)
     if not (compiled and kernel.run(kernel_mode, _compiled_sweep, plan, flat, master, buffers, [f[1] for f in fused],
                                     shard.offset, k.before, k.weights, k.after, k.lr, k.weight_decay, list(k.rule),
                                     numel=flat.numel(), exact_casts=exact_casts)):

@@ -56,7 +56,8 @@ def read_header(path: Path) -> dict[str, Any]:
     version = first.get("sweep_arithmetic", 1)
     if version != ARITHMETIC_VERSION:
         log.warning("%s was written with sweep arithmetic version %s, this zo-scale uses %s: the replayed weights "
-                    "equal the trained ones to rounding error, not bit for bit", path, version, ARITHMETIC_VERSION)
+                    "equal the trained ones to rounding error, not bit for bit (a sparse-direction run from before "
+                    "version 3 drew other masks and does not replay)", path, version, ARITHMETIC_VERSION)
     return first["header"]
 
 
