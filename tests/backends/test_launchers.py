@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from zo_scale.adapters.peft_tuning import PeftSettings, apply_peft
 from zo_scale.models import load_model
+from zo_scale.models.tiny import build_byte_tokenizer, build_tiny_model
 from zo_scale.train.cli import main as cli_main
 from zo_scale.train.config import load_config
 from zo_scale.train.loop import train
@@ -35,6 +36,7 @@ from zo_scale.train.loop import train
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 STEPS = 6
+IN_FORWARD = ["optim.perturb=in_forward"]
 TIMEOUT_S = 300
 # A dead rank must end the job within this long (torchrun notices a dead worker and stops the rest).
 BOUNDED_EXIT_S = 60
@@ -235,19 +237,55 @@ def aio_unavailable_reason() -> str | None:
     return "DeepSpeed's async_io op needs libaio (apt-get install libaio-dev); see README, Scale out"
 
 
-def test_nvme_offload_equals_zero3(base_model, zero3_run, tmp_path):
-    """Partitions live in files between forwards; each is swapped in for the ZO sweep and written back.
-    The first run on a machine JIT-builds DeepSpeed's async_io op (about 4-5 minutes on 2 cores)."""
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaMA with 256 x 2048 MLP matrices: their 2-rank partitions are 1 MiB, the smallest
+    DeepSpeed swaps to NVMe (smaller ones stay in CPU memory)."""
+    folder = tmp_path_factory.mktemp("base") / "wide-llama"
+    build_tiny_model("llama", seed=3, hidden_size=256, intermediate_size=2048).save_pretrained(folder)
+    build_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def per_step(run: Path, key: str) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if r["kind"] == "train"]
+
+
+def model_bytes(folder: Path, min_partition_bytes: int = 0) -> int:
+    """Bytes of the saved weights (fp32), counting only tensors whose 2-rank partition has at least
+    ``min_partition_bytes``."""
+    return sum(v.numel() * 4 for v in load_file(folder / "model.safetensors").values()
+               if v.numel() * 4 // 2 >= min_partition_bytes)
+
+
+def test_nvme_offload_equals_zero3_and_in_forward_halves_the_swaps(wide_model, tmp_path):
+    """Partitions of 1 MiB and more live in files between forwards; each is swapped in for the ZO
+    sweep and written back. In place a step moves 6x their bytes: 2 forwards read each once, and
+    2 sweeps read and write each. perturb=in_forward moves 3x: 1 forward, 1 update sweep (applied at
+    the start of the next step: lazy). The first run on a machine JIT-builds DeepSpeed's async_io op
+    (about 4-5 minutes on 2 cores)."""
     reason = aio_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
     config = json.loads((ROOT / "ds_configs" / "zero3_offload_nvme.json").read_text())
     config["zero_optimization"]["offload_param"]["nvme_path"] = str(tmp_path / "nvme")
     (tmp_path / "nvme.json").write_text(json.dumps(config))
-    cmd = [*torchrun(), "--deepspeed", str(tmp_path / "nvme.json"), *overrides(base_model, tmp_path / "run")]
-    assert_same_run(launched(cmd, tmp_path / "run", timeout=900), zero3_run)
+    runs = {}
+    for name, ds_config, extra in [("zero3", "ds_configs/zero3.json", []), ("nvme", tmp_path / "nvme.json", []),
+                                   ("nvme in_forward", tmp_path / "nvme.json", IN_FORWARD)]:
+        out = tmp_path / name.replace(" ", "-")
+        runs[name] = launched([*torchrun(), "--deepspeed", str(ds_config), *overrides(wide_model, out), *extra], out,
+                              timeout=900)
+    assert_same_run(runs["nvme"], runs["zero3"])
     swap_dirs = sorted(p.name for p in (tmp_path / "nvme").rglob("rank*"))  # DeepSpeed's swap folders
     assert swap_dirs == ["rank0", "rank1"]
+    swapped = model_bytes(wide_model, min_partition_bytes=1 << 20) / 2  # this rank's share
+    assert swapped > 0.8 * model_bytes(wide_model) / 2
+    assert per_step(runs["zero3"], "swapped_bytes_per_step") == [0.0] * STEPS
+    assert per_step(runs["nvme"], "swapped_bytes_per_step") == [6 * swapped] * STEPS
+    assert per_step(runs["nvme in_forward"], "swapped_bytes_per_step") == [swapped] + [3 * swapped] * (STEPS - 1)
+    assert_close_run(runs["nvme in_forward"], runs["nvme"], load_file(wide_model / "model.safetensors"))
 
 
 def test_checkpoint_from_two_zero3_ranks_resumes_on_one(base_model, base_weights, reference, tmp_path):
@@ -268,6 +306,47 @@ def test_zero3_bf16_master_weights_return_exactly_with_lr_0(base_model, tmp_path
     cmd = [*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out),
            "model.dtype=bfloat16", "optim.master_weights=true", "optim.lr=0", "optim.rule=sgd"]
     launched(cmd, out)
+    start = {k: v.to(torch.bfloat16) for k, v in load_file(base_model / "model.safetensors").items()}
+    final = weights(out)
+    assert all(final[k].dtype == torch.bfloat16 and torch.equal(final[k], start[k]) for k in start)
+
+
+@pytest.fixture(scope="module")
+def zero3_in_forward(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "zero3-in-forward"
+    return launched([*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out), *IN_FORWARD],
+                    out)
+
+
+def test_in_forward_zero3_gathers_the_model_once_a_step_and_matches_in_place(base_model, base_weights, zero3_run,
+                                                                               zero3_in_forward):
+    """In place, each of a step's two forwards all-gathers every parameter; with the perturbation
+    inside the forward there is one forward, so one gather, and only the losses' all-reduce besides."""
+    assert_close_run(zero3_in_forward, zero3_run, base_weights)
+    assert per_step(zero3_run, "gathered_bytes_per_step") == [2 * model_bytes(base_model)] * STEPS
+    assert per_step(zero3_in_forward, "gathered_bytes_per_step") == [model_bytes(base_model)] * STEPS
+    assert per_step(zero3_in_forward, "comm_bytes_per_step") == [16.0] * STEPS
+
+
+def test_in_forward_cpu_offload_equals_in_forward_zero3(base_model, zero3_in_forward, tmp_path):
+    cmd = [*torchrun(), "--deepspeed", "ds_configs/zero3_offload_cpu.json", *overrides(base_model, tmp_path / "run"),
+           *IN_FORWARD]
+    assert_same_run(launched(cmd, tmp_path / "run"), zero3_in_forward)
+
+
+def test_in_forward_replicated_matches_in_forward_one_process(base_model, base_weights, reference, tmp_path):
+    single = tmp_path / "single"
+    train(load_config(None, [*overrides(base_model, single), *IN_FORWARD]))
+    assert_close_run(single, reference, base_weights)  # one process: in_forward follows in place
+    out = launched([*torchrun(), *overrides(base_model, tmp_path / "run"), *IN_FORWARD], tmp_path / "run")
+    assert json.loads((out / "summary.json").read_text())["runtime"] == "replicated"
+    assert_close_run(out, single, base_weights)
+
+
+def test_in_forward_zero3_bf16_weights_return_exactly_with_lr_0_without_master_weights(base_model, tmp_path):
+    out = tmp_path / "run"
+    launched([*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out), *IN_FORWARD,
+              "model.dtype=bfloat16", "optim.lr=0", "optim.rule=sgd"], out)
     start = {k: v.to(torch.bfloat16) for k, v in load_file(base_model / "model.safetensors").items()}
     final = weights(out)
     assert all(final[k].dtype == torch.bfloat16 and torch.equal(final[k], start[k]) for k in start)

@@ -46,6 +46,17 @@ class Runtime:
         hybrid run, the FO gradient reduction)."""
         return 0
 
+    @property
+    def gathered_bytes(self) -> int:
+        """Bytes of parameters this rank has all-gathered (ZeRO-3's fetches before each module runs):
+        the output of every all-gather, so one gather of the whole model adds the model's bytes."""
+        return 0
+
+    @property
+    def swapped_bytes(self) -> int:
+        """Bytes of parameter partitions this rank has read from and written to NVMe (ZeRO-3 offload)."""
+        return 0
+
     def load_model(self, load: Callable[[], ModelAndTokenizer]) -> ModelAndTokenizer:
         """Run ``load`` (which builds the model and tokenizer) the way this runtime needs."""
         return load()

@@ -61,6 +61,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.swap_tensor import partitioned_param_swapper as param_swapper
 from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
 from deepspeed.runtime.utils import register_output_backward_hooks
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -249,6 +250,50 @@ class Zero3Runtime(DistributedRuntime):
         self.hf_config = HfDeepSpeedConfig(self.config)
         self.engine: Any = None
         self.fo_optimizer: DeepSpeedZeroOptimizer_Stage3 | None = None
+        self._gathered = self._swapped = 0
+        self._count_all_gathers()
+        self._count_swaps()
+
+    def _count_all_gathers(self) -> None:
+        """Wrap the all-gathers of DeepSpeed's comm backend (what its parameter fetches call) so that
+        :attr:`gathered_bytes` adds up their outputs."""
+        backend = deepspeed.comm.comm.cdb
+
+        def counted(method: Callable[..., Any], keyword: str) -> Callable[..., Any]:
+            @functools.wraps(method)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                output = args[0] if args else kwargs[keyword]  # DeepSpeed passes it either way
+                tensors = output if isinstance(output, list | tuple) else [output]
+                self._gathered += sum(t.numel() * t.element_size() for t in tensors)
+                return method(*args, **kwargs)
+            return call
+
+        for name in ("all_gather_into_tensor", "all_gather_base"):
+            setattr(backend, name, counted(getattr(backend, name), "output_tensor"))
+        backend.all_gather_coalesced = counted(backend.all_gather_coalesced, "output_tensors")
+
+    def _count_swaps(self) -> None:
+        """Wrap the two functions through which DeepSpeed's parameter swapper reads and writes NVMe
+        partition files (module globals of DeepSpeed 0.19.8's swapper), so that :attr:`swapped_bytes`
+        adds up the buffers they move."""
+
+        def counted(move: Callable[..., None]) -> Callable[..., None]:
+            @functools.wraps(move)
+            def call(handle: Any, buffers: Sequence[torch.Tensor], paths: Sequence[str]) -> None:
+                self._swapped += sum(b.numel() * b.element_size() for b in buffers)
+                move(handle, buffers, paths)
+            return call
+
+        for name in ("swap_in_tensors", "swap_out_tensors"):
+            setattr(param_swapper, name, counted(getattr(param_swapper, name)))
+
+    @property
+    def gathered_bytes(self) -> int:
+        return self._gathered
+
+    @property
+    def swapped_bytes(self) -> int:
+        return self._swapped
 
     def load_model(
         self,

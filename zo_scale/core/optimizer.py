@@ -23,6 +23,13 @@ never reads or writes ``.grad``.
     exactly to theta (bf16 drifts by about one rounding step per step).
 
 .. note::
+    With ``perturb="in_forward"`` the stored weights never move: ``closure(K)`` runs the model once
+    over its batch stacked K times and returns the K row groups' losses, and each module runs row
+    group k with a transient copy of its parameters at the k-th point (:mod:`zo_scale.core.perturbed_forward`).
+    A step is then one forward over K times the rows and one update pass; weights in bf16 come back
+    bit for bit when the update is zero.
+
+.. note::
     With ``lazy=True`` the parameters between two steps sit at theta_t - eps z_t (central) with
     step t's update pending; call :meth:`flush` before evaluating or saving the model
     (``state_dict`` flushes by itself). A steady-state lazy step is two passes over the parameters.
@@ -44,12 +51,15 @@ from zo_scale.core import kernel as sweep_kernel
 from zo_scale.core import noise
 from zo_scale.core.directions import DenseSampler, Direction, DirectionSampler, LowRankSampler
 from zo_scale.core.forward_grad import loss_and_directional_derivative
+from zo_scale.core.perturbed_forward import perturbed_forward
 from zo_scale.core.shards import ParamShard, whole_param_shard
 from zo_scale.core.sweep import Moves, Update, sweep_shard
 from zo_scale.core.updates import SGD, LozoMomentum, UpdateRule, make_rule
 
 # points evaluated per query, in units of eps ('jvp' evaluates none: forward-mode AD at theta)
 ESTIMATORS = {"central": (1.0, -1.0), "forward": (1.0,), "jvp": ()}
+# where the perturbed points live: the stored weights, moved in place, or transient copies inside the forward
+PERTURB = ("in_place", "in_forward")
 
 
 @dataclass
@@ -102,10 +112,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         shard_fn: maps (param, name) to the local :class:`ParamShard` (a ZeRO-3 backend gives shards).
         loss_reduce: averages a 1-D tensor of this step's losses over data-parallel ranks (one
             collective per step, two with conservative=True); identity by default.
-        model: the module the closure calls; only estimator='jvp' needs it.
+        model: the module the closure calls; estimator='jvp' and perturb='in_forward' need it.
         master_weights: keep an fp32 copy of each (local) shard, updated in fp32, from which the
             low-precision weights are set at every move (see :mod:`zo_scale.core.sweep`): no drift
             from the +/- eps round trip in bf16/fp16, for 4 extra bytes per trainable element.
+        kernel: what runs each sweep, 'auto', 'compiled' or 'eager' (:mod:`zo_scale.core.kernel`).
+        perturb: 'in_place' (move the stored weights to each point, one closure() per point) or
+            'in_forward' (one closure(K) over K stacked row groups, weights never moved; see the note).
     """
 
     def __init__(
@@ -127,6 +140,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         model: torch.nn.Module | None = None,
         master_weights: bool = False,
         kernel: str | None = None,
+        perturb: str = "in_place",
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -138,6 +152,17 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
         if queries < 1:
             raise ValueError(f"queries must be >= 1, got {queries}")
+        if perturb not in PERTURB:
+            raise ValueError(f"unknown perturb {perturb!r}; choose one of {PERTURB}")
+        if perturb == "in_forward":
+            if estimator == "jvp":
+                raise ValueError("perturb='in_forward' needs a finite-difference estimator: 'jvp' evaluates no "
+                                 "perturbed points")
+            if conservative:
+                raise ValueError("conservative=True evaluates its trial points after the estimate: "
+                                 "use perturb='in_place'")
+            if model is None:
+                raise ValueError("perturb='in_forward' needs model=<the module the closure calls>")
         self.kernel = sweep_kernel.resolve(kernel)
         self.rule = make_rule(rule) if isinstance(rule, str) else rule
         if isinstance(self.rule, LozoMomentum) and not isinstance(sampler, LowRankSampler):
@@ -162,6 +187,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.loss_reduce = loss_reduce
         self.model = model
         self.master_weights = master_weights
+        self.perturb = perturb
         self._offsets: dict[int, tuple[Direction, float]] = {}  # master_weights: perturbation the shards carry
         self.step_count = 0  # t: steps taken, skipped ones included
         self.skipped_steps = 0
@@ -237,9 +263,10 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, replay: StepRecord | None = None) -> float:
-        """One ZO step; returns the loss estimate at theta. With ``replay`` (a logged record of this
-        step) no closure is called: the same passes run with the logged scalars."""
+    def step(self, closure: Callable[..., Any] | None = None, *, replay: StepRecord | None = None) -> float:
+        """One ZO step; returns the loss estimate at theta. ``closure()`` (in place) or ``closure(K)``
+        (``perturb='in_forward'``: the K row groups' losses, shape (K,)). With ``replay`` (a logged record
+        of this step) no closure is called: the same passes run with the logged scalars."""
         if (closure is None) == (replay is None):
             raise ValueError("step() needs a closure that returns the loss (or, to replay, a StepRecord)")
         if replay is not None and replay.step != self.step_count:
@@ -252,12 +279,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         step_seed = noise.derive_seed(self.seed, t)
         directions = self.sampler.directions(self.seed, t, self.queries)
         pending, self._pending = self._pending, None
-        if self.estimator != "central" and pending is not None:  # these read L(theta): land the update first
+        # these read theta itself (or a copy of it): land the update first
+        if (self.estimator != "central" or self.perturb == "in_forward") and pending is not None:
             self._sweep(pending.restore, pending)
             pending = None
+        restore: list[tuple[Direction, float]] = []  # unless moved in place, theta never moves
         if self.estimator == "jvp":
-            restore: list[tuple[Direction, float]] = []  # theta never moves
             values = self._forward_gradients(closure, directions)
+        elif self.perturb == "in_forward":
+            values = self._row_group_losses(closure, directions)
         else:
             restore, values = self._finite_differences(evaluate, directions, pending)
 
@@ -305,6 +335,24 @@ class ZOOptimizer(torch.optim.Optimizer):
                 losses.append(evaluate())
         assert at is not None
         return [(at[0], -at[1])], losses
+
+    def _row_group_losses(self, closure: Callable[[int], Any] | None, directions: list[Direction]) -> list[float]:
+        """The losses of every point of this step from one ``closure(K)`` over K stacked row groups, in the
+        order of :meth:`_finite_differences` (placeholders in replay). One host sync for all of them."""
+        points = ESTIMATORS[self.estimator]
+        groups: list[list[tuple[Direction, float]]] = [[]] if self.estimator == "forward" else []
+        groups += [[(d, point * self.eps)] for d in directions for point in points]
+        if closure is None:
+            return [0.0] * len(groups)
+        names = {p: n for gi, group in enumerate(self.param_groups)
+                 for p, n in zip(group["params"], self._names(group, gi), strict=True)}
+        assert self.model is not None
+        with perturbed_forward(self.model, names, groups, self.kernel):
+            losses = torch.as_tensor(closure(len(groups))).detach()
+        if losses.shape != (len(groups),):
+            raise ValueError(f"with perturb='in_forward' closure(K) must return the K = {len(groups)} row groups' "
+                             f"losses, shape ({len(groups)},); got shape {tuple(losses.shape)}")
+        return losses.double().tolist()
 
     def _forward_gradients(self, closure: Callable[[], Any] | None, directions: list[Direction]) -> list[float]:
         """[L(theta) per direction..., grad L . z_i per direction...] by forward-mode AD (zeros in replay)."""

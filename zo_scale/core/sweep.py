@@ -36,7 +36,7 @@ round(master) instead of drifting by a rounding error per move.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -211,3 +211,14 @@ def sweep_shard(
     if rule is not None and state is not None and "step" in state:
         state["step"] += 1
     return rule is not None
+
+
+def perturbed_copy(shard: ParamShard, moves: Moves, kernel_mode: str | None = None) -> torch.Tensor:
+    """round(theta + sum_(d, c) c z_d) over the whole shard, as a new flat tensor in the shard's dtype;
+    ``shard.flat`` itself (no copy) where no move acts on it. theta is read, never written: one pass,
+    the sweep above with theta as its unperturbed base (``master``) and the copy as its output."""
+    if all(d.on(shard) is None for d, _ in moves):
+        return shard.flat
+    out = torch.empty_like(shard.flat)
+    sweep_shard(replace(shard, flat=out), master=shard.flat, offsets=moves, kernel_mode=kernel_mode)
+    return out

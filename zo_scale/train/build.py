@@ -46,7 +46,8 @@ def build_optimizer(
         optimizer = ZOOptimizer(
             list(named_params), cfg.lr, cfg.eps, rule=build_rule(cfg), sampler=build_sampler(cfg),
             estimator=cfg.estimator, queries=cfg.queries, weight_decay=cfg.weight_decay, seed=seed, lazy=cfg.lazy,
-            conservative=cfg.conservative, master_weights=cfg.master_weights, kernel=cfg.kernel, **kwargs,
+            conservative=cfg.conservative, master_weights=cfg.master_weights, kernel=cfg.kernel,
+            perturb=cfg.perturb, **kwargs,
         )
         schedule = build_schedule(optimizer, cfg, total_steps)
     except ValueError as e:

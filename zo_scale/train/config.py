@@ -60,6 +60,7 @@ class OptimConfig:
     schedule: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
     kernel: str | None = None  # what runs each sweep: auto | compiled | eager; None: $ZO_SCALE_KERNEL, else auto
+    perturb: str = "in_place"  # in_place: move the weights, a forward per point | in_forward: one forward, K row groups
 
 
 @dataclass

@@ -177,7 +177,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         log.info("zero-shot eval accuracy: %.1f%% (%d examples)", 100 * zero_shot, len(eval_enc))
 
     window: list[float] = []
-    tick, sent = time.perf_counter(), runtime.comm_bytes
+    tick, steps, moved = time.perf_counter(), 0, [0, 0, 0]  # since the last train log line
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="zo", unit="step",
                disable=not (cfg.run.progress and main), dynamic_ncols=True)
     for t in bar:
@@ -185,10 +185,18 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         batch = [train_enc[i] for i in mine]
         labels = labels_of(batch, next(model.parameters()).device)
 
-        def closure(batch: list[EncodedExample] = batch, labels: torch.Tensor = labels) -> torch.Tensor:
-            return batch_loss(option_scores(model, batch, pad), labels, cfg.task.loss)
+        def closure(groups: int | None = None, batch: list[EncodedExample] = batch,
+                    labels: torch.Tensor = labels) -> torch.Tensor:
+            """The batch's loss; with ``groups`` = K (optim.perturb=in_forward) the batch stacked K times
+            and each copy's loss, shape (K,)."""
+            if groups is None:
+                return batch_loss(option_scores(model, batch, pad), labels, cfg.task.loss)
+            scores = option_scores(model, batch * groups, pad).chunk(groups)
+            return torch.stack([batch_loss(s, labels, cfg.task.loss) for s in scores])
 
+        before = _bytes_moved(runtime)
         loss = optimizer.step(closure)  # the loss is averaged over ranks: every branch below agrees
+        steps, moved = steps + 1, [m + b - a for m, a, b in zip(moved, before, _bytes_moved(runtime), strict=True)]
         record = optimizer.last_record  # None for pure FO: nothing random to log
         if cfg.dist.check_seeds and record is not None:
             runtime.check_same(record.seed, f"the seed of step {t}")
@@ -214,9 +222,9 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                 metrics.log(t + 1, "train", loss=mean_loss, **optimizer.lrs(),
                             steps_per_s=len(window) / elapsed if elapsed > 0 else 0.0,
                             skipped_total=optimizer.skipped_steps,
-                            comm_bytes_per_step=(runtime.comm_bytes - sent) / max(1, len(window)))
+                            **{f"{k}_bytes_per_step": m / steps for k, m in zip(BYTES_MOVED, moved, strict=True)})
             bar.set_postfix(loss=f"{mean_loss:.4f}", **{k: f"{v:.2e}" for k, v in optimizer.lrs().items()})
-            window, tick, sent = [], time.perf_counter(), runtime.comm_bytes
+            window, tick, steps, moved = [], time.perf_counter(), 0, [0, 0, 0]
         if cfg.run.eval_every and (t + 1) % cfg.run.eval_every == 0 and t + 1 < cfg.run.steps:
             acc = evaluate(t + 1, dev_enc, "dev" if dev_ex else "eval")
             if main:
@@ -239,6 +247,15 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                      f"ZO fine-tuning: {cfg.model.name} on {cfg.task.name} ({cfg.optim.rule}, {cfg.optim.sampler})")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# What a step moves, per rank, as metrics.jsonl logs it (<name>_bytes_per_step): the optimizers' own
+# collectives, ZeRO-3's parameter all-gathers, NVMe offload's partition reads and writes.
+BYTES_MOVED = ("comm", "gathered", "swapped")
+
+
+def _bytes_moved(runtime: Runtime) -> tuple[int, int, int]:
+    return runtime.comm_bytes, runtime.gathered_bytes, runtime.swapped_bytes
 
 
 def distributed_accuracy(

@@ -1,0 +1,149 @@
+"""The perturbed forward (perturb='in_forward'): one forward over K stacked row groups gives the in-place
+step's losses and weights (fp32, to rounding), never moves the stored weights, and fails loudly."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zo_scale
+from zo_scale.core.directions import BlockSampler, LowRankSampler, SparseSampler
+from zo_scale.core.perturbed_forward import perturbed_forward
+from zo_scale.models.tiny import build_tiny_model, learnable_token_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+IDS = learnable_token_batch(rows=4, length=24)
+
+
+def losses(model, groups):
+    """Mean next-token loss of each of ``groups`` stacked copies of IDS, shape (groups,)."""
+    ids = IDS.repeat(groups, 1)
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    per_row = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(-1)
+    return per_row.view(groups, -1).mean(1)
+
+
+def closures(model):
+    return (lambda: losses(model, 1)[0]), (lambda groups: losses(model, groups))
+
+
+def run(arch, perturb, steps, dtype=torch.float32, lr=1e-3, **kwargs):
+    model = build_tiny_model(arch, dtype=dtype)
+    opt = zo_scale.ZOOptimizer(model.named_parameters(), lr=lr, eps=1e-3, seed=3, model=model, perturb=perturb,
+                               kernel="eager", **kwargs)
+    in_place, in_forward = closures(model)
+    recorded = []
+    for _ in range(steps):
+        recorded.append(opt.step(in_place if perturb == "in_place" else in_forward))
+        recorded.append(list(opt.last_record.grads))
+    opt.flush()
+    return model, recorded
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "mistral"])
+def test_row_groups_see_the_in_place_points(arch):
+    """OPT ties its embedding and LM head: one parameter, one z at both uses."""
+    start = dict(build_tiny_model(arch).named_parameters())
+    a, _ = run(arch, "in_place", 3)
+    b, _ = run(arch, "in_forward", 3)
+    moved = max((pa - start[n]).abs().max().item() for n, pa in a.named_parameters())
+    assert moved > 1e-5  # the steps did move the weights
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.allclose(pa, pb, rtol=0, atol=1e-3 * moved), n
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_losses_and_projected_gradients_match_in_place(arch):
+    _, a = run(arch, "in_place", 3)
+    _, b = run(arch, "in_forward", 3)
+    for x, y in zip(a[0::2], b[0::2], strict=True):  # loss estimates
+        assert x == pytest.approx(y, rel=1e-5)
+    for x, y in zip(a[1::2], b[1::2], strict=True):  # projected gradients (l+ - l-) / 2 eps
+        assert x == pytest.approx(y, rel=2e-3, abs=2e-3)
+
+
+OPTIMIZERS = {
+    "sign": {"rule": "sign"},
+    "momentum": {"rule": "momentum"},
+    "adam": {"rule": "adam"},
+    "lozo": {"sampler": LowRankSampler(rank=2, resample_every=2)},
+    "sparse": {"sampler": SparseSampler(0.5)},
+    "block": {"sampler": BlockSampler()},
+    "forward, q=2": {"estimator": "forward", "queries": 2},
+    "central, q=2, weight decay": {"queries": 2, "weight_decay": 0.1},
+    "lazy": {"lazy": True},
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_rule_and_sampler_matches_in_place(name):
+    start = dict(build_tiny_model("llama").named_parameters())
+    a, ra = run("llama", "in_place", 2, **OPTIMIZERS[name])
+    b, rb = run("llama", "in_forward", 2, **OPTIMIZERS[name])
+    assert all(x == pytest.approx(y, rel=1e-5) for x, y in zip(ra[0::2], rb[0::2], strict=True))
+    moved = max((pa - start[n]).abs().max().item() for n, pa in a.named_parameters())
+    assert moved > 1e-4
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.allclose(pa, pb, rtol=0, atol=1e-3 * moved), n
+
+
+def test_with_master_weights_the_points_are_the_same_and_so_is_every_bit():
+    """In place, a master copy sets each point to round(theta + c z): the copy the forward makes. Each
+    module then sees the same B rows at the same weights, so both steps agree bit for bit."""
+    a, ra = run("llama", "in_place", 3, master_weights=True)
+    b, rb = run("llama", "in_forward", 3, master_weights=True)
+    assert ra == rb
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_bf16_weights_come_back_bit_for_bit_at_lr_0():
+    start = build_tiny_model("llama", dtype=torch.bfloat16).state_dict()
+    stays, _ = run("llama", "in_forward", 10, dtype=torch.bfloat16, lr=0.0)
+    drifts, _ = run("llama", "in_place", 10, dtype=torch.bfloat16, lr=0.0)
+    assert all(torch.equal(stays.state_dict()[k], v) for k, v in start.items())
+    assert not all(torch.equal(drifts.state_dict()[k], v) for k, v in start.items())  # the round trip drifts
+
+
+def test_stored_weights_never_move_during_the_forward_and_forwards_are_restored():
+    model = build_tiny_model("llama")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    seen = []
+    opt = zo_scale.ZOSGD(model.named_parameters(), lr=1e-3, model=model, perturb="in_forward")
+
+    def closure(groups):
+        out = losses(model, groups)
+        seen.append(all(torch.equal(p, before[n]) for n, p in model.named_parameters()))
+        return out
+
+    opt.step(closure)
+    assert seen == [True]
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.equal(losses(model, 2)[0], losses(model, 2)[1])  # outside the step: plain forwards
+
+
+def test_only_the_optimizers_parameters_are_perturbed():
+    model = build_tiny_model("llama")
+    frozen = dict(model.named_parameters())["model.embed_tokens.weight"]
+    names = {p: n for n, p in model.named_parameters() if p is not frozen}
+    direction = zo_scale.core.directions.DenseDirection(7)
+    with perturbed_forward(model, names, [[(direction, 1e-2)], [(direction, -1e-2)]]):
+        wrapped = [n for n, m in model.named_modules() if "forward" in m.__dict__]
+    assert "model.embed_tokens" not in wrapped and "model.layers.0.self_attn.q_proj" in wrapped
+
+
+def test_bad_closures_and_settings_fail_loudly():
+    model = build_tiny_model("llama")
+    opt = zo_scale.ZOSGD(model.named_parameters(), lr=1e-3, model=model, perturb="in_forward")
+    with pytest.raises(ValueError, match=r"K = 2 row groups' losses, shape \(2,\); got shape \(\)"):
+        opt.step(lambda groups: losses(model, groups).mean())
+    with pytest.raises(ValueError, match="'model.embed_tokens' got 3 rows.*must stack its batch 2 times"):
+        opt.step(lambda groups: model(input_ids=IDS[:3]).logits[:2, 0, 0])  # 3 rows: not stacked
+    assert not any("forward" in m.__dict__ for m in model.modules())  # restored after the error
+    params = model.named_parameters()
+    with pytest.raises(ValueError, match="unknown perturb"):
+        zo_scale.ZOSGD(params, perturb="copy", model=model)
+    with pytest.raises(ValueError, match="needs model="):
+        zo_scale.ZOSGD(model.named_parameters(), perturb="in_forward")
+    with pytest.raises(ValueError, match="'jvp' evaluates no perturbed points"):
+        zo_scale.ZOOptimizer(model.named_parameters(), perturb="in_forward", estimator="jvp", model=model)
+    with pytest.raises(ValueError, match="conservative"):
+        zo_scale.ZOConservative(model.named_parameters(), perturb="in_forward", model=model)

@@ -1,0 +1,140 @@
+r"""One forward for all of a step's perturbed points: the batch stacked K times, row group k at theta + P_k.
+
+The in-place ZO step moves the stored weights (+eps z, -2 eps z, back) and runs one forward per point,
+so every forward streams the whole model (a ZeRO-3 all-gather, a PCIe upload under offload) and the
+stored weights carry every rounding of the round trip. Here the stored weights never move. The
+closure runs the model once over K copies of its batch, stacked along dim 0, and every module that
+owns a perturbed parameter runs row group k (rows [k R / K, (k + 1) R / K) of its input, R rows in
+all) with a transient copy of that parameter,
+
+.. math::
+    \theta_k = \mathrm{round}\Big(\theta + \sum_{(d, c) \in P_k} c\, z_d\Big),
+
+made by the sweep kernel (:func:`zo_scale.core.sweep.perturbed_copy`) on the parameter's device just
+before the group runs and freed just after. For the central estimator with q queries K = 2q
+(P_{2i} = {(z_i, +eps)}, P_{2i+1} = {(z_i, -eps)}); for the forward estimator K = q + 1 (P_0 = {}).
+ZO2 (Wang et al. 2025, "ZO2: Scalable Zeroth-Order Fine-Tuning for Extremely Large Language Models
+with Limited GPU Memory") runs its two branches on each uploaded block the same way; it keeps the two
+branches as separate batched calls per block, as this does per module.
+
+Where it holds: every row of a causal LM's batch is computed independently of the other rows, so
+group k's rows see exactly the model at theta_k. That ends where a module mixes rows: batch-norm in
+training mode, MoE routers with a capacity that drops tokens batch-wide, anything that reads batch
+statistics; and it assumes that a module uses only the parameters it owns (a forward that reads a
+sibling's weight, e.g. ``F.linear(x, self.other.weight)``, would see the unperturbed one). The models
+zo-scale ships (OPT, LLaMA, Mistral, SmolLM2 shapes) are checked against the in-place step in
+``tests/core/test_perturbed_forward.py``. Tied weights (embedding / LM head) are one parameter with one
+noise stream: every use gets the same z.
+
+Cost per module and step: K module calls on R / K rows each (the same FLOPs as one call on R rows),
+K perturbed copies of its parameters (each one pass: read theta, write theta_k) and one copy alive at a
+time. Activations are those of a forward over K times the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from zo_scale.core.shards import ParamShard, stream_id
+from zo_scale.core.sweep import Moves, perturbed_copy
+
+
+def _rows(args: Sequence[Any], kwargs: dict[str, Any]) -> int | None:
+    """Dim 0 of the first tensor argument: the stacked rows every tensor of that length is split by."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def _split(value: Any, rows: int, groups: int, k: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+        size = rows // groups
+        return value[k * size : (k + 1) * size]
+    return value
+
+
+def _merge(outputs: list[Any], name: str) -> Any:
+    """The row groups' outputs joined back along dim 0 (tensors, and tuples / lists / dicts of them)."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs, 0)
+    if first is None:
+        return None
+    if isinstance(first, tuple | list):
+        return type(first)(_merge([o[i] for o in outputs], name) for i in range(len(first)))
+    if isinstance(first, dict):
+        return type(first)({key: _merge([o[key] for o in outputs], name) for key in first})
+    raise TypeError(f"module {name!r} returned a {type(first).__name__}: the perturbed forward can only join tensors "
+                    "(and tuples, lists, dicts of them) from its row groups; use perturb='in_place' for this model")
+
+
+class _GroupedForward:
+    """A module's forward, run once per row group with that group's perturbed copies of its parameters."""
+
+    def __init__(self, module: torch.nn.Module, name: str, forward: Callable[..., Any],
+                 params: list[tuple[torch.nn.Parameter, str]], groups: Sequence[Moves],
+                 kernel_mode: str | None) -> None:
+        self.module, self.name, self.forward = module, name, forward
+        self.params, self.groups, self.kernel_mode = params, groups, kernel_mode
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        rows, groups = _rows(args, kwargs), len(self.groups)
+        if rows is None or rows % groups:
+            raise ValueError(f"module {self.name!r} got {'no tensor input' if rows is None else f'{rows} rows'}: the "
+                             f"perturbed forward splits dim 0 of its input into {groups} row groups, so the closure "
+                             f"must stack its batch {groups} times along dim 0")
+        params = [p for p, _ in self.params]
+        stored = [p.data for p in params]  # under ZeRO-3: the gathered whole parameter
+        shards = [ParamShard(p, n, stream_id(n), data.view(-1), 0, data.shape)
+                  for (p, n), data in zip(self.params, stored, strict=True)]
+        outputs = []
+        try:
+            for k, moves in enumerate(self.groups):
+                for p, shard in zip(params, shards, strict=True):
+                    p.data = perturbed_copy(shard, moves, self.kernel_mode).view(shard.shape)
+                outputs.append(self.forward(*(_split(a, rows, groups, k) for a in args),
+                                            **{key: _split(v, rows, groups, k) for key, v in kwargs.items()}))
+        finally:
+            for p, data in zip(params, stored, strict=True):
+                p.data = data
+        return _merge(outputs, self.name)
+
+
+@contextlib.contextmanager
+def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], groups: Sequence[Moves],
+                      kernel_mode: str | None = None) -> Iterator[None]:
+    """While inside, every forward of ``model`` runs K = len(groups) row groups, group k at theta + groups[k].
+
+    ``names``: each perturbed parameter and its name (which fixes its noise stream). A parameter's
+    data is read when its module runs, so a ZeRO-3 parameter is seen whole, after DeepSpeed's gather.
+    Only modules that own one of them directly are wrapped; the others run as they are. A parameter
+    that no module of ``model`` owns (e.g. a quantized weight's scale, an attribute of the weight)
+    cannot be reached this way: a ValueError names it.
+    """
+    wrapped: list[tuple[torch.nn.Module, bool, Any]] = []
+    owned: set[torch.Tensor] = set()
+    try:
+        for name, module in model.named_modules():
+            own = [(p, names[p]) for p in module.parameters(recurse=False) if p in names]
+            if not own:
+                continue
+            owned.update(p for p, _ in own)
+            had = "forward" in module.__dict__  # e.g. an accelerate hook's wrapper: keep it, restore it after
+            wrapped.append((module, had, module.__dict__.get("forward")))
+            module.forward = _GroupedForward(module, name, module.forward, own, groups, kernel_mode)
+        missing = [n for p, n in names.items() if p not in owned]
+        if missing:
+            raise ValueError(f"the perturbed forward perturbs the parameters modules own, and no module of the model "
+                             f"owns {missing[:3]}{' ...' if len(missing) > 3 else ''}; use perturb='in_place'")
+        yield
+    finally:
+        for module, had, previous in reversed(wrapped):
+            if had:
+                module.forward = previous
+            else:
+                del module.forward
