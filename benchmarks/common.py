@@ -86,6 +86,17 @@ def lm_batch(batch: int, seq: int, vocab: int = 50272, seed: int = 0) -> torch.T
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def stacked_lm_losses(model: torch.nn.Module, ids: torch.Tensor, groups: int) -> torch.Tensor:
+    """The mean next-token loss of each of ``groups`` stacked copies of ``ids``, shape (groups,): the
+    closure of ``perturb="in_forward"`` (one forward over groups x rows)."""
+    import torch.nn.functional as F
+
+    stacked = ids.repeat(groups, 1)
+    logits = model(input_ids=stacked).logits[:, :-1].float()
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), stacked[:, 1:].reshape(-1), reduction="none")
+    return per_token.view(groups, -1).mean(1)
+
+
 # -----------------------------------------------------------------------------
 # timing
 

@@ -5,7 +5,9 @@ Model: ``OPTForCausalLM(OPTConfig())`` (OPT-125m's shape, random init, eval mode
 Measured ops, each run ``--steps`` times (the second step is steady state: AdamW's moments exist):
 
     inference   2 forwards under torch.inference_mode()
-    zo          zo_scale.ZOSGD(model.named_parameters(), lr=1e-6, eps=1e-3).step(closure)   (eager)
+    zo          zo_scale.ZOSGD(model.named_parameters(), lr=1e-6, eps=1e-3).step(closure)   (in place)
+    zo_in_forward  the same with perturb="in_forward": one forward over the batch stacked twice
+                (closure: common.stacked_lm_losses), so twice the activations of one forward
     fo_adamw    loss.backward(); torch.optim.AdamW(model.parameters()).step(); zero_grad()
 
 How (CPU, Linux): every (op, seq) runs in a fresh Python process (this script with ``--child``), so
@@ -46,7 +48,7 @@ parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurem
 args = parser.parse_args()
 if args.quick:
     args.batch, args.seqs, args.steps = 2, [64, 128], 1
-KINDS = ("inference", "zo", "fo_adamw")
+KINDS = ("inference", "zo", "zo_in_forward", "fo_adamw")
 LR_ZO, EPS_ZO, LR_FO = 1e-6, 1e-3, 1e-5
 
 # -----------------------------------------------------------------------------
@@ -69,6 +71,9 @@ def measure(kind: str, batch: int, seq: int, dtype: str, steps: int) -> dict[str
     elif kind == "zo":
         zo = zo_scale.ZOSGD(model.named_parameters(), lr=LR_ZO, eps=EPS_ZO)
         op = lambda: zo.step(loss)
+    elif kind == "zo_in_forward":
+        zo = zo_scale.ZOSGD(model.named_parameters(), lr=LR_ZO, eps=EPS_ZO, perturb="in_forward", model=model)
+        op = lambda: zo.step(lambda groups: common.stacked_lm_losses(model, ids, groups))
     else:
         adamw = torch.optim.AdamW(model.parameters(), lr=LR_FO)  # moments allocated at the first step
 
@@ -104,10 +109,12 @@ for seq in args.seqs:
         row[kind] = m = common.run_child(Path(__file__), ["--child", json.dumps(spec)])
         print(f"seq {seq:4d} {kind:9s} peak {m['peak_mib']:7.0f} MiB (VmHWM {m['vmhwm_mib']:7.0f})  "
               f"model {m['model_rss_mib']:6.0f} MiB  above model {m['above_model_mib']:7.0f} MiB", flush=True)
-    inf, zo, fo = row["inference"], row["zo"], row["fo_adamw"]
+    inf, zo, fo, fwd = row["inference"], row["zo"], row["fo_adamw"], row["zo_in_forward"]
     row["ratios"] = {
         "zo_over_inference_raw": zo["peak_mib"] / inf["peak_mib"],
         "zo_over_inference_above_model": zo["above_model_mib"] / inf["above_model_mib"],
+        "zo_in_forward_over_inference_raw": fwd["peak_mib"] / inf["peak_mib"],
+        "zo_in_forward_over_inference_above_model": fwd["above_model_mib"] / inf["above_model_mib"],
         "fo_adamw_over_zo_raw": fo["peak_mib"] / zo["peak_mib"],
         "fo_adamw_over_zo_above_model": fo["above_model_mib"] / zo["above_model_mib"],
     }
@@ -123,7 +130,8 @@ settings = {
     "seqs": args.seqs,
     "steps_per_measurement": args.steps,
     "loss": "model(input_ids=ids, labels=ids).loss, random ids, one fixed batch",
-    "zo": f"ZOSGD(lr={LR_ZO}, eps={EPS_ZO}), eager",
+    "zo": f"ZOSGD(lr={LR_ZO}, eps={EPS_ZO}), in place",
+    "zo_in_forward": f"ZOSGD(lr={LR_ZO}, eps={EPS_ZO}, perturb='in_forward'), closure common.stacked_lm_losses",
     "fo": f"AdamW(lr={LR_FO}), zero_grad(set_to_none=True)",
     "measure": "fresh process per (seq, op); peak = ru_maxrss after the op, peak counter reset after model "
                "load via /proc/self/clear_refs; above_model = peak - VmRSS after model load",
@@ -141,11 +149,11 @@ print("wrote", common.write_json(name, settings, results, notes))
 # plot: raw peak and above-model peak per op, grouped by seq
 
 fig, axes = common.new_figure(11, 4.5, ncols=2)
-width = 0.27
-colors = {"inference": "tab:gray", "zo": "tab:blue", "fo_adamw": "tab:red"}
+width = 0.2
+colors = {"inference": "tab:gray", "zo": "tab:blue", "zo_in_forward": "tab:cyan", "fo_adamw": "tab:red"}
 for ax, key, title in ((axes[0], "peak_mib", "raw peak RSS"), (axes[1], "above_model_mib", "peak RSS above model")):
     for i, kind in enumerate(KINDS):
-        xs = [j + (i - 1) * width for j in range(len(args.seqs))]
+        xs = [j + (i - 1.5) * width for j in range(len(args.seqs))]
         ys = [results[f"seq{s}"][kind][key] for s in args.seqs]
         bars = ax.bar(xs, ys, width, label=kind, color=colors[kind])
         ax.bar_label(bars, fmt="%.0f", fontsize=7)

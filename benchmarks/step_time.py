@@ -14,6 +14,9 @@ warmup; the variants are timed round-robin, each on its own copy of the model):
     (e) MeZO reference   the published MeZO step, written below: 4 passes over the named parameters
                          (+eps z, -2 eps z, +eps z, update), each regenerating z with torch.normal from a
                          torch.Generator reseeded with the step's seed, applied with p.data.add_(z, alpha=...)
+    (f) ZO in_forward    ZOSGD(..., perturb="in_forward", model=m): one forward over the batch stacked twice,
+                         each module running row group k with a transient perturbed copy of its weights;
+                         the closure is common.stacked_lm_losses (per-row LM loss, averaged per group)
 
 The warmup step also compiles the sweep kernels. Each is reported as a ratio to (a): 1.0 would mean
 the parameter passes cost nothing. A ZO step
@@ -126,7 +129,8 @@ def new_copy() -> torch.nn.Module:
     return copy.deepcopy(model)
 
 
-m_eager, m_ref, m_lazy, m_rad, m_mezo = new_copy(), new_copy(), new_copy(), new_copy(), new_copy()
+m_eager, m_ref, m_lazy, m_rad, m_mezo, m_fwd = (new_copy() for _ in range(6))
+opt_f = zo_scale.ZOSGD(m_fwd.named_parameters(), lr=LR, eps=EPS, perturb="in_forward", model=m_fwd)
 variants: dict[str, Callable[[], None]] = {
     "(a) 2 forwards": two_forwards(model),
     "(b) ZO eager": optimizer_step(m_eager, zo_scale.ZOSGD(m_eager.named_parameters(), lr=LR, eps=EPS)),
@@ -136,9 +140,11 @@ variants: dict[str, Callable[[], None]] = {
     "(d) ZO lazy rademacher": optimizer_step(m_rad, zo_scale.ZOOptimizer(
         m_rad.named_parameters(), lr=LR, eps=EPS, sampler=zo_scale.DenseSampler("rademacher"), lazy=True)),
     "(e) MeZO reference": optimizer_step(m_mezo, MeZOReference(m_mezo, LR, EPS)),
+    "(f) ZO in_forward": lambda: opt_f.step(lambda groups: common.stacked_lm_losses(m_fwd, ids, groups)),
 }
+# (f): 2 perturbed copies made (read theta, write a copy) and 1 update pass
 passes = {"(a) 2 forwards": 0, "(b) ZO eager": 3, "(b') ZO eager, eager kernel": 3, "(c) ZO lazy": 2,
-          "(d) ZO lazy rademacher": 2, "(e) MeZO reference": 4}
+          "(d) ZO lazy rademacher": 2, "(e) MeZO reference": 4, "(f) ZO in_forward": 3}
 
 # -----------------------------------------------------------------------------
 # measure
@@ -183,7 +189,7 @@ settings = {
     "timing": "round-robin over the variants, median of repeats, each variant on its own model copy",
     "noise_chunk_elements": noise.CHUNK,
     "sweep_kernel": {label: ("eager" if "eager kernel" in label else "auto") for label in variants
-                     if label.startswith(("(b", "(c", "(d"))},
+                     if label.startswith(("(b", "(c", "(d", "(f"))},
     "quick": args.quick,
 }
 notes = [

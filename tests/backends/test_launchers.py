@@ -313,9 +313,11 @@ def test_zero3_bf16_master_weights_return_exactly_with_lr_0(base_model, tmp_path
 
 @pytest.fixture(scope="module")
 def zero3_in_forward(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Through DeepSpeed's launcher, as zero3_run (the CPU-offload run against it goes through torchrun)."""
     out = tmp_path_factory.mktemp("runs") / "zero3-in-forward"
-    return launched([*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out), *IN_FORWARD],
-                    out)
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+           "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out), *IN_FORWARD]
+    return launched(cmd, out)
 
 
 def test_in_forward_zero3_gathers_the_model_once_a_step_and_matches_in_place(base_model, base_weights, zero3_run,

@@ -203,3 +203,26 @@ def test_cuda_steps_compiled_equal_eager(name):
 
     for p, q in zip(run("eager").parameters(), run("compiled").parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_perturbed_copies_compiled_equal_eager_and_a_master_sweep(dtype):
+    from zo_scale.core.directions import DenseDirection, LowRankDirection, SparseDirection
+    from zo_scale.core.shards import whole_param_shard
+    from zo_scale.core.sweep import perturbed_copies, sweep_shard
+
+    w = torch.randn(300, 257).to(dtype)
+    shard = whole_param_shard(w, "w")
+    before = w.clone()
+    d = {"dense": DenseDirection(1), "sparse": SparseDirection(2, 3, 0.5), "lowrank": LowRankDirection(4, 5, 2)}
+    groups = [[(d["dense"], 1e-2)], [(d["dense"], -1e-2)], [(d["sparse"], 0.5), (d["lowrank"], -0.25)], []]
+    compiled = perturbed_copies(shard, groups, "compiled")
+    eager = perturbed_copies(shard, groups, "eager")
+    assert torch.equal(w, before)  # theta is only read
+    assert compiled[3] is shard.flat and eager[3] is shard.flat  # no move: theta itself, no copy
+    for moves, a, b in zip(groups[:3], compiled[:3], eager[:3], strict=True):
+        assert torch.equal(a, b)
+        moved = w.clone()
+        sweep_shard(whole_param_shard(moved, "w"), master=w.view(-1).float(), offsets=moves, kernel_mode="eager")
+        assert torch.equal(a, moved.view(-1))
+        assert not torch.equal(a, shard.flat)

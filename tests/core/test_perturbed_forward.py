@@ -86,11 +86,13 @@ def test_every_rule_and_sampler_matches_in_place(name):
         assert torch.allclose(pa, pb, rtol=0, atol=1e-3 * moved), n
 
 
-def test_with_master_weights_the_points_are_the_same_and_so_is_every_bit():
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_with_master_weights_the_points_are_the_same_and_so_is_every_bit(arch):
     """In place, a master copy sets each point to round(theta + c z): the copy the forward makes. Each
-    module then sees the same B rows at the same weights, so both steps agree bit for bit."""
-    a, ra = run("llama", "in_place", 3, master_weights=True)
-    b, rb = run("llama", "in_forward", 3, master_weights=True)
+    module then sees the same B rows at the same weights (an nn.Linear through the kernel F.linear
+    runs, with or without bias), so both steps agree bit for bit."""
+    a, ra = run(arch, "in_place", 3, master_weights=True)
+    b, rb = run(arch, "in_forward", 3, master_weights=True)
     assert ra == rb
     assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
 

@@ -26,9 +26,11 @@ zo-scale ships (OPT, LLaMA, Mistral, SmolLM2 shapes) are checked against the in-
 ``tests/core/test_perturbed_forward.py``. Tied weights (embedding / LM head) are one parameter with one
 noise stream: every use gets the same z.
 
-Cost per module and step: K module calls on R / K rows each (the same FLOPs as one call on R rows),
-K perturbed copies of its parameters (each one pass: read theta, write theta_k) and one copy alive at a
-time. Activations are those of a forward over K times the batch.
+Cost per module and step: K module calls on R / K rows each (the same FLOPs as one call on R rows);
+one pass over its parameters that reads theta once, generates each z once and writes the K copies,
+which stay alive while the module runs (K times its parameters, transiently). An ``nn.Linear`` writes
+each group's rows straight into one output tensor; other modules' group outputs are concatenated.
+Activations are those of a forward over K times the batch.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 
 from zo_scale.core.shards import ParamShard, stream_id
-from zo_scale.core.sweep import Moves, perturbed_copy
+from zo_scale.core.sweep import Moves, perturbed_copies
 
 
 def _rows(args: Sequence[Any], kwargs: dict[str, Any]) -> int | None:
@@ -73,6 +75,28 @@ def _merge(outputs: list[Any], name: str) -> Any:
                     "(and tuples, lists, dicts of them) from its row groups; use perturb='in_place' for this model")
 
 
+def _linear_rows(module: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a plain ``nn.Linear`` called on one contiguous input: (input, output) as 2-D row matrices,
+    the output allocated once for all groups; None for any other module or call."""
+    if type(module) is not torch.nn.Linear or kwargs or len(args) != 1:
+        return None
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or not x.is_contiguous() or x.dim() < 2:
+        return None
+    x = x.view(-1, x.shape[-1])
+    return x, x.new_empty(x.shape[0], module.out_features)
+
+
+def _linear_into(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = F.linear(x, weight, bias)`` written into ``out``, by the kernel F.linear itself runs for a
+    contiguous input (addmm with the bias, else mm), so the values are the same bit for bit."""
+    if module.bias is not None:
+        torch.addmm(module.bias, x, module.weight.t(), out=out)
+    else:
+        torch.mm(x, module.weight.t(), out=out)
+
+
 class _GroupedForward:
     """A module's forward, run once per row group with that group's perturbed copies of its parameters."""
 
@@ -90,19 +114,24 @@ class _GroupedForward:
                              f"must stack its batch {groups} times along dim 0")
         params = [p for p, _ in self.params]
         stored = [p.data for p in params]  # under ZeRO-3: the gathered whole parameter
-        shards = [ParamShard(p, n, stream_id(n), data.view(-1), 0, data.shape)
-                  for (p, n), data in zip(self.params, stored, strict=True)]
+        # every group's copy of each parameter in one pass over it (z generated once for all groups)
+        copies = [perturbed_copies(ParamShard(p, n, stream_id(n), data.view(-1), 0, data.shape), self.groups,
+                                   self.kernel_mode) for (p, n), data in zip(self.params, stored, strict=True)]
+        linear = _linear_rows(self.module, args, kwargs)
         outputs = []
         try:
-            for k, moves in enumerate(self.groups):
-                for p, shard in zip(params, shards, strict=True):
-                    p.data = perturbed_copy(shard, moves, self.kernel_mode).view(shard.shape)
-                outputs.append(self.forward(*(_split(a, rows, groups, k) for a in args),
-                                            **{key: _split(v, rows, groups, k) for key, v in kwargs.items()}))
+            for k in range(groups):
+                for p, data, copy in zip(params, stored, copies, strict=True):
+                    p.data = copy[k].view(data.shape)
+                if linear is not None:  # straight into its rows of the output: no join
+                    _linear_into(self.module, *(t.narrow(0, k * len(t) // groups, len(t) // groups) for t in linear))
+                else:
+                    outputs.append(self.forward(*(_split(a, rows, groups, k) for a in args),
+                                                **{key: _split(v, rows, groups, k) for key, v in kwargs.items()}))
         finally:
             for p, data in zip(params, stored, strict=True):
                 p.data = data
-        return _merge(outputs, self.name)
+        return linear[1].view(*args[0].shape[:-1], -1) if linear is not None else _merge(outputs, self.name)
 
 
 @contextlib.contextmanager

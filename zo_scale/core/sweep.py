@@ -36,7 +36,7 @@ round(master) instead of drifting by a rounding error per move.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -134,6 +134,12 @@ def _compiled_sweep(plan: Plan) -> Callable[..., None]:
     return sweep
 
 
+def _exact_casts(specs: Sequence[tuple[Any, ...] | None]) -> bool:
+    """Whether a kernel must keep its explicit roundings: low-rank z is formed in fp32 and rounded to the
+    weights' dtype mid-kernel, and that rounding must stay."""
+    return any(spec[0] in ("lowrank", "factor") for spec in specs if spec is not None)
+
+
 def _resolve(shard: ParamShard, phases: Sequence[Moves]) -> tuple[list[Direction], list[tuple[tuple[int, ...],
                                                                                                 list[float]]]]:
     """The distinct directions acting on this shard, and each phase as (direction indices, coefficients);
@@ -198,11 +204,9 @@ def sweep_shard(
         k.rule = rule.scalars(step)
     buffers = {b: state[b] for b in rule.buffers} if rule is not None else {}
     compiled = wanted and all(fused)
-    # low-rank z is formed in fp32 and rounded to the weights' dtype mid-kernel: that rounding must stay
-    exact_casts = any(spec[0] in ("lowrank", "factor") for spec in plan.specs if spec is not None)
     if not (compiled and kernel.run(kernel_mode, _compiled_sweep, plan, flat, master, buffers, [f[1] for f in fused],
                                     shard.offset, k.before, k.weights, k.after, k.lr, k.weight_decay, list(k.rule),
-                                    numel=flat.numel(), exact_casts=exact_casts)):
+                                    numel=flat.numel(), exact_casts=_exact_casts(plan.specs))):
         for s in range(0, flat.numel(), CHUNK):
             n = min(CHUNK, flat.numel() - s)
             zs = [d.z(shard, shard.offset + s, n).float() for d in directions]
@@ -213,12 +217,58 @@ def sweep_shard(
     return rule is not None
 
 
-def perturbed_copy(shard: ParamShard, moves: Moves, kernel_mode: str | None = None) -> torch.Tensor:
-    """round(theta + sum_(d, c) c z_d) over the whole shard, as a new flat tensor in the shard's dtype;
-    ``shard.flat`` itself (no copy) where no move acts on it. theta is read, never written: one pass,
-    the sweep above with theta as its unperturbed base (``master``) and the copy as its output."""
-    if all(d.on(shard) is None for d, _ in moves):
-        return shard.flat
-    out = torch.empty_like(shard.flat)
-    sweep_shard(replace(shard, flat=out), master=shard.flat, offsets=moves, kernel_mode=kernel_mode)
-    return out
+@dataclass(frozen=True)
+class CopyPlan:
+    """The static shape of a perturbed-copy pass: ``specs`` as in :class:`Plan`; ``copies``: for each
+    copy written, the index of each of its moves' direction."""
+
+    specs: tuple[tuple[Any, ...] | None, ...]
+    copies: tuple[tuple[int, ...], ...]
+
+
+def _copies_into(plan: CopyPlan, theta: torch.Tensor, outs: Sequence[torch.Tensor], zs: Sequence[torch.Tensor],
+                 coefficients: Sequence[Sequence[float]]) -> None:
+    """out_k = round(theta + sum_j c_kj z_kj) on one span, in fp32 as the sweep computes; theta is only read."""
+    base = theta.float()
+    for out, indices, cs in zip(outs, plan.copies, coefficients, strict=True):
+        t = base
+        for d, c in zip(indices, cs, strict=True):
+            t = t + c * zs[d]
+        out.copy_(t)
+
+
+def _compiled_copies(plan: CopyPlan) -> Callable[..., None]:
+    """All copies of a whole shard in one elementwise kernel, each direction's z generated once per element."""
+
+    def copies(theta: torch.Tensor, outs: list[torch.Tensor], inputs: list[tuple[Any, ...]], start: int,
+               coefficients: list[list[float]]) -> None:
+        index = torch.arange(theta.numel(), dtype=torch.int64, device=theta.device) + start
+        zs = [z_at(spec, index, args, theta.dtype) for spec, args in zip(plan.specs, inputs, strict=True)]
+        _copies_into(plan, theta, outs, zs, coefficients)
+
+    return copies
+
+
+def perturbed_copies(shard: ParamShard, groups: Sequence[Moves], kernel_mode: str | None = None) -> list[torch.Tensor]:
+    """For each list of moves, round(theta + sum_(d, c) c z_d) over the whole shard as a new flat tensor in
+    the shard's dtype (``shard.flat`` itself, no copy, where no move acts on it). One pass: theta is
+    read once, each direction's z generated once, every copy written; theta is never written. Equal
+    bit for bit to a sweep that moves an fp32 master copy equal to theta by the same moves."""
+    flat = shard.flat
+    directions, resolved = _resolve(shard, groups)
+    outs = [torch.empty_like(flat) if indices else flat for indices, _ in resolved]
+    moving = [(out, indices, cs) for out, (indices, cs) in zip(outs, resolved, strict=True) if indices]
+    if not moving:
+        return outs
+    wanted = kernel.wants_compiled(kernel_mode, flat.device, flat.numel())
+    fused = [d.fused(shard) for d in directions] if wanted else []
+    plan = CopyPlan(tuple(f[0] if f else None for f in fused), tuple(indices for _, indices, _ in moving))
+    targets, coefficients = [out for out, _, _ in moving], [cs for _, _, cs in moving]
+    if not (wanted and all(fused) and kernel.run(kernel_mode, _compiled_copies, plan, flat, targets,
+                                                 [f[1] for f in fused], shard.offset, coefficients,
+                                                 numel=flat.numel(), exact_casts=_exact_casts(plan.specs))):
+        for s in range(0, flat.numel(), CHUNK):
+            n = min(CHUNK, flat.numel() - s)
+            zs = [d.z(shard, shard.offset + s, n).float() for d in directions]
+            _copies_into(plan, flat[s : s + n], [out[s : s + n] for out in targets], zs, coefficients)
+    return outs
