@@ -6,7 +6,9 @@
 3. For an OPT-1.3B-shaped and a LLaMA-2-7B-shaped model (random init, bf16, built on the GPU):
    time of one ZO step (``zo_scale.ZOSGD`` defaults, lazy as the trainer runs it) / two forwards,
    peak GPU memory of the step / one inference forward, and CUDA kernel launches per step
-   (torch.profiler) for the compiled sweep and for the eager reference sweep.
+   (torch.profiler) for the compiled sweep, for the eager reference sweep, and for the compiled sweep
+   with ``perturb="in_forward"`` (one forward over the batch stacked twice, closure
+   ``common.stacked_lm_losses``).
 
 Run on the GPU machine (from the repository root, after ``make install`` or with torch + transformers):
     python benchmarks/gpu_check.py                 # writes benchmarks/results/gpu_check_cuda.json (+ $OUT/)
@@ -105,9 +107,14 @@ def measure(kind: str) -> dict[str, object]:
             loss()
         sync()
         out["peak_bytes_one_forward"] = torch.cuda.max_memory_allocated()
-    for mode in ("compiled", "eager"):
-        opt = zo_scale.ZOSGD(model.named_parameters(), lr=1e-7, eps=1e-3, lazy=True, kernel=mode)
-        step = lambda opt=opt: opt.step(loss)  # noqa: E731
+    variants = {"compiled": {"kernel": "compiled"}, "eager": {"kernel": "eager"},
+                "in_forward": {"kernel": "compiled", "perturb": "in_forward", "model": model}}
+    for mode, kwargs in variants.items():
+        opt = zo_scale.ZOSGD(model.named_parameters(), lr=1e-7, eps=1e-3, lazy=True, **kwargs)
+        if mode == "in_forward":
+            step = lambda opt=opt: opt.step(lambda groups: common.stacked_lm_losses(model, ids, groups))  # noqa: E731
+        else:
+            step = lambda opt=opt: opt.step(loss)  # noqa: E731
         step()
         step()  # warm: compiled, steady lazy state
         sync()
@@ -148,7 +155,7 @@ results["wall_s"] = time.time() - started
 if device.type == "cuda":
     results["device_name"] = torch.cuda.get_device_name()
 settings = {"batch": args.batch, "seq": args.seq, "repeats": args.repeats, "dtype": "bf16", "quick": args.quick,
-            "optimizer": "zo_scale.ZOSGD(lr=1e-7, eps=1e-3, lazy=True), kernel compiled vs eager"}
+            "optimizer": "zo_scale.ZOSGD(lr=1e-7, eps=1e-3, lazy=True): kernel compiled, eager; in_forward"}
 notes = ["launches: cudaLaunchKernel / cuLaunchKernel events and cudaMemcpy* calls (on a CPU: aten ops)."]
 path = common.write_json(name, settings, results, notes)
 print("wrote", path)

@@ -4,7 +4,9 @@ Each (mode, world size) runs ``scale_out_worker.py`` under ``torchrun`` (gloo) o
 model with a global batch of ``--rows`` x ``--seq`` tokens: one rank takes all rows with
 ``--threads`` torch threads; two ranks take half the rows each, with half the threads each (the
 machine's cores shared, not doubled: on 2 cores, 2 ranks cannot be faster than 1 except by
-threading better). Modes: ZO replicated data parallel, first-order DDP (SGD), ZO over ZeRO-3.
+threading better). Modes: ZO replicated data parallel, first-order DDP (SGD), ZO over ZeRO-3 (in
+place, and with ``perturb="in_forward"``: one forward, one gather per step), and on 1 rank ZeRO-3
+with CPU offload (both ways), to compare with ZeRO-3 kept in memory.
 
 Reported per run: median step time over ``--steps`` after one warmup step, the payload bytes each
 rank hands to collectives per step, and for ZeRO-3 the collectives of one profiled step.
@@ -26,7 +28,9 @@ from pathlib import Path
 import common
 
 HERE = Path(__file__).resolve().parent
-MODES = ("zo-replicated", "fo-ddp", "zo-zero3")
+# mode -> the world sizes it runs on
+MODES = {"zo-replicated": (1, 2), "fo-ddp": (1, 2), "zo-zero3": (1, 2), "zo-zero3-in-forward": (1, 2),
+         "zo-zero3-offload": (1,), "zo-zero3-offload-in-forward": (1,)}
 
 
 def run(mode: str, world: int, rows: int, seq: int, steps: int, threads: int, port: int) -> dict:
@@ -48,8 +52,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     results = []
-    for i, mode in enumerate(MODES):
-        for world in (1, 2):
+    for i, (mode, worlds) in enumerate(MODES.items()):
+        for world in worlds:
             r = run(mode, world, args.rows, args.seq, args.steps, args.threads, 29700 + 2 * i + world)
             print(f"{mode:14s} {world} rank(s): {r['step_s_median']:.2f} s/step, "
                   f"{r['bytes_sent_per_step_per_rank']:,} B/step/rank")
@@ -62,16 +66,25 @@ def main() -> None:
     summary = {
         "ddp_bytes_over_zo_bytes": ddp_bytes / zo_bytes,
         "two_rank_over_one_rank_step_time": {m: by[(m, 2)]["step_s_median"] / by[(m, 1)]["step_s_median"]
-                                             for m in MODES},
-        "zero3_gathered_bytes_over_model_bytes": z3["gathered_bytes_per_step"] / model_bytes,
+                                             for m, worlds in MODES.items() if 2 in worlds},
+        "zero3_gathered_bytes_over_model_bytes": {m: by[(m, 2)]["gathered_bytes_per_step"] / model_bytes
+                                                  for m in ("zo-zero3", "zo-zero3-in-forward")},
+        "one_rank_offload_over_zero3_step_time": {
+            perturb: by[(f"zo-zero3-offload{suffix}", 1)]["step_s_median"]
+            / by[(f"zo-zero3{suffix}", 1)]["step_s_median"]
+            for perturb, suffix in (("in_place", ""), ("in_forward", "-in-forward"))},
+        "zero3_in_forward_over_in_place_step_time": {
+            w: by[("zo-zero3-in-forward", w)]["step_s_median"] / by[("zo-zero3", w)]["step_s_median"] for w in (1, 2)},
         "zero3_allgathers_per_step": z3["collectives_per_step"].get("c10d::_allgather_base_", 0),
         "zero3_allgathers_per_decoder_layer_per_step":
             z3["collectives_per_step"].get("c10d::_allgather_base_", 0) / z3["decoder_layers"],
     }
     notes = [
         "bytes: payload handed to all-reduce per step per rank; ZO sends its 2 float64 losses, DDP every gradient.",
-        "ZeRO-3 gathers every parameter once per forward, so a ZO step (2 forwards) gathers the model twice; "
-        "DeepSpeed coalesces parameters into prefetch buckets, so all-gather calls per layer can be below 1.",
+        "ZeRO-3 gathers every parameter once per forward, so a ZO step (2 forwards) gathers the model twice, "
+        "and once with perturb='in_forward' (1 forward over the batch stacked twice); DeepSpeed coalesces "
+        "parameters into prefetch buckets, so all-gather calls per layer can be below 1.",
+        "gathered bytes: the outputs of the all-gathers, counted by Zero3Runtime (all ranks' partitions).",
         "2 ranks on 2 cores split the same cores: step-time ratios measure overheads, not scaling.",
     ]
     settings = vars(args) | {"model": "OPTForCausalLM(OPTConfig()) fp32, random init", "backend": "gloo"}
@@ -79,9 +92,10 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
 
     fig, (ax_t, ax_b) = common.new_figure(11, 4.2, ncols=2)
-    labels = [f"{m}\n{w} rank{'s' if w > 1 else ''}" for m in MODES for w in (1, 2)]
-    ax_t.bar(labels, [by[(m, w)]["step_s_median"] for m in MODES for w in (1, 2)],
-             color=["#4c72b0", "#8fa9d6", "#dd8452", "#f0b78f", "#55a868", "#9fd3a9"])
+    runs = [(m, w) for m, worlds in MODES.items() for w in worlds]
+    labels = [m.replace("-in-forward", "\nin_forward") + f"\n{w} rank{'s' if w > 1 else ''}" for m, w in runs]
+    ax_t.bar(labels, [by[run]["step_s_median"] for run in runs],
+             color=["#8fa9d6" if w > 1 else "#4c72b0" for _, w in runs])
     ax_t.set_ylabel("seconds per step (median)")
     ax_t.set_title(f"step time, global batch {args.rows}x{args.seq}, {args.threads} cores")
     ax_t.tick_params(axis="x", labelsize=7)

@@ -4,9 +4,12 @@ Modes, all on the OPT-125m-shaped model, each rank with ``--rows`` rows of ``--s
     zo-replicated  ZO-SGD, every rank the whole model; the step's losses all-reduced (DistributedRuntime)
     fo-ddp         first-order SGD under DistributedDataParallel (gradients all-reduced in buckets)
     zo-zero3       ZO-SGD over ZeRO-3 partitions (Zero3Runtime, ds_configs/zero3.json)
+    zo-zero3-in-forward          the same with perturb="in_forward" (closure: common.stacked_lm_losses)
+    zo-zero3-offload[-in-forward]  the two above with the partitions in CPU memory (zero3_offload_cpu.json)
 Bytes: the payload handed to the collectives per step, per rank (ZO: the runtime's count of its
 loss all-reduces; DDP: the gradient buckets, counted by a comm hook around DDP's own all-reduce
-hook). ZeRO-3 also counts its all-gathers per step with the torch profiler. Rank 0 prints one JSON line.
+hook). ZeRO-3 also counts the bytes it all-gathers per step (Zero3Runtime.gathered_bytes) and its
+collectives in one step under the torch profiler. Rank 0 prints one JSON line.
 """
 
 
@@ -33,16 +36,21 @@ def zo_step_fn(mode: str, ids: torch.Tensor) -> tuple[object, torch.nn.Module, o
     """(runtime, model, step function) for the ZO modes."""
     import zo_scale
 
-    if mode == "zo-zero3":
+    if mode.startswith("zo-zero3"):
         from zo_scale.backends.zero3 import Zero3Runtime
 
-        runtime = Zero3Runtime(ROOT / "ds_configs" / "zero3.json")
+        config = "zero3_offload_cpu.json" if "offload" in mode else "zero3.json"
+        runtime = Zero3Runtime(ROOT / "ds_configs" / config)
     else:
         from zo_scale.backends.replicated import DistributedRuntime
 
         runtime = DistributedRuntime()
     model, _ = runtime.load_model(lambda: (common.opt_125m("fp32"), None))
-    opt = zo_scale.ZOSGD(model.named_parameters(), lr=1e-6, eps=1e-3, lazy=True, **runtime.optimizer_kwargs())
+    perturb = "in_forward" if mode.endswith("in-forward") else "in_place"
+    opt = zo_scale.ZOSGD(model.named_parameters(), lr=1e-6, eps=1e-3, lazy=True, perturb=perturb, model=model,
+                         **runtime.optimizer_kwargs())
+    if perturb == "in_forward":
+        return runtime, model, lambda: opt.step(lambda groups: common.stacked_lm_losses(model, ids, groups))
     return runtime, model, lambda: opt.step(lambda: model(input_ids=ids, labels=ids).loss)
 
 
@@ -74,7 +82,8 @@ def ddp_step_fn(ids: torch.Tensor) -> tuple[dict[str, int], torch.nn.Module, obj
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["zo-replicated", "fo-ddp", "zo-zero3"], required=True)
+    parser.add_argument("--mode", required=True, choices=["zo-replicated", "fo-ddp", "zo-zero3", "zo-zero3-in-forward",
+                                                          "zo-zero3-offload", "zo-zero3-offload-in-forward"])
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
@@ -87,22 +96,22 @@ def main() -> None:
         runtime, model, step = zo_step_fn(args.mode, ids)
         sent = lambda: runtime.comm_bytes  # noqa: E731
     step()  # warmup (ZeRO-3 records its fetch trace over the first step)
-    times, bytes_per_step = [], []
+    times, bytes_per_step, gathered = [], [], []
     for _ in range(args.steps):
-        before = sent()
+        before, gathered_before = sent(), getattr(runtime, "gathered_bytes", 0) if args.mode != "fo-ddp" else 0
         dist.barrier()
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
         bytes_per_step.append(sent() - before)
+        if args.mode.startswith("zo-zero3"):
+            gathered.append(runtime.gathered_bytes - gathered_before)
     gathers = {}
-    if args.mode == "zo-zero3":
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    if args.mode.startswith("zo-zero3"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
         ops = collections.Counter(e.name for e in prof.events() if e.name.startswith("c10d::"))
-        gathered = sum(torch.Size(e.input_shapes[0]).numel() * 4 for e in prof.events()
-                       if e.name == "c10d::_allgather_base_" and e.input_shapes and e.input_shapes[0])
-        gathers = {"collectives_per_step": dict(ops), "gathered_bytes_per_step": gathered}
+        gathers = {"collectives_per_step": dict(ops), "gathered_bytes_per_step": statistics.median(gathered)}
     if dist.get_rank() == 0:
         n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         print(json.dumps({
