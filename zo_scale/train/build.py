@@ -11,7 +11,7 @@ from zo_scale.core.directions import BlockSampler, DenseSampler, DirectionSample
 from zo_scale.core.optimizer import ZOOptimizer
 from zo_scale.core.schedules import lr_multiplier
 from zo_scale.core.updates import SGD, Adam, Momentum, Sign, UpdateRule
-from zo_scale.train.config import ConfigError, OptimConfig
+from zo_scale.train.config import Config, ConfigError, OptimConfig
 
 SAMPLERS = ("normal", "rademacher", "sparse", "lowrank", "block")
 RULES = ("sgd", "sign", "momentum", "adam")
@@ -36,6 +36,23 @@ def build_rule(cfg: OptimConfig) -> UpdateRule:
     if cfg.rule not in rules:
         raise ConfigError(f"optim.rule: unknown {cfg.rule!r}; choose one of {RULES}")
     return rules[cfg.rule]()
+
+
+def in_forward_unsupported(cfg: Config) -> str | None:
+    """Why ``optim.perturb=in_forward`` cannot run this config (then the run takes the in-place step), or None."""
+    if cfg.optim.perturb != "in_forward":
+        return None
+    reasons = {
+        "hybrid.fo_layers is set: the backprop pass runs at theta, outside the row groups":
+            cfg.hybrid.fo_layers != 0,
+        "peft.method=prompt: the prompt encoder runs once for the whole batch, not per row group":
+            cfg.peft.method == "prompt",
+        "ZO on quantized scales: they are attributes of the weights, not module parameters":
+            cfg.model.quantization != "none" and cfg.peft.method == "none",
+        "optim.estimator=jvp evaluates no perturbed points": cfg.optim.estimator == "jvp",
+        "optim.conservative evaluates its trial points after the estimate": cfg.optim.conservative,
+    }
+    return next((reason for reason, applies in reasons.items() if applies), None)
 
 
 def build_optimizer(

@@ -25,6 +25,7 @@ from zo_scale.core import noise
 from zo_scale.models.scoring import LOSSES, EncodedExample, batch_loss, correct, encode, labels_of, option_scores
 from zo_scale.tasks import get_task, sample_splits
 from zo_scale.train import seedlog
+from zo_scale.train.build import in_forward_unsupported
 from zo_scale.train.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
@@ -97,6 +98,10 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     out = Path(cfg.run.output_dir)
     main = runtime.is_main
     torch.manual_seed(cfg.run.seed)
+    reason = in_forward_unsupported(cfg)
+    if reason is not None:  # recorded as what runs: config.yaml, the seed log and resumes say in_place
+        log.warning("optim.perturb=in_forward cannot run here (%s): taking the in-place step", reason)
+        cfg.optim.perturb = "in_place"
 
     # data: MeZO's protocol, tokenized once
     task = get_task(cfg.task.name)

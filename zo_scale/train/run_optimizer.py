@@ -47,16 +47,7 @@ class RunOptimizer:
             self.schedules.append(schedule)
         self.fo: Any = None
         self.hybrid: HybridOptimizer | None = None
-        if cfg.optim.perturb == "in_forward" and cfg.peft.method == "prompt":
-            raise ConfigError("optim.perturb=in_forward does not combine with peft.method=prompt: the prompt "
-                              "encoder runs once for the whole batch, not per row group; use optim.perturb=in_place")
-        if cfg.optim.perturb == "in_forward" and cfg.model.quantization != "none" and cfg.peft.method == "none":
-            raise ConfigError("optim.perturb=in_forward does not reach quantized weights' scales (they are attributes "
-                              "of the weights, not module parameters); use optim.perturb=in_place or peft.method=lora")
         if trainable.fo_named:
-            if cfg.optim.perturb != "in_place":
-                raise ConfigError("optim.perturb=in_forward does not combine with hybrid.fo_layers: the backprop "
-                                  "pass runs at theta, outside the row groups; use optim.perturb=in_place")
             # under ZeRO-3 DeepSpeed built it with the engine (it owns the FO partitions)
             engine_fo = getattr(runtime, "fo_optimizer", None)
             self.fo = engine_fo if engine_fo is not None else fo_optimizer_factory(cfg)(trainable.fo_named)
