@@ -149,3 +149,23 @@ def test_bad_closures_and_settings_fail_loudly():
         zo_scale.ZOOptimizer(model.named_parameters(), perturb="in_forward", estimator="jvp", model=model)
     with pytest.raises(ValueError, match="conservative"):
         zo_scale.ZOConservative(model.named_parameters(), perturb="in_forward", model=model)
+
+
+def test_a_forward_someone_else_wrapped_still_runs_per_row_group():
+    """An instance-level forward (e.g. an accelerate hook's) is kept: each row group goes through it,
+    and it is back in place after the step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    calls = []
+    inner = model[2].forward
+
+    def hooked(x):
+        calls.append(x.shape[0])
+        return inner(x)
+
+    model[2].forward = hooked
+    x = torch.randn(6, 8)
+    opt = zo_scale.ZOSGD(model.named_parameters(), lr=1e-2, model=model, perturb="in_forward", kernel="eager")
+    opt.step(lambda groups: model(x.repeat(groups, 1)).view(groups, -1).pow(2).mean(1))
+    assert calls == [6, 6]  # once per row group, on that group's rows
+    assert model[2].forward is hooked

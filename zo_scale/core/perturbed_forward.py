@@ -75,11 +75,12 @@ def _merge(outputs: list[Any], name: str) -> Any:
                     "(and tuples, lists, dicts of them) from its row groups; use perturb='in_place' for this model")
 
 
-def _linear_rows(module: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]
+def _linear_rows(plain_linear: bool, module: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For a plain ``nn.Linear`` called on one contiguous input: (input, output) as 2-D row matrices,
-    the output allocated once for all groups; None for any other module or call."""
-    if type(module) is not torch.nn.Linear or kwargs or len(args) != 1:
+    """For a plain ``nn.Linear`` (``plain_linear``: that class, its forward not wrapped by anyone else)
+    called on one contiguous input: (input, output) as 2-D row matrices, the output allocated once
+    for all groups; None for any other module or call."""
+    if not plain_linear or kwargs or len(args) != 1:
         return None
     x = args[0]
     if not isinstance(x, torch.Tensor) or not x.is_contiguous() or x.dim() < 2:
@@ -102,9 +103,10 @@ class _GroupedForward:
 
     def __init__(self, module: torch.nn.Module, name: str, forward: Callable[..., Any],
                  params: list[tuple[torch.nn.Parameter, str]], groups: Sequence[Moves],
-                 kernel_mode: str | None) -> None:
+                 kernel_mode: str | None, plain_linear: bool) -> None:
         self.module, self.name, self.forward = module, name, forward
         self.params, self.groups, self.kernel_mode = params, groups, kernel_mode
+        self.plain_linear = plain_linear  # then its groups skip forward(): F.linear's kernel, into one output
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rows, groups = _rows(args, kwargs), len(self.groups)
@@ -117,7 +119,7 @@ class _GroupedForward:
         # every group's copy of each parameter in one pass over it (z generated once for all groups)
         copies = [perturbed_copies(ParamShard(p, n, stream_id(n), data.view(-1), 0, data.shape), self.groups,
                                    self.kernel_mode) for (p, n), data in zip(self.params, stored, strict=True)]
-        linear = _linear_rows(self.module, args, kwargs)
+        linear = _linear_rows(self.plain_linear, self.module, args, kwargs)
         outputs = []
         try:
             for k in range(groups):
@@ -155,7 +157,8 @@ def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], gr
             owned.update(p for p, _ in own)
             had = "forward" in module.__dict__  # e.g. an accelerate hook's wrapper: keep it, restore it after
             wrapped.append((module, had, module.__dict__.get("forward")))
-            module.forward = _GroupedForward(module, name, module.forward, own, groups, kernel_mode)
+            plain_linear = type(module) is torch.nn.Linear and not had
+            module.forward = _GroupedForward(module, name, module.forward, own, groups, kernel_mode, plain_linear)
         missing = [n for p, n in names.items() if p not in owned]
         if missing:
             raise ValueError(f"the perturbed forward perturbs the parameters modules own, and no module of the model "
