@@ -43,6 +43,7 @@ def test_in_forward_follows_the_in_place_run(run_cli, mode):
     (["peft.method=prompt", *ADAPTER], "peft.method=prompt"),
     (["model.quantization=int8"], "ZO on quantized scales"),
     (["hybrid.fo_layers=1"], "hybrid.fo_layers"),
+    (["optim.estimator=jvp"], "optim.estimator=jvp"),
     (["optim.conservative=true"], "optim.conservative"),
 ])
 def test_what_in_forward_cannot_run_takes_the_in_place_step_and_says_so(run_cli, caplog, mode, message):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class _CallClosure(torch.nn.Module):
@@ -49,6 +50,8 @@ def loss_and_directional_derivative(
     def loss_of(p: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.func.functional_call(wrapper, p, ())
 
-    with torch.enable_grad():  # forward-mode AD is independent of autograd, but functorch wants it on
+    # forward-mode AD is independent of autograd, but functorch wants it on; fused attention kernels
+    # (flash, memory-efficient) have no forward-AD rule, so attention runs as its math decomposition
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         loss, derivative = torch.func.jvp(loss_of, (primals,), (dual,))
     return float(loss), float(derivative)
