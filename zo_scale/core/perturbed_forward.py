@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from zo_scale.core.shards import ParamShard, stream_id
+from zo_scale.core.shards import whole_param_shard
 from zo_scale.core.sweep import Moves, perturbed_copies
 
 
@@ -117,8 +117,7 @@ class _GroupedForward:
         params = [p for p, _ in self.params]
         stored = [p.data for p in params]  # under ZeRO-3: the gathered whole parameter
         # every group's copy of each parameter in one pass over it (z generated once for all groups)
-        copies = [perturbed_copies(ParamShard(p, n, stream_id(n), data.view(-1), 0, data.shape), self.groups,
-                                   self.kernel_mode) for (p, n), data in zip(self.params, stored, strict=True)]
+        copies = [perturbed_copies(whole_param_shard(p, n), self.groups, self.kernel_mode) for p, n in self.params]
         linear = _linear_rows(self.plain_linear, self.module, args, kwargs)
         outputs = []
         try:

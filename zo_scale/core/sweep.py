@@ -35,7 +35,7 @@ round(master) instead of drifting by a rounding error per move.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +134,13 @@ def _compiled_sweep(plan: Plan) -> Callable[..., None]:
     return sweep
 
 
+def _eager_chunks(shard: ParamShard, directions: Sequence[Direction]) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+    """The eager reference's spans: (start in the shard, length, each direction's fp32 z there), CHUNK at a time."""
+    for s in range(0, shard.flat.numel(), CHUNK):
+        n = min(CHUNK, shard.flat.numel() - s)
+        yield s, n, [d.z(shard, shard.offset + s, n).float() for d in directions]
+
+
 def _exact_casts(specs: Sequence[tuple[Any, ...] | None]) -> bool:
     """Whether a kernel must keep its explicit roundings: low-rank z is formed in fp32 and rounded to the
     weights' dtype mid-kernel, and that rounding must stay."""
@@ -207,9 +214,7 @@ def sweep_shard(
     if not (compiled and kernel.run(kernel_mode, _compiled_sweep, plan, flat, master, buffers, [f[1] for f in fused],
                                     shard.offset, k.before, k.weights, k.after, k.lr, k.weight_decay, list(k.rule),
                                     numel=flat.numel(), exact_casts=_exact_casts(plan.specs))):
-        for s in range(0, flat.numel(), CHUNK):
-            n = min(CHUNK, flat.numel() - s)
-            zs = [d.z(shard, shard.offset + s, n).float() for d in directions]
+        for s, n, zs in _eager_chunks(shard, directions):
             _sweep_into(plan, flat[s : s + n], None if master is None else master[s : s + n],
                         {name: buf[s : s + n] for name, buf in buffers.items()}, zs, k)
     if rule is not None and state is not None and "step" in state:
@@ -267,8 +272,6 @@ def perturbed_copies(shard: ParamShard, groups: Sequence[Moves], kernel_mode: st
     if not (wanted and all(fused) and kernel.run(kernel_mode, _compiled_copies, plan, flat, targets,
                                                  [f[1] for f in fused], shard.offset, coefficients,
                                                  numel=flat.numel(), exact_casts=_exact_casts(plan.specs))):
-        for s in range(0, flat.numel(), CHUNK):
-            n = min(CHUNK, flat.numel() - s)
-            zs = [d.z(shard, shard.offset + s, n).float() for d in directions]
+        for s, n, zs in _eager_chunks(shard, directions):
             _copies_into(plan, flat[s : s + n], [out[s : s + n] for out in targets], zs, coefficients)
     return outs
