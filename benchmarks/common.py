@@ -79,6 +79,16 @@ def opt_125m(dtype: str = "fp32", seed: int = 0) -> OPTForCausalLM:
     return OPTForCausalLM(OPTConfig()).to(torch_dtype(dtype)).eval()
 
 
+def opt_125m_from_config(seed: int = 0) -> OPTForCausalLM:
+    """OPT-125m's shape, fp32, through ``from_config``: under a live ``HfDeepSpeedConfig`` (ZeRO-3) each
+    parameter is partitioned as it is constructed (other random values than :func:`opt_125m`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(OPTConfig(), dtype=torch.float32).eval()
+
+
 def lm_batch(batch: int, seq: int, vocab: int = 50272, seed: int = 0) -> torch.Tensor:
     """Random token ids, shape (batch, seq); the same seed gives the same batch."""
     import torch

@@ -6,12 +6,13 @@ model with a global batch of ``--rows`` x ``--seq`` tokens: one rank takes all r
 machine's cores shared, not doubled: on 2 cores, 2 ranks cannot be faster than 1 except by
 threading better). Modes: ZO replicated data parallel, first-order DDP (SGD), ZO over ZeRO-3 (in
 place, and with ``perturb="in_forward"``: one forward, one gather per step), and on 1 rank ZeRO-3
-with CPU offload (both ways), to compare with ZeRO-3 kept in memory.
+with CPU offload and with NVMe offload (both ways), to compare with ZeRO-3 kept in memory. NVMe runs
+count the partition bytes read from and written to the swap files per step.
 
 Reported per run: median step time over ``--steps`` after one warmup step, the payload bytes each
 rank hands to collectives per step, and for ZeRO-3 the collectives of one profiled step.
 
-Run (about 4 minutes on 2 cores):
+Run (about 6 minutes on 2 cores; NVMe modes need DeepSpeed's async_io op, i.e. libaio):
     .venv/bin/python benchmarks/scale_out.py
 Writes benchmarks/results/scale_out.{json,png}.
 """
@@ -30,7 +31,8 @@ import common
 HERE = Path(__file__).resolve().parent
 # mode -> the world sizes it runs on
 MODES = {"zo-replicated": (1, 2), "fo-ddp": (1, 2), "zo-zero3": (1, 2), "zo-zero3-in-forward": (1, 2),
-         "zo-zero3-offload": (1,), "zo-zero3-offload-in-forward": (1,)}
+         "zo-zero3-offload": (1,), "zo-zero3-offload-in-forward": (1,),
+         "zo-zero3-nvme": (1,), "zo-zero3-nvme-in-forward": (1,)}
 
 
 def run(mode: str, world: int, rows: int, seq: int, steps: int, threads: int, port: int) -> dict:
@@ -73,6 +75,12 @@ def main() -> None:
             perturb: by[(f"zo-zero3-offload{suffix}", 1)]["step_s_median"]
             / by[(f"zo-zero3{suffix}", 1)]["step_s_median"]
             for perturb, suffix in (("in_place", ""), ("in_forward", "-in-forward"))},
+        "one_rank_nvme_over_zero3_step_time": {
+            perturb: by[(f"zo-zero3-nvme{suffix}", 1)]["step_s_median"] / by[(f"zo-zero3{suffix}", 1)]["step_s_median"]
+            for perturb, suffix in (("in_place", ""), ("in_forward", "-in-forward"))},
+        "nvme_swapped_bytes_over_model_bytes": {
+            perturb: by[(f"zo-zero3-nvme{suffix}", 1)]["swapped_bytes_per_step"] / model_bytes
+            for perturb, suffix in (("in_place", ""), ("in_forward", "-in-forward"))},
         "zero3_in_forward_over_in_place_step_time": {
             w: by[("zo-zero3-in-forward", w)]["step_s_median"] / by[("zo-zero3", w)]["step_s_median"] for w in (1, 2)},
         "zero3_allgathers_per_step": z3["collectives_per_step"].get("c10d::_allgather_base_", 0),
@@ -85,6 +93,10 @@ def main() -> None:
         "and once with perturb='in_forward' (1 forward over the batch stacked twice); DeepSpeed coalesces "
         "parameters into prefetch buckets, so all-gather calls per layer can be below 1.",
         "gathered bytes: the outputs of the all-gathers, counted by Zero3Runtime (all ranks' partitions).",
+        "swapped bytes (NVMe, 1 rank): partition bytes read from and written to the swap files per step, counted "
+        "by Zero3Runtime around DeepSpeed's swapper; partitions under DeepSpeed's minimum swap size (1 MiB) stay "
+        "in CPU memory. In place: 2 forwards read, 2 sweeps read and write. in_forward with ZO-SGD (lazy): the "
+        "forward reads each partition and writes it back with the last step's update landed.",
         "2 ranks on 2 cores split the same cores: step-time ratios measure overheads, not scaling.",
     ]
     settings = vars(args) | {"model": "OPTForCausalLM(OPTConfig()) fp32, random init", "backend": "gloo"}

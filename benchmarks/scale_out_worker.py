@@ -6,10 +6,12 @@ Modes, all on the OPT-125m-shaped model, each rank with ``--rows`` rows of ``--s
     zo-zero3       ZO-SGD over ZeRO-3 partitions (Zero3Runtime, ds_configs/zero3.json)
     zo-zero3-in-forward          the same with perturb="in_forward" (closure: common.stacked_lm_losses)
     zo-zero3-offload[-in-forward]  the two above with the partitions in CPU memory (zero3_offload_cpu.json)
+    zo-zero3-nvme[-in-forward]     ... and in files (zero3_offload_nvme.json, nvme_path a temporary folder)
 Bytes: the payload handed to the collectives per step, per rank (ZO: the runtime's count of its
 loss all-reduces; DDP: the gradient buckets, counted by a comm hook around DDP's own all-reduce
-hook). ZeRO-3 also counts the bytes it all-gathers per step (Zero3Runtime.gathered_bytes) and its
-collectives in one step under the torch profiler. Rank 0 prints one JSON line.
+hook). ZeRO-3 also counts the bytes it all-gathers per step (Zero3Runtime.gathered_bytes), the
+partition bytes it reads from and writes to NVMe (Zero3Runtime.swapped_bytes) and its collectives in
+one step under the torch profiler. Rank 0 prints one JSON line.
 """
 
 
@@ -19,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,13 +42,19 @@ def zo_step_fn(mode: str, ids: torch.Tensor) -> tuple[object, torch.nn.Module, o
     if mode.startswith("zo-zero3"):
         from zo_scale.backends.zero3 import Zero3Runtime
 
-        config = "zero3_offload_cpu.json" if "offload" in mode else "zero3.json"
-        runtime = Zero3Runtime(ROOT / "ds_configs" / config)
+        name = "zero3_offload_cpu" if "offload" in mode else "zero3_offload_nvme" if "nvme" in mode else "zero3"
+        config = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
+        if "nvme" in mode:
+            config["zero_optimization"]["offload_param"]["nvme_path"] = tempfile.mkdtemp(prefix="zo-nvme-")
+        runtime = Zero3Runtime(config)
     else:
         from zo_scale.backends.replicated import DistributedRuntime
 
         runtime = DistributedRuntime()
-    model, _ = runtime.load_model(lambda: (common.opt_125m("fp32"), None))
+    if mode.startswith("zo-zero3"):  # constructed inside zero.Init, as the trainer does (from_config)
+        model, _ = runtime.load_model(lambda: (common.opt_125m_from_config(), None))
+    else:
+        model, _ = runtime.load_model(lambda: (common.opt_125m("fp32"), None))
     perturb = "in_forward" if mode.endswith("in-forward") else "in_place"
     opt = zo_scale.ZOSGD(model.named_parameters(), lr=1e-6, eps=1e-3, lazy=True, perturb=perturb, model=model,
                          **runtime.optimizer_kwargs())
@@ -83,7 +92,8 @@ def ddp_step_fn(ids: torch.Tensor) -> tuple[dict[str, int], torch.nn.Module, obj
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", required=True, choices=["zo-replicated", "fo-ddp", "zo-zero3", "zo-zero3-in-forward",
-                                                          "zo-zero3-offload", "zo-zero3-offload-in-forward"])
+                                                          "zo-zero3-offload", "zo-zero3-offload-in-forward",
+                                                          "zo-zero3-nvme", "zo-zero3-nvme-in-forward"])
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
@@ -96,22 +106,26 @@ def main() -> None:
         runtime, model, step = zo_step_fn(args.mode, ids)
         sent = lambda: runtime.comm_bytes  # noqa: E731
     step()  # warmup (ZeRO-3 records its fetch trace over the first step)
-    times, bytes_per_step, gathered = [], [], []
+    times, bytes_per_step, gathered, swapped = [], [], [], []
+    zero3 = args.mode.startswith("zo-zero3")
     for _ in range(args.steps):
-        before, gathered_before = sent(), getattr(runtime, "gathered_bytes", 0) if args.mode != "fo-ddp" else 0
+        before = sent()
+        gathered_before, swapped_before = (runtime.gathered_bytes, runtime.swapped_bytes) if zero3 else (0, 0)
         dist.barrier()
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
         bytes_per_step.append(sent() - before)
-        if args.mode.startswith("zo-zero3"):
+        if zero3:
             gathered.append(runtime.gathered_bytes - gathered_before)
+            swapped.append(runtime.swapped_bytes - swapped_before)
     gathers = {}
     if args.mode.startswith("zo-zero3"):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
         ops = collections.Counter(e.name for e in prof.events() if e.name.startswith("c10d::"))
-        gathers = {"collectives_per_step": dict(ops), "gathered_bytes_per_step": statistics.median(gathered)}
+        gathers = {"collectives_per_step": dict(ops), "gathered_bytes_per_step": statistics.median(gathered),
+                   "swapped_bytes_per_step": statistics.median(swapped)}
     if dist.get_rank() == 0:
         n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         print(json.dumps({

@@ -169,3 +169,65 @@ def test_a_forward_someone_else_wrapped_still_runs_per_row_group():
     opt.step(lambda groups: model(x.repeat(groups, 1)).view(groups, -1).pow(2).mean(1))
     assert calls == [6, 6]  # once per row group, on that group's rows
     assert model[2].forward is hooked
+
+
+LANDS_IN_FORWARD = {  # rules without per-element state: the lazy update lands on each parameter in the forward
+    "sgd": {},
+    "sign": {"rule": "sign"},
+    "lozo": {"sampler": LowRankSampler(rank=2, resample_every=2)},
+    "sparse": {"sampler": SparseSampler(0.5)},
+    "block": {"sampler": BlockSampler()},
+    "forward, q=2, weight decay": {"estimator": "forward", "queries": 2, "weight_decay": 0.1},
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("name", list(LANDS_IN_FORWARD))
+def test_the_lazy_update_landed_in_the_forward_equals_the_update_pass_bit_for_bit(arch, name):
+    """The update of step t applied to each parameter as its module runs in step t+1's forward (OPT: the
+    tied embedding / LM head once, at its first use) gives the same weights and records, bit for bit,
+    as the separate update pass at the end of step t."""
+    a, ra = run(arch, "in_forward", 4, **LANDS_IN_FORWARD[name])
+    b, rb = run(arch, "in_forward", 4, lazy=True, **LANDS_IN_FORWARD[name])
+    assert ra == rb
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_the_lazy_update_is_stored_once_per_parameter_and_reaches_parameters_the_forward_skips():
+    """``store_fn`` sees each parameter once per step, from the second step on (the first has no
+    pending update), and none that the forward never runs; a parameter the forward skips is still
+    updated, by the sweep after it; with a stateful rule nothing is stored in the forward."""
+    def stores(rule):
+        model = build_tiny_model("llama")
+        model.unused = torch.nn.Linear(4, 3, bias=False)  # owned by the model, never called by its forward
+        torch.nn.init.zeros_(unused := model.unused.weight)
+        named = list(model.named_parameters())
+        stored = []
+        opt = zo_scale.ZOOptimizer(named, lr=1e-3, seed=3, model=model, perturb="in_forward", lazy=True, rule=rule,
+                                   store_fn=lambda p, n: stored.append(n))
+        for _ in range(3):
+            opt.step(lambda groups: losses(model, groups))
+        opt.flush()
+        return stored, unused, len(named)
+
+    stored, unused, count = stores("sgd")
+    assert len(stored) == 2 * (count - 1) and len(set(stored)) == count - 1 and "unused.weight" not in stored
+    assert unused.abs().max() > 0  # updated all the same
+    assert stores("momentum")[0] == []
+
+
+def test_a_closure_that_raises_mid_forward_still_lands_the_whole_update():
+    model = build_tiny_model("llama")
+    reference = build_tiny_model("llama")
+    opts = [zo_scale.ZOSGD(m.named_parameters(), lr=1e-3, seed=3, model=m, perturb="in_forward", lazy=lazy)
+            for m, lazy in ((model, True), (reference, False))]
+    for opt, m in zip(opts, (model, reference), strict=True):
+        opt.step(lambda groups, m=m: losses(m, groups))
+
+    def half_a_forward(groups):
+        model.model.norm(model.model.embed_tokens(IDS.repeat(groups, 1)))  # two modules land it
+        raise RuntimeError("data loader died")
+
+    with pytest.raises(RuntimeError, match="data loader died"):
+        opts[0].step(half_a_forward)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters(), strict=True))

@@ -219,15 +219,54 @@ def zero3_shard(param: torch.Tensor, name: str) -> ParamShard:
         elif param.ds_tensor.status == PartitionedParamStatus.INFLIGHT:  # a prefetch already under way
             swapper.synchronize_reads()
         release = functools.partial(swapper.swap_out_and_release, [param])
+    offset, valid = _partition_span(param, name)
+    flat = param.ds_tensor.data.view(-1)[:valid]
+    return ParamShard(param, name, stream_id(name), flat, offset, torch.Size(param.ds_shape), release)
+
+
+def _partition_span(param: torch.Tensor, name: str) -> tuple[int, int]:
+    """(offset, valid): this rank's partition holds elements [offset, offset + valid) of the flattened
+    parameter in its first ``valid`` elements (the rest is padding)."""
     group = param.ds_process_group
     rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
     n = param.ds_tensor.ds_numel
     if n != -(-param.ds_numel // world):  # ceil: the layout this slicing assumes (padding only at the end)
         raise RuntimeError(f"unexpected ZeRO-3 layout for {name!r}: {param.ds_numel} elements, partitions of {n}")
     offset = rank * n
-    valid = max(0, min(n, param.ds_numel - offset))
-    flat = param.ds_tensor.data.view(-1)[:valid]
-    return ParamShard(param, name, stream_id(name), flat, offset, torch.Size(param.ds_shape), release)
+    return offset, max(0, min(n, param.ds_numel - offset))
+
+
+def zero3_store(param: torch.Tensor, name: str) -> None:
+    """Store a gathered parameter's updated whole value (``param.data``, inside its module's forward) in
+    this rank's partition (``ZOOptimizer(store_fn=...)``): the rank's elements are copied into
+    ``ds_tensor``; with NVMe offload the partition, still in the swap buffer DeepSpeed read it into
+    for the gather, is written to its file and stays in the buffer, which DeepSpeed's release after
+    the module drops (unwritten, as after any forward). Per step and parameter that is the one write
+    of the lazy in-forward update, and no second read: keeping the buffer matters for a parameter
+    used twice (a tied embedding / LM head), which DeepSpeed keeps gathered between its uses and
+    would otherwise prefetch from the file again."""
+    if not hasattr(param, "ds_tensor"):  # replicated (a PEFT adapter): param.data is the stored tensor
+        return
+    partition = param.ds_tensor
+    if param.ds_status != ZeroParamStatus.AVAILABLE or partition.status != PartitionedParamStatus.AVAILABLE:
+        raise RuntimeError(f"ZeRO-3 parameter {name!r} is not gathered with its partition at hand "
+                           f"({param.ds_status.name}, partition {partition.status.name}): nothing to store it from")
+    offset, valid = _partition_span(param, name)
+    partition.data.view(-1)[:valid].copy_(param.data.view(-1)[offset : offset + valid])
+    if getattr(partition, "final_location", None) == OffloadDeviceEnum.nvme:
+        _write_partition_file(param)
+
+
+def _write_partition_file(param: torch.Tensor) -> None:
+    """Write a swapped-in partition's buffer to its NVMe file and wait, keeping the buffer (DeepSpeed's
+    ``swap_out_and_release`` would free it). Uses the swapper's path and buffer maps (DeepSpeed 0.19.8)."""
+    swapper = param.nvme_swapper
+    if swapper.pending_writes:  # its own writes are synchronous: none should be in flight
+        raise RuntimeError("DeepSpeed's parameter swapper has writes in flight: cannot write a partition now")
+    handle = swapper.aio_write_handle
+    param_swapper.swap_out_tensors(handle, swapper._get_swap_buffers([param]), swapper._get_swap_paths([param]))
+    if handle.wait() != 1:
+        raise RuntimeError(f"writing the NVMe partition of ZeRO-3 parameter {param.ds_id} failed")
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -353,7 +392,7 @@ class Zero3Runtime(DistributedRuntime):
         return self.engine.module, tokenizer
 
     def optimizer_kwargs(self) -> dict[str, Any]:
-        return {"shard_fn": zero3_shard, "loss_reduce": self.mean}
+        return {"shard_fn": zero3_shard, "loss_reduce": self.mean, "store_fn": zero3_store}
 
     # -- first-order hooks: the FO pass goes through the engine -----------------------------------
     def _engine_optimizer(self, fo: Any = None) -> DeepSpeedZeroOptimizer_Stage3:

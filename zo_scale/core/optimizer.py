@@ -27,7 +27,11 @@ never reads or writes ``.grad``.
     over its batch stacked K times and returns the K row groups' losses, and each module runs row
     group k with a transient copy of its parameters at the k-th point (:mod:`zo_scale.core.perturbed_forward`).
     A step is then one forward over K times the rows and one update pass; weights in bf16 come back
-    bit for bit when the update is zero.
+    bit for bit when the update is zero. With ``lazy=True`` and a rule without per-element state
+    ('sgd', 'sign') and no master copy, that update pass is the next forward itself: each module
+    lands the pending update on its (gathered) parameters just before making their copies, and
+    ``store_fn`` writes them back to where they are stored (under ZeRO-3: the rank's partition, its
+    NVMe file). Parameters the forward did not reach are updated by a sweep after it.
 
 .. note::
     With ``lazy=True`` the parameters between two steps sit at theta_t - eps z_t (central) with
@@ -41,7 +45,7 @@ all groups' moves, so per-group eps would not give per-group projected gradients
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +123,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         kernel: what runs each sweep, 'auto', 'compiled' or 'eager' (:mod:`zo_scale.core.kernel`).
         perturb: 'in_place' (move the stored weights to each point, one closure() per point) or
             'in_forward' (one closure(K) over K stacked row groups, weights never moved; see the note).
+        store_fn: ``store_fn(param, name)`` writes a parameter's whole value, updated in ``param.data``
+            inside the forward (lazy in_forward), to where the parameter is stored; None where
+            ``param.data`` is the stored tensor (one process, replicated ranks). A ZeRO-3 backend gives one.
     """
 
     def __init__(
@@ -141,6 +148,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         master_weights: bool = False,
         kernel: str | None = None,
         perturb: str = "in_place",
+        store_fn: Callable[[torch.Tensor, str], None] | None = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -188,6 +196,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.model = model
         self.master_weights = master_weights
         self.perturb = perturb
+        self.store_fn = store_fn
         self._offsets: dict[int, tuple[Direction, float]] = {}  # master_weights: perturbation the shards carry
         self.step_count = 0  # t: steps taken, skipped ones included
         self.skipped_steps = 0
@@ -205,12 +214,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         first = sum(len(g["params"]) for g in self.param_groups[:gi])
         return [f"param{first + j}" for j in range(len(group["params"]))]
 
-    def _shards(self) -> Iterator[tuple[int, ParamShard]]:
-        """(group index, local shard) of each parameter, one at a time (rebuilt per call: .data may be
-        swapped); a shard with a ``release`` hook (e.g. swapped in from NVMe) is released once the
-        caller is done with it, before the next one is made."""
+    def _shards(self, skip: Container[torch.Tensor] = ()) -> Iterator[tuple[int, ParamShard]]:
+        """(group index, local shard) of each parameter not in ``skip``, one at a time (rebuilt per call:
+        .data may be swapped); a shard with a ``release`` hook (e.g. swapped in from NVMe) is released
+        once the caller is done with it, before the next one is made."""
         for gi, group in enumerate(self.param_groups):
             for p, n in zip(group["params"], self._names(group, gi), strict=True):
+                if p in skip:
+                    continue
                 shard = self.shard_fn(p, n)
                 yield gi, shard
                 if shard.release is not None:
@@ -231,7 +242,15 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.state[shard.param] = self.rule.init_state(shard)
         return self.state[shard.param]
 
-    def _sweep(self, before: Moves = (), pending_update: _Pending | None = None, after: Moves = ()) -> None:
+    def _updates(self, pending: _Pending | None) -> list[Update | None]:
+        """Each param group's share of a pending update (None where there is none: a skipped step)."""
+        if pending is None or not pending.weights:
+            return [None] * len(self.param_groups)
+        return [Update(self.rule, pending.weights, lr, wd)
+                for lr, wd in zip(pending.lrs, pending.weight_decays, strict=True)]
+
+    def _sweep(self, before: Moves = (), pending_update: _Pending | None = None, after: Moves = (),
+               skip: Container[torch.Tensor] = ()) -> None:
         offsets: Moves = ()
         if self.master_weights:
             for d, c in (*before, *after):
@@ -241,11 +260,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 else:
                     self._offsets[id(d)] = (d, total)
             offsets = list(self._offsets.values())
-        updates = [None] * len(self.param_groups)
-        if pending_update is not None and pending_update.weights:
-            updates = [Update(self.rule, pending_update.weights, lr, wd)
-                       for lr, wd in zip(pending_update.lrs, pending_update.weight_decays, strict=True)]
-        for gi, shard in self._shards():
+        updates = self._updates(pending_update)
+        for gi, shard in self._shards(skip):
             update = updates[gi]
             state = self._state_for(shard) if update or self.master_weights else None
             master = None
@@ -279,15 +295,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         step_seed = noise.derive_seed(self.seed, t)
         directions = self.sampler.directions(self.seed, t, self.queries)
         pending, self._pending = self._pending, None
-        # these read theta itself (or a copy of it): land the update first
-        if (self.estimator != "central" or self.perturb == "in_forward") and pending is not None:
+        in_forward_update = self.perturb == "in_forward" and closure is not None and self._lands_in_forward(pending)
+        # these read theta itself (or a copy of it): land the update first, unless the forward does
+        if (self.estimator != "central" or self.perturb == "in_forward") and pending is not None \
+                and not in_forward_update:
             self._sweep(pending.restore, pending)
             pending = None
         restore: list[tuple[Direction, float]] = []  # unless moved in place, theta never moves
         if self.estimator == "jvp":
             values = self._forward_gradients(closure, directions)
         elif self.perturb == "in_forward":
-            values = self._row_group_losses(closure, directions)
+            values = self._row_group_losses(closure, directions, pending)
         else:
             restore, values = self._finite_differences(evaluate, directions, pending)
 
@@ -336,9 +354,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         assert at is not None
         return [(at[0], -at[1])], losses
 
-    def _row_group_losses(self, closure: Callable[[int], Any] | None, directions: list[Direction]) -> list[float]:
+    def _lands_in_forward(self, pending: _Pending | None) -> bool:
+        """Whether the forward can land this pending update on each gathered parameter: an elementwise rule
+        without per-element state (whose shard of a partition would not cover the gathered parameter),
+        and no fp32 master copy (which the update, not the weights, would have to receive)."""
+        return pending is not None and bool(pending.weights) and not self.rule.buffers and not self.master_weights
+
+    def _row_group_losses(self, closure: Callable[[int], Any] | None, directions: list[Direction],
+                          pending: _Pending | None = None) -> list[float]:
         """The losses of every point of this step from one ``closure(K)`` over K stacked row groups, in the
-        order of :meth:`_finite_differences` (placeholders in replay). One host sync for all of them."""
+        order of :meth:`_finite_differences` (placeholders in replay). One host sync for all of them.
+
+        ``pending`` (the last step's update, see :meth:`_lands_in_forward`) lands inside the forward: at a
+        parameter's first use, on its gathered whole value, which ``store_fn`` then stores. Parameters the
+        forward does not reach (or all, if the closure raises) get it from a sweep afterwards."""
         points = ESTIMATORS[self.estimator]
         groups: list[list[tuple[Direction, float]]] = [[]] if self.estimator == "forward" else []
         groups += [[(d, point * self.eps)] for d in directions for point in points]
@@ -347,8 +376,25 @@ class ZOOptimizer(torch.optim.Optimizer):
         names = {p: n for gi, group in enumerate(self.param_groups)
                  for p, n in zip(group["params"], self._names(group, gi), strict=True)}
         assert self.model is not None
-        with perturbed_forward(self.model, names, groups, self.kernel):
-            losses = torch.as_tensor(closure(len(groups))).detach()
+        updates = self._updates(pending)
+        group_of = {p: gi for gi, group in enumerate(self.param_groups) for p in group["params"]}
+        landed: set[torch.Tensor] = set()
+
+        def land(p: torch.nn.Parameter, name: str) -> None:
+            if p in landed or updates[group_of[p]] is None:
+                return
+            landed.add(p)
+            whole = whole_param_shard(p, name)
+            sweep_shard(whole, update=updates[group_of[p]], state=self._state_for(whole), kernel_mode=self.kernel)
+            if self.store_fn is not None:
+                self.store_fn(p, name)
+
+        try:
+            with perturbed_forward(self.model, names, groups, self.kernel, land if pending is not None else None):
+                losses = torch.as_tensor(closure(len(groups))).detach()
+        finally:
+            if pending is not None:
+                self._sweep(pending.restore, pending, skip=landed)
         if losses.shape != (len(groups),):
             raise ValueError(f"with perturb='in_forward' closure(K) must return the K = {len(groups)} row groups' "
                              f"losses, shape ({len(groups)},); got shape {tuple(losses.shape)}")

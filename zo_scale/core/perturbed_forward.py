@@ -44,6 +44,8 @@ import torch
 from zo_scale.core.shards import whole_param_shard
 from zo_scale.core.sweep import Moves, perturbed_copies
 
+BeforeCopies = Callable[[torch.nn.Parameter, str], None]
+
 
 def _rows(args: Sequence[Any], kwargs: dict[str, Any]) -> int | None:
     """Dim 0 of the first tensor argument: the stacked rows every tensor of that length is split by."""
@@ -103,10 +105,11 @@ class _GroupedForward:
 
     def __init__(self, module: torch.nn.Module, name: str, forward: Callable[..., Any],
                  params: list[tuple[torch.nn.Parameter, str]], groups: Sequence[Moves],
-                 kernel_mode: str | None, plain_linear: bool) -> None:
+                 kernel_mode: str | None, plain_linear: bool, before_copies: BeforeCopies | None) -> None:
         self.module, self.name, self.forward = module, name, forward
         self.params, self.groups, self.kernel_mode = params, groups, kernel_mode
         self.plain_linear = plain_linear  # then its groups skip forward(): F.linear's kernel, into one output
+        self.before_copies = before_copies
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rows, groups = _rows(args, kwargs), len(self.groups)
@@ -115,6 +118,9 @@ class _GroupedForward:
                              f"perturbed forward splits dim 0 of its input into {groups} row groups, so the closure "
                              f"must stack its batch {groups} times along dim 0")
         params = [p for p, _ in self.params]
+        if self.before_copies is not None:
+            for p, n in self.params:
+                self.before_copies(p, n)
         stored = [p.data for p in params]  # under ZeRO-3: the gathered whole parameter
         # every group's copy of each parameter in one pass over it (z generated once for all groups)
         copies = [perturbed_copies(whole_param_shard(p, n), self.groups, self.kernel_mode) for p, n in self.params]
@@ -137,7 +143,7 @@ class _GroupedForward:
 
 @contextlib.contextmanager
 def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], groups: Sequence[Moves],
-                      kernel_mode: str | None = None) -> Iterator[None]:
+                      kernel_mode: str | None = None, before_copies: BeforeCopies | None = None) -> Iterator[None]:
     """While inside, every forward of ``model`` runs K = len(groups) row groups, group k at theta + groups[k].
 
     ``names``: each perturbed parameter and its name (which fixes its noise stream). A parameter's
@@ -145,6 +151,10 @@ def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], gr
     Only modules that own one of them directly are wrapped; the others run as they are. A parameter
     that no module of ``model`` owns (e.g. a quantized weight's scale, an attribute of the weight)
     cannot be reached this way: a ValueError names it.
+
+    ``before_copies(param, name)``: called at every use of a perturbed parameter, with its (gathered)
+    data in ``param.data``, before the copies are made from it; it may write ``param.data`` (the
+    optimizer lands its pending update there: :class:`~zo_scale.core.optimizer.ZOOptimizer`).
     """
     wrapped: list[tuple[torch.nn.Module, bool, Any]] = []
     owned: set[torch.Tensor] = set()
@@ -157,7 +167,8 @@ def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], gr
             had = "forward" in module.__dict__  # e.g. an accelerate hook's wrapper: keep it, restore it after
             wrapped.append((module, had, module.__dict__.get("forward")))
             plain_linear = type(module) is torch.nn.Linear and not had
-            module.forward = _GroupedForward(module, name, module.forward, own, groups, kernel_mode, plain_linear)
+            module.forward = _GroupedForward(module, name, module.forward, own, groups, kernel_mode, plain_linear,
+                                             before_copies)
         missing = [n for p, n in names.items() if p not in owned]
         if missing:
             raise ValueError(f"the perturbed forward perturbs the parameters modules own, and no module of the model "
