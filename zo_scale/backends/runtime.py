@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +81,12 @@ class Runtime:
         """The full weights on rank 0 (None elsewhere); None also means 'the model's own state_dict'."""
         del model
         return None
+
+    def save_model(self, model: torch.nn.Module, folder: Path, max_shard_bytes: int) -> None:
+        """Write the full model as an HF folder (config + sharded safetensors, shards of at most
+        ``max_shard_bytes``) into ``folder``, from rank 0; a collective."""
+        if self.is_main:
+            model.save_pretrained(folder, max_shard_size=max_shard_bytes)
 
     def barrier(self) -> None:
         """Wait for every rank."""

@@ -47,12 +47,13 @@ backward reduce-scatters (averages) the FO gradients over the ranks::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from zo_scale.backends.replicated import DistributedRuntime
 from zo_scale.backends.runtime import ModelAndTokenizer
 from zo_scale.core.shards import ParamShard, stream_id, whole_param_shard
+from zo_scale.models.sharded_safetensors import saved_tensors, spec_of, write_hf_folder
 
 # DeepSpeed's JIT-built CPU shared-memory all-reduce kernel (op_builder/cpu/comm.py). Only AutoTP
 # inference's inference_all_reduce uses it; ZeRO-3's all-gathers and our loss all-reduce go through
@@ -449,14 +451,36 @@ class Zero3Runtime(DistributedRuntime):
         """Clear the engine's FO gradients (empty after a skipped backward; kept for symmetry)."""
         self._engine_optimizer(fo).zero_grad(set_to_none=True)
 
+    def full_tensors(self, model: torch.nn.Module, own_copy: bool = True
+                     ) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """What ``save_pretrained`` would store (:func:`saved_tensors`: parameters once, tied ones under
+        their first name, then persistent buffers), whole, one at a time: each parameter is gathered
+        when the caller asks for it and released when the caller asks for the next. On rank 0 a CPU
+        copy (``own_copy=False``: the gathered tensor itself, valid only until the next is asked for);
+        None elsewhere. A collective: every rank must run it to the end."""
+        for name, tensor in saved_tensors(model):
+            gathered = (deepspeed.zero.GatheredParameters([tensor]) if hasattr(tensor, "ds_tensor")
+                        else contextlib.nullcontext())  # a buffer (never partitioned) or a replicated adapter
+            with gathered:
+                yield name, tensor.data.detach().to("cpu", copy=own_copy) if self.is_main else None
+
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-        """Full parameters by name (tied ones once) as CPU copies on rank 0, gathered one at a time."""
-        out = {}
-        for name, param in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([param]):
-                if self.is_main:
-                    out[name] = param.data.detach().to("cpu", copy=True)
+        """Full weights by name as CPU copies on rank 0 (the whole model in memory: for small models and
+        tests; checkpoints stream instead, see :meth:`save_model`)."""
+        out = dict(self.full_tensors(model))
         return out if self.is_main else None
+
+    def save_model(self, model: torch.nn.Module, folder: Path, max_shard_bytes: int) -> None:
+        """The HF folder of the full model, streamed: parameters are gathered one at a time, in the order
+        of the shard plan, and rank 0 appends each to its shard file while it is gathered, so it holds
+        one gathered parameter at a time (never a shard, never the model)."""
+        specs = [spec_of(name, t, getattr(t, "ds_shape", None)) for name, t in saved_tensors(model)]
+        stream = self.full_tensors(model, own_copy=False)
+        if self.is_main:
+            write_hf_folder(model, folder, specs, stream, max_shard_bytes)
+        else:
+            for _ in stream:  # the gathers are collectives: take part in each
+                pass
 
     def close(self) -> None:
         if self.engine is not None:

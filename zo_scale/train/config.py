@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from zo_scale.models.sharded_safetensors import parse_size
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and what is wrong."""
@@ -94,6 +96,7 @@ class RunConfig:
     eval_batch_size: int = 32
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
+    save_shard_size: int | str = "5GB"  # largest safetensors file of the saved model ("5GB", "512MiB" or bytes)
     seed: int = 0
     output_dir: str = "runs/default"
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
@@ -189,4 +192,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep or not dot:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _apply(config, section, key, yaml.safe_load(text))
+    try:
+        parse_size(config.run.save_shard_size)
+    except ValueError as e:
+        raise ConfigError(f"run.save_shard_size: {e}") from None
     return config

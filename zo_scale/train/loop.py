@@ -23,13 +23,14 @@ from tqdm import tqdm
 from zo_scale.backends.runtime import Runtime, quiet_unless_main
 from zo_scale.core import noise
 from zo_scale.models.scoring import LOSSES, EncodedExample, batch_loss, correct, encode, labels_of, option_scores
+from zo_scale.models.sharded_safetensors import parse_size
 from zo_scale.tasks import get_task, sample_splits
 from zo_scale.train import seedlog
 from zo_scale.train.build import in_forward_unsupported
 from zo_scale.train.checkpoint import (
+    commit_checkpoint,
     latest_checkpoint,
     load_trainer_state,
-    save_checkpoint,
     stage_checkpoint,
     staging_dir,
 )
@@ -97,6 +98,7 @@ def train(cfg: Config) -> dict[str, Any]:
 def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     out = Path(cfg.run.output_dir)
     main = runtime.is_main
+    shard_bytes = parse_size(cfg.run.save_shard_size)
     torch.manual_seed(cfg.run.seed)
     reason = in_forward_unsupported(cfg)
     if reason is not None:  # recorded as what runs: config.yaml, the seed log and resumes say in_place
@@ -156,20 +158,19 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
     def save(step: int) -> None:
         optimizer.flush()
-        # an adapter is replicated on every rank (see trainable.py): nothing to gather
-        weights = runtime.full_state_dict(model) if trainable.kind != "adapter" else None
-        files = optimizer.consolidated_state()
-        if optimizer.per_rank_fo_state:  # every rank writes its own part into the staged checkpoint
-            if main:
-                stage_checkpoint(checkpoint_dir)
-            runtime.barrier()
-            torch.save(optimizer.rank_state(), staging_dir(checkpoint_dir) / f"fo_optimizer.rank{runtime.rank}.pt")
-            runtime.barrier()
+        if main:
+            stage_checkpoint(checkpoint_dir)
+        runtime.barrier()
+        staged = staging_dir(checkpoint_dir)  # every rank writes its own part, streamed: no rank holds the model
+        if trainable.kind != "adapter":  # an adapter is replicated on every rank: rank 0 saves it whole
+            runtime.save_model(model, staged / trainable.folder, shard_bytes)
+        optimizer.save(staged)
+        runtime.barrier()
         if main:
             state = {"step": step, "nonfinite_in_a_row": nonfinite_in_a_row, "zero_shot_accuracy": zero_shot,
                      "config": config_json, "world_size": runtime.world_size, "runtime": runtime.name}
-            save_checkpoint(checkpoint_dir, model, tokenizer, files, state, model_state=weights,
-                            folder=trainable.folder, staged=optimizer.per_rank_fo_state)
+            commit_checkpoint(checkpoint_dir, tokenizer, state, trainable.folder,
+                              adapter_model=model if trainable.kind == "adapter" else None)
         runtime.barrier()  # no rank goes on (or exits) before the checkpoint is whole
 
     # ZeRO-3 parameters are empty placeholders: ds_numel is their full size

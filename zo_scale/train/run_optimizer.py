@@ -5,8 +5,9 @@ Pure ZO (``hybrid.fo_layers=0``) is the ZO optimizer alone, exactly as before hy
 (``fo_layers=-1`` or the number of blocks) has no ZO optimizer. Both share the lr schedule's
 multiplier: ZO's lr is ``optim.lr`` times it, FO's ``hybrid.fo_lr`` times it.
 
-Checkpoint files (beside the model): ``optimizer.pt`` (ZO state, consolidated over ranks, see
-:mod:`zo_scale.train.sharded_state`) and ``schedule.pt`` as for pure ZO; a hybrid run adds the FO
+Checkpoint files (beside the model): ``optimizer.pt`` and ``optimizer_state.rank<r>.safetensors`` (ZO
+state, each rank's per-element slices in its own file, see :mod:`zo_scale.train.sharded_state`) and
+``schedule.pt`` as for pure ZO; a hybrid run adds the FO
 state: ``fo_optimizer.pt`` (the torch optimizer's state dict, the same on every rank), or under
 ZeRO-3 ``fo_optimizer.rank<r>.pt`` per rank (DeepSpeed's optimizer holds partitioned fp32 copies
 and moments, in a layout tied to the number of ranks: such a run resumes on as many ranks).
@@ -94,21 +95,17 @@ class RunOptimizer:
         return out
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def consolidated_state(self) -> dict[str, Any] | None:
-        """What rank 0 writes (every rank must call this: it is a collective): file name -> object."""
-        zo_state = sharded_state.consolidate(self.zo, self.runtime) if self.zo is not None else None
-        if not self.runtime.is_main:
-            return None
-        files: dict[str, Any] = {"schedule.pt": self.schedules[0].state_dict()}
-        if zo_state is not None:
-            files["optimizer.pt"] = zo_state
-        if self.fo is not None and not self.per_rank_fo_state:
-            files["fo_optimizer.pt"] = self._fo_state()
-        return files
-
-    def rank_state(self) -> dict[str, Any]:
-        """This rank's own FO state (ZeRO-3 hybrid), for ``fo_optimizer.rank<r>.pt``."""
-        return self._fo_state()
+    def save(self, folder: Path) -> None:
+        """Write every part's state into ``folder``; every rank calls it and writes its own files (the ZO
+        slices, DeepSpeed's per-rank FO state), rank 0 also the shared ones. No collective."""
+        if self.zo is not None:
+            sharded_state.save(self.zo, self.runtime, folder)
+        if self.per_rank_fo_state:
+            torch.save(self._fo_state(), folder / f"fo_optimizer.rank{self.runtime.rank}.pt")
+        if self.runtime.is_main:
+            torch.save(self.schedules[0].state_dict(), folder / "schedule.pt")
+            if self.fo is not None and not self.per_rank_fo_state:
+                torch.save(self._fo_state(), folder / "fo_optimizer.pt")
 
     def _fo_state(self) -> dict[str, Any]:
         assert self.hybrid is not None
@@ -118,7 +115,7 @@ class RunOptimizer:
     def load(self, checkpoint: Path, saved_world_size: int) -> None:
         """Restore every part from ``checkpoint`` (written by a run with the same optimizers)."""
         if self.zo is not None:
-            sharded_state.localize(self.zo, torch.load(checkpoint / "optimizer.pt", weights_only=False))
+            sharded_state.load(self.zo, checkpoint)
         self.schedules[0].load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=False))
         if self.fo is None:
             return
