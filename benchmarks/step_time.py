@@ -14,9 +14,10 @@ warmup; the variants are timed round-robin, each on its own copy of the model):
     (e) MeZO reference   the published MeZO step, written below: 4 passes over the named parameters
                          (+eps z, -2 eps z, +eps z, update), each regenerating z with torch.normal from a
                          torch.Generator reseeded with the step's seed, applied with p.data.add_(z, alpha=...)
-    (f) ZO in_forward    ZOSGD(..., perturb="in_forward", model=m): one forward over the batch stacked twice,
-                         each module running row group k with a transient perturbed copy of its weights;
-                         the closure is common.stacked_lm_losses (per-row LM loss, averaged per group)
+    (f) ZO in_forward    ZOSGD(..., perturb="in_forward", model=m, lazy=True): one forward over the batch
+                         stacked twice, each module landing the last update on its weights and running row
+                         group k with a transient perturbed copy of them; the closure is
+                         common.stacked_lm_losses (per-row LM loss, averaged per group)
 
 The warmup step also compiles the sweep kernels. Each is reported as a ratio to (a): 1.0 would mean
 the parameter passes cost nothing. A ZO step
@@ -130,7 +131,7 @@ def new_copy() -> torch.nn.Module:
 
 
 m_eager, m_ref, m_lazy, m_rad, m_mezo, m_fwd = (new_copy() for _ in range(6))
-opt_f = zo_scale.ZOSGD(m_fwd.named_parameters(), lr=LR, eps=EPS, perturb="in_forward", model=m_fwd)
+opt_f = zo_scale.ZOSGD(m_fwd.named_parameters(), lr=LR, eps=EPS, perturb="in_forward", model=m_fwd, lazy=True)
 variants: dict[str, Callable[[], None]] = {
     "(a) 2 forwards": two_forwards(model),
     "(b) ZO eager": optimizer_step(m_eager, zo_scale.ZOSGD(m_eager.named_parameters(), lr=LR, eps=EPS)),

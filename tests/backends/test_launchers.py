@@ -1,8 +1,8 @@
 """The trainer under every launcher, with real processes (2 CPU ranks over gloo), against one process.
 
 Every run starts from the same saved tiny LLaMA (``from_pretrained``: under ZeRO-3, ``from_config``
-would initialise other random weights) and trains ZO-Adam (per-element state, so the consolidated
-optimizer checkpoint is exercised) on 8-row batches of the SST-2 demo sample, 4 rows a rank.
+would initialise other random weights) and trains ZO-Adam (per-element state, so the per-rank
+optimizer state slices are exercised) on 8-row batches of the SST-2 demo sample, 4 rows a rank.
 
 What 'matches' means: each rank's loss is the mean over its half batch, and a half-batch forward
 rounds differently from the full batch (~1e-7 relative), so losses agree to ~1e-6 relative and the
@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -153,7 +154,7 @@ def test_deepspeed_launcher_zero3_matches_one_process(zero3_run, reference, base
     summary = json.loads((zero3_run / "summary.json").read_text())
     assert (summary["runtime"], summary["world_size"]) == ("zero3", 2)
     assert_close_run(zero3_run, reference, base_weights)
-    # the consolidated weights are a plain HF folder: they load for inference without DeepSpeed
+    # the streamed weights are a plain HF folder: they load for inference without DeepSpeed
     model, _ = load_model(str(base_model_of(zero3_run)), weights=zero3_run / "checkpoint" / "model")
     assert torch.equal(model.state_dict()["lm_head.weight"], weights(zero3_run)["lm_head.weight"])
 
@@ -453,3 +454,48 @@ def test_malformed_deepspeed_config_names_the_file(base_model, tmp_path, capsys)
     path.write_text("{'stage': 3")
     assert cli_main(["train", "--deepspeed", str(path), *overrides(base_model, tmp_path / "run")]) == 2
     assert f"{path} is not valid JSON" in capsys.readouterr().err
+
+
+def on_two_nodes(per_node: Callable[[int], list[str]], out: Path, timeout: float = TIMEOUT_S) -> Path:
+    """Start one launcher per 'node' (``per_node(node_rank)``: its command), both on this machine, meeting
+    over loopback as two machines would over the network; wait for both."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    logs = [open(out.with_name(f"{out.name}.node{r}.log"), "w") for r in (0, 1)]  # noqa: SIM115
+    procs = [subprocess.Popen(per_node(r), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+             for r, log in zip((0, 1), logs, strict=True)]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for log in logs:
+            log.close()
+    for r, code in enumerate(codes):
+        assert code == 0, f"node {r} failed ({code}):\n{out.with_name(f'{out.name}.node{r}.log').read_text()[-4000:]}"
+    return out
+
+
+def test_torchrun_on_two_nodes_replicated_matches_one_process(base_model, base_weights, reference, tmp_path):
+    """torchrun --nnodes 2 with a c10d rendezvous: the two launchers find each other at the endpoint."""
+    out, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    on_two_nodes(lambda r: [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                            "--rdzv_endpoint", endpoint, "--rdzv_id", "zo-two-nodes", "launch/train.py",
+                            *overrides(base_model, out)], out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["runtime"], summary["world_size"]) == ("replicated", 2)
+    assert_close_run(out, reference, base_weights)
+
+
+def test_deepspeed_on_two_nodes_without_ssh_equals_one_node_zero3(base_model, zero3_run, tmp_path):
+    """deepspeed --no_ssh: each node's launcher starts its own ranks (node_rank from the command line,
+    the hostfile names the nodes); ZeRO-3 over the 2 nodes' ranks partitions as 2 ranks on one node."""
+    out, port = tmp_path / "run", free_port()
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    on_two_nodes(lambda r: [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r),
+                            "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/train.py",
+                            "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out)], out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["runtime"], summary["world_size"]) == ("zero3", 2)
+    assert_same_run(out, zero3_run)

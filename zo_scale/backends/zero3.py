@@ -20,7 +20,7 @@ is zero3)::
     model, tok = runtime.load_model(lambda: (AutoModelForCausalLM.from_pretrained(path), tok))
     opt = ZOSGD(model.named_parameters(), lr=1e-6, **runtime.optimizer_kwargs())
     opt.step(lambda: model(**batch).loss)                       # each rank: its own micro-batch
-    state = runtime.full_state_dict(model)                      # full weights on rank 0
+    runtime.save_model(model, Path("out/model"), 5 * 10**9)    # HF folder, one parameter gathered at a time
     runtime.close()
 
 No DeepSpeed optimizer for the ZO parameters: one would keep an fp32 master copy of each partition
