@@ -49,11 +49,11 @@ def test_default_data_dir_is_used_when_none_given(data_dir):
     assert task.examples("eval") == task.examples("eval", data_dir)
 
 
-def test_missing_file_says_to_pass_data_dir(tmp_path):
+def test_missing_file_says_to_set_data_dir(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         get_task("rte").examples("train", tmp_path)
     assert str(tmp_path / "superglue/RTE/train.jsonl") in str(err.value)
-    assert "--data-dir" in str(err.value)
+    assert "set task.data_dir" in str(err.value)
 
 
 def test_unknown_split():

@@ -63,7 +63,7 @@ def test_small_train_split_keeps_dev_and_warns(data_dir):
 @pytest.mark.parametrize(
     ("kwargs", "problem"),
     [
-        ({"num_dev": 250}, "num_dev=250 leaves no training examples out of 250"),
+        ({"num_dev": 250}, "its train split has 250 rows, and num_dev=250 takes all of them: no training examples"),
         ({"num_dev": None}, "num_dev must be an int >= 0"),
         ({"num_train": -2}, "num_train must be an int >= 0, or None/-1 for all"),
     ],
@@ -75,5 +75,6 @@ def test_bad_sizes(data_dir, kwargs, problem):
 
 
 def test_shared_file_with_all_rows_for_eval_is_an_error(data_dir):
-    with pytest.raises(ValueError, match="the rest of the file is the eval sample"):
+    with pytest.raises(ValueError, match=r"wic: \d+ rows in its one file, \d+ of them the eval sample \(num_eval\), "
+                                         r"leave 0, and num_dev=5 takes more than all of them.*or num_eval"):
         sample_splits(get_task("wic"), num_train=10, num_dev=5, num_eval=None, data_dir=data_dir)

@@ -94,6 +94,10 @@ def test_resume_refuses_a_changed_trajectory(run_cli, capsys):
         ("run.batch_size=0", "run.batch_size"),
         ("optim.kernel=fast", "kernel='fast' is not a sweep kernel mode"),
         ("model.device=gpu0", "model.device: 'gpu0' is not a device"),
+        ("task.num_eval=0", "task.num_eval=0: the run evaluates before and after training"),
+        ("run.save_every=-1", "run.save_every must be >= 0"),
+        ("run.eval_every=-5", "run.eval_every must be >= 0"),
+        ("run.save_shard_size=lots", "run.save_shard_size: cannot read 'lots' as a size"),
     ],
 )
 def test_bad_input_exits_2_with_a_message_and_writes_nothing(run_cli, capsys, override, message, monkeypatch):
@@ -125,9 +129,43 @@ def test_persistent_non_finite_loss_stops_with_a_clear_error(run_cli, capsys, mo
     monkeypatch.setattr(loop, "batch_loss", lambda scores, labels, loss: torch.tensor(float("nan")))
     code, out = run_cli("run.steps=6", "run.max_nonfinite=2", "run.save_every=1")
     assert code == 2
-    assert "non-finite for 2 steps in a row" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "non-finite for 2 steps in a row" in err and "step 1) is intact" in err
+    assert "model.dtype=float32" not in err  # it is fp32 already
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())  # the last checkpoint is intact
     assert state["step"] == 1 and state["nonfinite_in_a_row"] == 1
+    code, _ = run_cli("run.steps=6", "run.max_nonfinite=2", "model.dtype=bfloat16", "run.output_dir=" + str(out) + "2")
+    err = capsys.readouterr().err
+    assert code == 2 and "no checkpoint was written yet" in err and "or use model.dtype=float32" in err
+
+
+def test_a_batch_larger_than_the_training_set_is_flagged(run_cli, caplog):
+    code, _ = run_cli("run.steps=1", "task.num_train=4", "run.batch_size=8")
+    assert code == 0
+    assert "run.batch_size=8 is larger than the 4 training examples" in caplog.text
+
+
+def test_label_words_that_are_special_tokens_are_refused(run_cli, capsys, tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"text": "good film", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
+    (tmp_path / "task.yaml").write_text(
+        "name: mine\ntrain_file: rows.jsonl\neval_file: rows.jsonl\ntemplate: '{text} It was'\n"
+        "label_field: label\nlabel_words: {pos: ' great', neg: '</s>'}\n"
+    )
+    code, out = run_cli("run.steps=2", f"task.name={tmp_path / 'task.yaml'}", "task.num_train=1", "task.num_eval=1",
+                        "task.num_dev=0")
+    assert code == 2
+    assert "' </s>' contains the tokenizer's special token(s) ['</s>']" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_custom_tasks_missing_file_says_where_it_is_looked_for(run_cli, capsys, tmp_path):
+    (tmp_path / "task.yaml").write_text(
+        "name: mine\ntrain_file: nowhere.jsonl\neval_file: nowhere.jsonl\ntemplate: '{text} It was'\n"
+        "label_field: label\nlabel_words: {pos: ' great', neg: ' bad'}\n"
+    )
+    code, _ = run_cli("run.steps=2", f"task.name={tmp_path / 'task.yaml'}")
+    err = capsys.readouterr().err
+    assert code == 2 and "nowhere.jsonl not found" in err and "relative to the folder of its definition" in err
 
 
 def test_bf16_run_trains_and_checkpoints_in_bf16(run_cli):

@@ -43,6 +43,7 @@ class EncodedExample:
 def encode(tokenizer: object, examples: Sequence[Example], max_length: int = 256) -> list[EncodedExample]:
     """Tokenize once, up front. Contexts keep their last tokens when context + continuation > max_length."""
     out = []
+    special = set(getattr(tokenizer, "all_special_ids", ()))
     for ex in examples:
         options = []
         for ctx, cont in zip(ex.contexts, ex.continuations, strict=True):
@@ -50,6 +51,10 @@ def encode(tokenizer: object, examples: Sequence[Example], max_length: int = 256
             cont_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
             if not cont_ids:
                 raise ValueError(f"continuation {cont!r} tokenizes to nothing; choose other label words")
+            if special.intersection(cont_ids):
+                raise ValueError(f"continuation {cont!r} contains the tokenizer's special token(s) "
+                                 f"{tokenizer.convert_ids_to_tokens(sorted(special.intersection(cont_ids)))}: a label "
+                                 "word must be text the model reads, not padding or an end-of-text marker")
             if len(cont_ids) >= max_length:
                 raise ValueError(f"continuation {cont!r} has {len(cont_ids)} tokens, max_length is {max_length}")
             ctx_ids = ctx_ids[-(max_length - len(cont_ids)) :]

@@ -57,10 +57,11 @@ def sample_splits(
 
     available = len(candidates)
     if num_dev > available or (num_dev == available and num_train != 0):
-        shared = " (the rest of the file is the eval sample)" if shared_file else ""
-        raise ValueError(
-            f"{task.name}: num_dev={num_dev} leaves no training examples out of {available}{shared}"
-        )
+        where = (f"{len(train_pool)} rows in its one file, {len(taken)} of them the eval sample (num_eval), leave "
+                 f"{available}" if shared_file else f"its train split has {available} rows")
+        raise ValueError(f"{task.name}: {where}, and num_dev={num_dev} takes "
+                         f"{'all' if num_dev == available else 'more than all'} of them: no training examples; "
+                         "lower num_dev" + (" or num_eval" if shared_file else ""))
     train_size = available - num_dev if num_train is None else min(num_train, available - num_dev)
     if num_train is not None and train_size < num_train:
         warnings.warn(

@@ -27,7 +27,7 @@ def find_data_dir() -> Path:
                 return candidate
     raise FileNotFoundError(
         f"no shared/data folder found above {Path.cwd()} or {Path(__file__).parent}; "
-        f"set {DATA_ENV_VAR} or pass --data-dir"
+        f"set task.data_dir (or {DATA_ENV_VAR}) to the folder holding the task files"
     )
 
 
@@ -69,10 +69,10 @@ class Task:
         """All Examples of `split`, read from the task's file."""
         path = self.path(split, data_dir)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{self.name}: data file {path} not found; pass --data-dir (or set {DATA_ENV_VAR}) "
-                f"to the folder holding {self.files[split]}"
-            )
+            hint = (f"a custom task's files are relative to the folder of its definition ({self.root}); "
+                    "task.data_dir does not apply to them" if self.root is not None else
+                    f"set task.data_dir (or {DATA_ENV_VAR}) to the folder holding {self.files[split]}")
+            raise FileNotFoundError(f"{self.name}: data file {path} not found; {hint}")
         return self._render(read_rows(path), str(path), self.flatten)
 
     def hub_examples(self, split: str) -> list[Example]:

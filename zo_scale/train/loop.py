@@ -78,6 +78,12 @@ def _check(cfg: Config) -> None:
     for key in ("steps", "batch_size", "eval_batch_size", "log_every", "max_nonfinite"):
         if getattr(cfg.run, key) < 1:
             raise ConfigError(f"run.{key} must be >= 1, got {getattr(cfg.run, key)}")
+    for key in ("save_every", "eval_every"):  # 0: only at the end (before and after, for eval)
+        if getattr(cfg.run, key) < 0:
+            raise ConfigError(f"run.{key} must be >= 0 (0: only at the end), got {getattr(cfg.run, key)}")
+    if cfg.task.num_eval == 0:
+        raise ConfigError("task.num_eval=0: the run evaluates before and after training; give it at least 1 "
+                          "example (-1: the whole eval split)")
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -110,6 +116,11 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     train_ex, dev_ex, eval_ex = sample_splits(
         task, cfg.task.num_train, cfg.task.num_dev, cfg.task.num_eval, cfg.run.seed, cfg.task.data_dir
     )
+    if not eval_ex:
+        raise ConfigError(f"task {cfg.task.name}: its eval split has no examples to evaluate on")
+    if cfg.run.batch_size > len(train_ex):
+        log.warning("run.batch_size=%d is larger than the %d training examples: every batch repeats each example "
+                    "about %.1f times", cfg.run.batch_size, len(train_ex), cfg.run.batch_size / len(train_ex))
 
     # resume: a whole checkpoint fixes the weights and the step; it must continue this run's trajectory
     config_json = cfg.as_json()
@@ -216,10 +227,13 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             log.warning("step %d: non-finite loss, step skipped (%d in a row)", t, nonfinite_in_a_row)
             if nonfinite_in_a_row >= cfg.run.max_nonfinite:
                 optimizer.flush()
+                fp32 = "" if cfg.model.dtype in ("float32", "fp32") else ", or use model.dtype=float32"
+                saved = latest_checkpoint(checkpoint_dir)
+                kept = ("no checkpoint was written yet" if saved is None else
+                        f"the last checkpoint ({saved}, step {load_trainer_state(saved)['step']}) is intact")
                 raise TrainingError(
                     f"the loss was non-finite for {nonfinite_in_a_row} steps in a row (last at step {t}); "
-                    "lower optim.lr or optim.eps (hybrid.fo_lr for the backprop part), or use model.dtype=float32. "
-                    "The last checkpoint is intact."
+                    f"lower optim.lr or optim.eps (hybrid.fo_lr for the backprop part){fp32}; {kept}."
                 )
         if (t + 1) % cfg.run.log_every == 0 or t + 1 == cfg.run.steps:
             elapsed = time.perf_counter() - tick

@@ -116,7 +116,7 @@ class RunOptimizer:
         """Restore every part from ``checkpoint`` (written by a run with the same optimizers)."""
         if self.zo is not None:
             sharded_state.load(self.zo, checkpoint)
-        self.schedules[0].load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=False))
+        self.schedules[0].load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=True))
         if self.fo is None:
             return
         if any(checkpoint.glob("fo_optimizer.rank*.pt")) != self.per_rank_fo_state:
@@ -131,7 +131,14 @@ class RunOptimizer:
             path = checkpoint / f"fo_optimizer.rank{self.runtime.rank}.pt"
         else:
             path = checkpoint / "fo_optimizer.pt"
-        state = torch.load(path, weights_only=False)
+        allowed = []
+        if self.per_rank_fo_state:  # DeepSpeed's state holds its ZeRO stage (an enum) and loss scaler: allowed
+            from deepspeed.runtime.fp16.loss_scaler import LossScaler
+            from deepspeed.runtime.zero.config import ZeroStageEnum
+
+            allowed += [ZeroStageEnum, LossScaler]
+        with torch.serialization.safe_globals(allowed):
+            state = torch.load(path, weights_only=True)  # tensors and plain data only: no code runs
         if self.per_rank_fo_state:  # DeepSpeed's ZeRO-3 optimizer takes every rank's state and picks its own
             states = [None] * self.runtime.world_size
             states[self.runtime.rank] = state["optimizer"]

@@ -63,7 +63,7 @@ def load(optimizer: ZOOptimizer, folder: Path) -> None:
     """Load the state :func:`save` wrote (on any number of ranks) into this rank's shards. A checkpoint
     whose ``optimizer.pt`` holds full-length per-element buffers itself (written before the slice
     files existed, or a single-process ``state_dict()``) loads too: each rank cuts out its part."""
-    saved = torch.load(folder / STATE_FILE, weights_only=False)
+    saved = torch.load(folder / STATE_FILE, weights_only=True)  # tensors and plain data only: no code runs
     listed = saved.pop(PER_ELEMENT, {})
     shards = optimizer.local_shards()
     state: dict[int, dict[str, Any]] = {}
