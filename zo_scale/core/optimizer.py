@@ -56,7 +56,7 @@ from zo_scale.core import noise
 from zo_scale.core.directions import DenseSampler, Direction, DirectionSampler, LowRankSampler
 from zo_scale.core.forward_grad import loss_and_directional_derivative
 from zo_scale.core.perturbed_forward import perturbed_forward
-from zo_scale.core.shards import ParamShard, whole_param_shard
+from zo_scale.core.shards import ParamShard, ShardSpan, whole_param_shard
 from zo_scale.core.sweep import Moves, Update, sweep_shard
 from zo_scale.core.updates import SGD, LozoMomentum, UpdateRule, make_rule
 
@@ -203,6 +203,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_record: StepRecord | None = None
         self._pending: _Pending | None = None
         shards = self.local_shards()
+        # where each shard sits never changes; kept so that checkpoints need not fetch the data (under
+        # NVMe offload local_shards() reads and writes every partition)
+        self.shard_spans: list[ShardSpan] = [s.span for s in shards]
         self.sampler.bind(shards)
         for device in {s.flat.device for s in shards}:
             sweep_kernel.announce(self.kernel, device)
@@ -474,7 +477,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore groups, counters and buffers; buffers keep their saved (fp32) dtype.
 
-        A buffer with elements goes where this optimizer's shard of its parameter lives (``shard.flat``),
+        A buffer with elements goes where this optimizer's shard of its parameter lives (``shard_spans``),
         0-dim ones (step counts) to the CPU, as fresh state is made: under ZeRO-3 offload the parameter
         itself is a placeholder on the accelerator while its partition sits in CPU memory.
         """
@@ -483,12 +486,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=True)
         ):
             raise ValueError("optimizer state_dict does not match these param groups (count or sizes differ)")
-        shards = self.local_shards()
         self.state.clear()
         for index, buffers in state_dict["state"].items():
-            shard = shards[int(index)]
-            self.state[shard.param] = {k: v.to(device=shard.flat.device if v.dim() else "cpu")
-                                       if isinstance(v, torch.Tensor) else v for k, v in buffers.items()}
+            span = self.shard_spans[int(index)]
+            self.state[span.param] = {k: v.to(device=span.device if v.dim() else "cpu")
+                                      if isinstance(v, torch.Tensor) else v for k, v in buffers.items()}
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
         zo = state_dict["zo"]

@@ -30,6 +30,16 @@ def stream_id(name: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+@dataclass(frozen=True)
+class ShardSpan:
+    """Where a shard sits, without its data: elements [offset, offset + numel) of ``param``, on ``device``."""
+
+    param: torch.Tensor
+    offset: int
+    numel: int
+    device: torch.device
+
+
 @dataclass
 class ParamShard:
     """A flat, contiguous local slice of one parameter.
@@ -47,6 +57,10 @@ class ParamShard:
     offset: int
     shape: torch.Size
     release: Callable[[], None] | None = None
+
+    @property
+    def span(self) -> ShardSpan:
+        return ShardSpan(self.param, self.offset, self.flat.numel(), self.flat.device)
 
     @property
     def full_numel(self) -> int:

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from zo_scale.backends.runtime import Runtime
 from zo_scale.core.optimizer import ZOOptimizer
+from zo_scale.core.shards import ShardSpan
 
 STATE_FILE = "optimizer.pt"
 SLICES_GLOB = "optimizer_state.rank*.safetensors"
@@ -40,7 +41,7 @@ def save(optimizer: ZOOptimizer, runtime: Runtime, folder: Path) -> None:
     """Write this rank's slices (every rank) and the shared state (rank 0) into ``folder``. Flushes a
     pending update. Every rank must call it (each writes its own file; no collective)."""
     local = optimizer.state_dict()
-    shards = optimizer.local_shards()
+    spans = optimizer.shard_spans
     slices: dict[str, torch.Tensor] = {}
     offsets: dict[str, int] = {}
     rest: dict[int, dict[str, Any]] = {}
@@ -50,7 +51,7 @@ def save(optimizer: ZOOptimizer, runtime: Runtime, folder: Path) -> None:
         for k, v in buffers.items():  # state_dict() shares these dicts with the live state: copy, never pop
             if _is_per_element(optimizer, k, v):
                 slices[f"{i}.{k}"] = v.detach().to("cpu").contiguous()
-                offsets[f"{i}.{k}"] = shards[i].offset
+                offsets[f"{i}.{k}"] = spans[i].offset
                 listed.setdefault(i, []).append(k)
             else:
                 rest[i][k] = v
@@ -65,20 +66,20 @@ def load(optimizer: ZOOptimizer, folder: Path) -> None:
     files existed, or a single-process ``state_dict()``) loads too: each rank cuts out its part."""
     saved = torch.load(folder / STATE_FILE, weights_only=True)  # tensors and plain data only: no code runs
     listed = saved.pop(PER_ELEMENT, {})
-    shards = optimizer.local_shards()
+    spans = optimizer.shard_spans
     state: dict[int, dict[str, Any]] = {}
     for i, buffers in saved["state"].items():
-        shard = shards[int(i)]
-        state[i] = {k: v[shard.offset : shard.offset + shard.flat.numel()].clone()
+        span = spans[int(i)]
+        state[i] = {k: v[span.offset : span.offset + span.numel].clone()
                     if _is_per_element(optimizer, k, v) else v for k, v in buffers.items()}
     wanted = {f"{i}.{k}" for i, names in listed.items() for k in names}
-    for key, value in _read_own_slices(folder, shards, wanted).items():
+    for key, value in _read_own_slices(folder, spans, wanted).items():
         i, k = key.split(".", 1)
         state[int(i)][k] = value
     optimizer.load_state_dict({**saved, "state": state})
 
 
-def _read_own_slices(folder: Path, shards: list, wanted: set[str]) -> dict[str, torch.Tensor]:
+def _read_own_slices(folder: Path, spans: list[ShardSpan], wanted: set[str]) -> dict[str, torch.Tensor]:
     """For each wanted ``"<index>.<buffer>"``, the elements of this rank's shard of that parameter,
     assembled from the overlapping parts of every saved rank's slice."""
     out: dict[str, torch.Tensor] = {}
@@ -87,8 +88,8 @@ def _read_own_slices(folder: Path, shards: list, wanted: set[str]) -> dict[str, 
         with safe_open(file, "pt") as f:
             offsets = json.loads(f.metadata()["offsets"])
             for key in wanted & offsets.keys():
-                shard = shards[int(key.split(".", 1)[0])]
-                lo, hi = shard.offset, shard.offset + shard.flat.numel()
+                span = spans[int(key.split(".", 1)[0])]
+                lo, hi = span.offset, span.offset + span.numel
                 if key not in out:
                     out[key] = torch.zeros(hi - lo, dtype=torch.float32)  # per-element state is fp32
                 part = f.get_slice(key)
@@ -97,7 +98,7 @@ def _read_own_slices(folder: Path, shards: list, wanted: set[str]) -> dict[str, 
                 if a < b:
                     out[key][a - lo : b - lo] = part[a - start : b - start]
                     filled[key] += b - a
-    short = [k for k in wanted if filled[k] != shards[int(k.split(".", 1)[0])].flat.numel()]
+    short = [k for k in wanted if filled[k] != spans[int(k.split(".", 1)[0])].numel]
     if short:
         raise ValueError(f"{folder}: the optimizer state slices do not cover this rank's part of {short[:3]} "
                          f"(files {sorted(p.name for p in folder.glob(SLICES_GLOB))}); the checkpoint is incomplete")
