@@ -9,6 +9,10 @@
    (torch.profiler) for the compiled sweep, for the eager reference sweep, and for the compiled sweep
    with ``perturb="in_forward"`` (one forward over the batch stacked twice, closure
    ``common.stacked_lm_losses``).
+4. The memory planner on the GPU: the CUDA context (``nvidia-smi``'s view, total - free, of a process
+   that has only initialised CUDA) and ``zo-scale train`` on an OPT-1.3B shape cut to 8 blocks
+   (``random:``, bf16, 2 steps, in place and in_forward): the trainer's ``torch.cuda.max_memory_allocated``
+   against ``zo-scale plan``'s per-GPU bytes without the CUDA context (the allocator does not count it).
 
 Run on the GPU machine (from the repository root, after ``make install`` or with torch + transformers):
     python benchmarks/gpu_check.py                 # writes benchmarks/results/gpu_check_cuda.json (+ $OUT/)
@@ -136,6 +140,48 @@ def measure(kind: str) -> dict[str, object]:
     return out
 
 
+def cuda_context_bytes() -> int:
+    """Device memory a process takes by initialising CUDA and cuBLAS alone (total - free, before vs after)."""
+    code = ("import torch; free0, total = torch.cuda.mem_get_info(); a = torch.ones(8, 8, device='cuda'); "
+            "(a @ a).sum().item(); free1, _ = torch.cuda.mem_get_info(); print(free0 - free1)")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def plan_check() -> dict[str, object]:
+    import json
+    import tempfile
+
+    from zo_scale.models.architectures import architecture_config
+    from zo_scale.plan.memory import CUDA_CONTEXT_BYTES, RunSettings, plan_memory
+    from zo_scale.plan.shapes import ModelShape
+
+    out: dict[str, object] = {"cuda_context_bytes": cuda_context_bytes(), "planner_cuda_context_bytes":
+                              CUDA_CONTEXT_BYTES}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = architecture_config("opt-1.3b")
+        config.num_hidden_layers = 8
+        config.to_json_file(f"{tmp}/config.json")
+        shape = ModelShape.of(config)
+        for perturb in ("in_place", "in_forward"):
+            run = f"{tmp}/{perturb}"
+            cmd = [sys.executable, "-m", "zo_scale.train.cli", "train", f"model.name=random:{tmp}/config.json",
+                   "model.dtype=bfloat16", "model.device=cuda", "task.name=sst2-demo", "task.num_train=32",
+                   "task.num_eval=8",
+                   f"task.max_length={args.seq}", f"run.batch_size={args.batch}", f"run.eval_batch_size={args.batch}",
+                   "run.steps=2", "run.progress=false", f"run.output_dir={run}", f"optim.perturb={perturb}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                out[perturb] = {"error": proc.stderr[-2000:]}
+                continue
+            measured = json.loads(open(f"{run}/summary.json").read())["peak_memory_bytes"][0]["device"]
+            plan = plan_memory(shape, RunSettings(batch=args.batch, seq=args.seq, dtype="bfloat16", perturb=perturb))
+            predicted = plan.per_gpu_bytes - plan.gpu["CUDA context"]
+            out[perturb] = {"measured_max_allocated_bytes": measured, "predicted_bytes_without_context": predicted,
+                            "predicted_over_measured": predicted / measured, "breakdown": plan.as_json()["breakdown"]}
+            print(f"planner, {perturb}: predicted {predicted / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB")
+    return out
+
+
 started = time.time()
 results: dict[str, object] = {}
 if not args.skip_tests:
@@ -151,6 +197,8 @@ for kind in ("opt-1.3b", "llama-2-7b"):
     results[kind] = measure(kind)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the model of measure() is gone: give its memory back before the next
+if device.type == "cuda":
+    results["planner"] = plan_check()
 results["wall_s"] = time.time() - started
 if device.type == "cuda":
     results["device_name"] = torch.cuda.get_device_name()

@@ -6,6 +6,12 @@ TINY = ["model.name=tiny-llama", "task.name=sst2-demo", "task.num_train=32", "ta
         "run.batch_size=4", "run.eval_batch_size=16", "run.progress=false", "optim.lr=1e-3", "run.log_every=2"]
 
 
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    """The overrides every run_cli run starts from (a tiny model, a few examples), for subprocess runs."""
+    return list(TINY)
+
+
 @pytest.fixture
 def run_cli(tmp_path):
     """Run ``zo-scale`` in-process; returns (exit code, output dir)."""

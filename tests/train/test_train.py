@@ -27,6 +27,49 @@ def test_a_run_writes_metrics_plot_checkpoint_and_seed_log(run_cli):
     assert summary["final_accuracy"] == evals[-1]["accuracy"] and summary["zero_shot_accuracy"] == evals[0]["accuracy"]
     assert [r["step"] for r in records(out)] == [0, 1, 2, 3]
     assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint.old").exists()
+    (peak,) = summary["peak_memory_bytes"]  # one rank: its high-water marks
+    assert peak["host_rss"] > 50 * 2**20 and peak["device"] is None
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_exits_2(run_cli, monkeypatch, capsys):
+    import errno
+
+    import transformers.modeling_utils
+
+    from zo_scale.train.checkpoint import load_trainer_state
+
+    real, saves = transformers.modeling_utils.safe_save_file, []
+
+    def fill_the_disk_on_the_second_save(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fill_the_disk_on_the_second_save)
+    code, out = run_cli("run.steps=4", "run.save_every=2", out="full")
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "writing the checkpoint of step 4" in message and "No space left on device" in message
+    assert "step 2) is intact" in message and "run the same command" in message
+    assert load_trainer_state(out / "checkpoint")["step"] == 2 and not (out / "checkpoint.tmp").exists()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real)
+    code, out = run_cli("run.steps=4", "run.save_every=2", out="full")  # space is back: it resumes and ends
+    assert code == 0 and load_trainer_state(out / "checkpoint")["step"] == 4
+    code, straight = run_cli("run.steps=4", out="straight")
+    assert all(torch.equal(weights(out)[k], v) for k, v in weights(straight).items())
+
+
+def test_a_random_architecture_trains_from_its_config_file(run_cli, tmp_path):
+    config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 32,
+              "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64,
+              "vocab_size": 320}
+    (tmp_path / "arch.json").write_text(json.dumps(config))
+    code, out = run_cli("run.steps=2", f"model.name=random:{tmp_path / 'arch.json'}")
+    assert code == 0
+    saved = json.loads((out / "checkpoint" / "model" / "config.json").read_text())
+    assert (saved["model_type"], saved["num_hidden_layers"], saved["vocab_size"]) == ("mistral", 3, 320)
+    assert weights(out)["model.embed_tokens.weight"].shape == (320, 32)
 
 
 @pytest.mark.parametrize("rule", ["sgd", "adam"])
@@ -194,3 +237,45 @@ def test_a_jvp_run_trains_through_sdpa_attention_and_its_derivatives_match_finit
     code, central = run_cli("run.steps=1", "optim.eps=1e-4", out="central")  # same z; a small step: O(eps^2) error
     assert code == 0
     assert records(jvp)[0]["grads"][0] == pytest.approx(records(central)[0]["grads"][0], rel=5e-3)
+
+
+@pytest.mark.parametrize("guard", ["optim.master_weights=true", "optim.perturb=in_forward"])
+def test_fp16_weights_stay_put_at_lr_0_with_the_master_copy_or_in_forward(run_cli, guard):
+    """MeZO's issue 42: in fp16 the weights do not return after +/- eps and the loss collapses. With the
+    master copy (or the weights never moving, in_forward) 5 steps at lr 0 leave them bit for bit."""
+    from zo_scale.models import load_model
+
+    start = {k: v.clone() for k, v in load_model("tiny-llama", dtype="float16")[0].state_dict().items()}
+    code, out = run_cli("run.steps=5", "optim.lr=0", "model.dtype=float16", guard)
+    assert code == 0
+    saved = weights(out)
+    assert all(torch.equal(saved[k], start[k]) for k in saved)
+    losses = [json.loads(line)["loss"] for line in (out / "seedlog.jsonl").read_text().splitlines()[1:]]
+    assert len(losses) == 5 and all(0.3 < loss < 3 for loss in losses)  # each batch's CE near log 2: no collapse
+
+
+@pytest.mark.parametrize("damage", ['{"step": 2, "conf', '{"step": 2}', "\xff\xfe"])
+def test_a_damaged_checkpoint_is_refused_by_name(run_cli, capsys, damage):
+    code, out = run_cli("run.steps=2")
+    assert code == 0
+    state = out / "checkpoint" / "trainer_state.json"
+    state.write_bytes(damage.encode("latin-1"))
+    code, _ = run_cli("run.steps=4")
+    assert code == 2
+    assert str(state) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda lines: lines[:-1] + [lines[-1][: len(lines[-1]) // 2]], "line 4: not a whole step record"),
+    (lambda lines: lines[:2] + lines[3:], "line 3: step 2 where step 1 belongs"),
+    (lambda lines: ["{not json"] + lines[1:], "not a zo-scale seed log"),
+])
+def test_a_damaged_seed_log_is_refused_by_line(run_cli, tmp_path, capsys, damage, message):
+    from zo_scale.train.cli import main
+
+    code, out = run_cli("run.steps=3")
+    assert code == 0
+    log = out / "seedlog.jsonl"
+    log.write_text("\n".join(damage(log.read_text().splitlines())) + "\n")
+    assert main(["replay", str(log), str(tmp_path / "replayed")]) == 2
+    assert message in capsys.readouterr().err

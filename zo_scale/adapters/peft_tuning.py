@@ -49,14 +49,9 @@ from peft import (
 )
 from transformers import PreTrainedModel
 
-METHODS = ("none", "lora", "prefix", "prompt")
+from zo_scale.models.architectures import DEFAULT_LORA_TARGETS
 
-# LoRA target modules by ``config.model_type``: the attention query and value projections (as in MeZO).
-DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
-    "opt": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-}
+METHODS = ("none", "lora", "prefix", "prompt")
 
 
 @dataclass

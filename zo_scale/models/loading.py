@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from zo_scale.models.architectures import RANDOM_PREFIX, architecture_config, random_model
 from zo_scale.models.quantized import (
     bnb_config,
     check_quantization,
@@ -69,6 +70,20 @@ def _from_pretrained(
     return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map={"": device}, **extra)
 
 
+def _random_model(arch: str, dtype: torch.dtype, seed: int, tokens: int, quantization: str) -> PreTrainedModel:
+    if quantization != "none":
+        raise ModelLoadError(f"model {RANDOM_PREFIX}{arch}: a randomly initialised model cannot be quantized on load; "
+                             "use model.quantization=none")
+    try:
+        config = architecture_config(arch)
+    except ValueError as err:
+        raise ModelLoadError(f"model {RANDOM_PREFIX}{arch}: {err}") from None
+    if config.vocab_size < tokens:
+        raise ModelLoadError(f"model {RANDOM_PREFIX}{arch}: vocab_size {config.vocab_size} is smaller than the "
+                             f"{tokens} tokens of the byte tokenizer it is trained with")
+    return random_model(config, dtype, seed)
+
+
 def load_model(
     name: str,
     dtype: str = "float32",
@@ -79,10 +94,13 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for batched forward passes.
 
-    `name` is a built-in (see `BUILTIN_MODELS`), a local HF folder or a hub id. `seed` only affects
-    the randomly initialised tiny models. `weights`: a folder saved by ``save_pretrained`` (e.g. a
-    checkpoint) to take the weights from instead; the tokenizer still comes from `name`. The model
-    comes back in eval mode on `device`; the tokenizer pads on the left and always has a pad token.
+    `name` is a built-in (see `BUILTIN_MODELS`), a local HF folder or a hub id, or ``random:<arch>``:
+    the architecture of a shipped config name (``zo_scale.models.ARCHITECTURES``, e.g. ``random:llama-2-13b``),
+    a config.json or a hub id, randomly initialised, with the tiny models' byte tokenizer (see
+    :mod:`zo_scale.models.architectures`). `seed` only affects the randomly initialised models.
+    `weights`: a folder saved by ``save_pretrained`` (e.g. a checkpoint) to take the weights from
+    instead; the tokenizer still comes from `name`. The model comes back in eval mode on `device`;
+    the tokenizer pads on the left and always has a pad token.
 
     `quantization` ('none', 'int8' or 'nf4'; ``zo_scale.models.QUANTIZATIONS``) loads the base model
     through bitsandbytes (``pip install 'zo-scale[quant]'``) directly onto `device`: 'int8' is
@@ -109,8 +127,10 @@ def load_model(
     if quantization != "none":
         bnb_config(quantization, torch_dtype)  # ImportError naming the extra before any loading starts
     source = str(smollm2_folder()) if name == SMOLLM2_NAME else name
+    random_arch = name.removeprefix(RANDOM_PREFIX) if name.startswith(RANDOM_PREFIX) else None
     try:
-        tokenizer = build_byte_tokenizer() if name in TINY_MODELS else AutoTokenizer.from_pretrained(source)
+        byte_level = name in TINY_MODELS or random_arch is not None
+        tokenizer = build_byte_tokenizer() if byte_level else AutoTokenizer.from_pretrained(source)
         if weights is not None:
             model = _from_pretrained(weights, torch_dtype, quantization, device, prequantized=saved != "none")
         elif name in TINY_MODELS:
@@ -123,8 +143,12 @@ def load_model(
                 with tempfile.TemporaryDirectory(prefix="zo_scale_tiny_", ignore_cleanup_errors=True) as folder:
                     model.save_pretrained(folder)
                     model = _from_pretrained(folder, torch_dtype, quantization, device)
+        elif random_arch is not None:
+            model = _random_model(random_arch, torch_dtype, seed, len(tokenizer), quantization)
         else:
             model = _from_pretrained(source, torch_dtype, quantization, device)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError) as err:
         reason = next(iter(str(err).strip().splitlines()), type(err).__name__)
         raise ModelLoadError(

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from zo_scale.tasks.example import Example, TaskDataError
+from zo_scale.tasks.loaders import open_utf8
 from zo_scale.tasks.task import Task
 from zo_scale.tasks.templates import continuation
 
@@ -95,7 +96,7 @@ def _placeholders(template: str, config: Path) -> tuple[str, ...]:
 
 
 def _read_config(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
+    with open_utf8(path) as f:
         try:
             config = json.load(f) if path.suffix.lower() == ".json" else yaml.safe_load(f)
         except (json.JSONDecodeError, yaml.YAMLError) as err:

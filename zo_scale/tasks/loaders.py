@@ -6,16 +6,29 @@ WinoGrande ship JSONL. Errors name the file and the line, because these files ar
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from zo_scale.tasks.example import TaskDataError
 
 
+@contextlib.contextmanager
+def open_utf8(path: Path, **kwargs: Any) -> Iterator[IO[str]]:
+    """``path`` opened as UTF-8 text; bytes that are not UTF-8, wherever they are read, raise a
+    TaskDataError naming the file and the byte offset."""
+    try:
+        with open(path, encoding="utf-8", **kwargs) as f:
+            yield f
+    except UnicodeDecodeError as err:
+        raise TaskDataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+
+
 def _read_delimited(path: Path, **dialect: Any) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open_utf8(path, newline="") as f:
         reader = csv.DictReader(f, **dialect)
         if not reader.fieldnames:
             raise TaskDataError(f"{path}: empty file, expected a header row")
@@ -45,7 +58,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """One JSON object per line; blank lines are skipped."""
     path = Path(path)
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open_utf8(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -64,7 +77,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def read_json(path: str | Path) -> list[dict]:
     """A JSON file holding a list of row objects."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
+    with open_utf8(path) as f:
         try:
             rows = json.load(f)
         except json.JSONDecodeError as err:

@@ -10,7 +10,7 @@ import random
 import warnings
 from pathlib import Path
 
-from zo_scale.tasks.example import Example
+from zo_scale.tasks.example import Example, TaskDataError
 from zo_scale.tasks.task import Task
 
 
@@ -47,6 +47,10 @@ def sample_splits(
     eval_pool = task.examples("eval", data_dir)
     shared_file = task.path("train", data_dir) == task.path("eval", data_dir)
     train_pool = eval_pool if shared_file else task.examples("train", data_dir)
+    for split, pool in (("train", train_pool), ("eval", eval_pool)):
+        if not pool:
+            raise TaskDataError(f"{task.path(split, data_dir)}: no data rows, so task {task.name} has no {split} "
+                                "examples")
 
     # Separate generators, so that for two-file tasks the train/dev draw does not depend on num_eval.
     eval_idx = list(range(len(eval_pool)))

@@ -15,14 +15,17 @@ on the same trajectory.
 Atomicity: everything goes into ``checkpoint.tmp``; then the old checkpoint is renamed aside, the new
 one renamed into place, and the old one deleted. Directory renames are atomic on one filesystem, so
 at any moment either ``checkpoint`` or ``checkpoint.old`` is whole; :func:`latest_checkpoint` takes
-whichever is.
+whichever is. A write that fails (a full disk, a permission) removes the staged folder and raises
+:class:`CheckpointWriteError`, which says which checkpoint is left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,27 @@ def commit_checkpoint(directory: Path, tokenizer: Any, state: dict, folder: str 
     return directory
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message names the cause and the checkpoint left intact."""
+
+
+@contextlib.contextmanager
+def writing_checkpoint(directory: Path, step: int) -> Iterator[None]:
+    """Around the writes of step ``step``'s checkpoint: an OSError (ENOSPC, EACCES, ...) inside removes the
+    partial staged folder, giving its space back, and becomes a :class:`CheckpointWriteError`."""
+    try:
+        yield
+    except OSError as err:
+        shutil.rmtree(staging_dir(directory), ignore_errors=True)
+        kept = latest_checkpoint(directory)
+        left = (f"the last checkpoint ({kept}, step {load_trainer_state(kept)['step']}) is intact" if kept is not None
+                else "no earlier checkpoint exists")
+        raise CheckpointWriteError(
+            f"writing the checkpoint of step {step} into {directory.parent} failed: {err.strerror or err}; {left}. "
+            "Free space (or fix the permissions) and run the same command: it resumes from the last checkpoint"
+        ) from err
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     """The whole checkpoint at ``directory`` (or its ``.old`` twin left by a crash), else None."""
     for candidate in (directory, directory.with_name(directory.name + ".old")):
@@ -73,5 +97,19 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return None
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint whose trainer state is not one this trainer wrote (truncated, edited, another format)."""
+
+
 def load_trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    """The ``trainer_state.json`` of ``checkpoint``; CheckpointReadError naming the file if it is not whole."""
+    path = checkpoint / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointReadError(f"{path}: not a whole trainer state ({err}); move {checkpoint} away to start "
+                                  "the run afresh, or restore it") from None
+    missing = [k for k in ("step", "config", "world_size") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointReadError(f"{path}: lacks {missing}: not a checkpoint written by this trainer")
+    return state

@@ -1,9 +1,10 @@
-"""The ``zo-scale`` command: ``train``, ``demo`` and ``replay``.
+"""The ``zo-scale`` command: ``train``, ``demo``, ``replay`` and ``plan``.
 
     zo-scale train --config my.yaml optim.lr=1e-6 run.steps=1000
     zo-scale train --config my.yaml --fo-layers 2 hybrid.fo_lr=1e-5   # last 2 blocks by backprop
     zo-scale demo                       # SmolLM2-135M on an SST-2 sample, zero-shot vs fine-tuned
     zo-scale replay runs/x/seedlog.jsonl runs/x/replayed   # rebuild the weights from the seed log
+    zo-scale plan --model llama-2-70b --mode zero3 --offload cpu --gpus 8 --gpu-memory 80   # memory per GPU
 
 Under a launcher, ``launch/train.py`` is ``zo-scale train``; it also takes the flags launchers add:
 
@@ -22,14 +23,18 @@ from importlib import resources
 from pathlib import Path
 
 from zo_scale.models import ModelLoadError
+from zo_scale.plan.report import add_arguments as add_plan_arguments
+from zo_scale.plan.report import run as run_plan
 from zo_scale.tasks import TaskDataError
+from zo_scale.train.checkpoint import CheckpointWriteError
 from zo_scale.train.config import ConfigError, load_config
 from zo_scale.train.loop import TrainingError, train
 from zo_scale.train.seedlog import replay
 
 DEMO_CONFIG = resources.files("zo_scale") / "configs" / "demo.yaml"
 # ImportError: an optional extra the config asks for is missing (the message names the pip command)
-USER_ERRORS = (ConfigError, TaskDataError, ModelLoadError, TrainingError, FileNotFoundError, ValueError, ImportError)
+USER_ERRORS = (ConfigError, TaskDataError, ModelLoadError, TrainingError, CheckpointWriteError, FileNotFoundError,
+               ValueError, ImportError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p_replay = sub.add_parser("replay", help="rebuild fine-tuned weights from the base model and a seed log")
     p_replay.add_argument("log", type=Path)
     p_replay.add_argument("output", type=Path)
+    p_plan = sub.add_parser("plan", help="peak memory per GPU, host RAM and NVMe of a run, from the model's config")
+    add_plan_arguments(p_plan)
     return parser
 
 
@@ -55,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
+        if args.command == "plan":
+            return run_plan(args)
         if args.command == "replay":
             print(f"replayed weights written to {replay(args.log, args.output)}")
             return 0

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny-llama"  # built-in name (smollm2-135m, tiny-opt, tiny-llama, tiny-mistral), folder or hub id
+    name: str = "tiny-llama"  # built-in (smollm2-135m, tiny-opt/llama/mistral), folder, hub id, or random:<arch>
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto (this rank's GPU, cuda:$LOCAL_RANK, where CUDA is available; else cpu) | cpu | cuda[:N]
     quantization: str = "none"  # none | int8 | nf4 (bitsandbytes; with peft.method=none ZO trains the scales)
@@ -189,9 +189,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         name, sep, text = item.partition("=")
         section, dot, key = name.partition(".")
-        if not sep or not dot:
+        if not (sep and dot and section and key):
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _apply(config, section, key, yaml.safe_load(text))
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override {name}={text!r}: the value is not a YAML scalar or list ({problem}); "
+                              "quote it in the shell as a YAML string, e.g. 'run.output_dir=\"a: b\"'") from None
+        _apply(config, section, key, value)
     try:
         parse_size(config.run.save_shard_size)
     except ValueError as e:

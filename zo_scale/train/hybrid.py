@@ -104,8 +104,9 @@ def _head_tied(model: nn.Module) -> bool:
     if head is None or emb is None:
         return False
     a, b = head.weight, emb.weight
-    # ZeRO-3 placeholders are empty (numel 0) and may share a data pointer: only identity counts there
-    return a is b or (a.numel() > 0 and a.data_ptr() == b.data_ptr())
+    # ZeRO-3 placeholders are empty (numel 0) and may share a data pointer, as do all meta tensors (0):
+    # only identity counts there
+    return a is b or (a.numel() > 0 and not a.is_meta and a.data_ptr() == b.data_ptr())
 
 
 def split_fo_parameters(model: nn.Module, k: int) -> tuple[NamedParams, NamedParams]:
@@ -203,7 +204,9 @@ class HybridOptimizer:
 
     A non-finite FO loss (on any rank) skips the FO update on every rank and counts in
     ``fo_skipped_steps``; the ZO optimizer skips its own update on a non-finite pair the same way
-    (``zo.skipped_steps``).
+    (``zo.skipped_steps``), and then the FO update is skipped too (counted in ``fo_skipped_steps``):
+    a pair that blew up says the step's batch or lr is unsound for the whole model, not for one part.
+    So with an FO part, ``fo_skipped_steps`` counts the steps that changed nothing.
     """
 
     def __init__(
@@ -253,7 +256,7 @@ class HybridOptimizer:
         if self.zo is not None:
             result = self.zo.step(loss_fn)  # the FO parameters are still at theta: both estimates agree on it
         if self.fo is not None:
-            if math.isfinite(fo_loss):
+            if math.isfinite(fo_loss) and math.isfinite(result):
                 self.runtime.fo_step(self.fo)
             else:
                 self.fo_skipped_steps += 1

@@ -33,9 +33,10 @@ from zo_scale.train.checkpoint import (
     load_trainer_state,
     stage_checkpoint,
     staging_dir,
+    writing_checkpoint,
 )
 from zo_scale.train.config import Config, ConfigError
-from zo_scale.train.metrics import MetricsLog, plot_metrics
+from zo_scale.train.metrics import MetricsLog, peak_memory, plot_metrics
 from zo_scale.train.run_optimizer import RunOptimizer
 from zo_scale.train.select_runtime import make_runtime
 from zo_scale.train.trainable import load_trainable
@@ -168,20 +169,21 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         return acc
 
     def save(step: int) -> None:
-        optimizer.flush()
-        if main:
-            stage_checkpoint(checkpoint_dir)
-        runtime.barrier()
-        staged = staging_dir(checkpoint_dir)  # every rank writes its own part, streamed: no rank holds the model
-        if trainable.kind != "adapter":  # an adapter is replicated on every rank: rank 0 saves it whole
-            runtime.save_model(model, staged / trainable.folder, shard_bytes)
-        optimizer.save(staged)
-        runtime.barrier()
-        if main:
-            state = {"step": step, "nonfinite_in_a_row": nonfinite_in_a_row, "zero_shot_accuracy": zero_shot,
-                     "config": config_json, "world_size": runtime.world_size, "runtime": runtime.name}
-            commit_checkpoint(checkpoint_dir, tokenizer, state, trainable.folder,
-                              adapter_model=model if trainable.kind == "adapter" else None)
+        with writing_checkpoint(checkpoint_dir, step):
+            optimizer.flush()
+            if main:
+                stage_checkpoint(checkpoint_dir)
+            runtime.barrier()
+            staged = staging_dir(checkpoint_dir)  # every rank writes its part, streamed: no rank holds the model
+            if trainable.kind != "adapter":  # an adapter is replicated on every rank: rank 0 saves it whole
+                runtime.save_model(model, staged / trainable.folder, shard_bytes)
+            optimizer.save(staged)
+            runtime.barrier()
+            if main:
+                state = {"step": step, "nonfinite_in_a_row": nonfinite_in_a_row, "zero_shot_accuracy": zero_shot,
+                         "config": config_json, "world_size": runtime.world_size, "runtime": runtime.name}
+                commit_checkpoint(checkpoint_dir, tokenizer, state, trainable.folder,
+                                  adapter_model=model if trainable.kind == "adapter" else None)
         runtime.barrier()  # no rank goes on (or exits) before the checkpoint is whole
 
     # ZeRO-3 parameters are empty placeholders: ds_numel is their full size
@@ -242,6 +244,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                 metrics.log(t + 1, "train", loss=mean_loss, **optimizer.lrs(),
                             steps_per_s=len(window) / elapsed if elapsed > 0 else 0.0,
                             skipped_total=optimizer.skipped_steps,
+                            **{f"skipped_{part}_total": n for part, n in optimizer.skipped_by_part().items()},
                             **{f"{k}_bytes_per_step": m / steps for k, m in zip(BYTES_MOVED, moved, strict=True)})
             bar.set_postfix(loss=f"{mean_loss:.4f}", **{k: f"{v:.2e}" for k, v in optimizer.lrs().items()})
             window, tick, steps, moved = [], time.perf_counter(), 0, [0, 0, 0]
@@ -255,11 +258,13 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
     final = evaluate(cfg.run.steps, eval_enc, "eval")
     save(cfg.run.steps)
+    peaks = runtime.gather(peak_memory())  # a collective: every rank's high-water marks, on rank 0
     summary = {
         "zero_shot_accuracy": zero_shot, "final_accuracy": final, "steps": cfg.run.steps,
         "eval_examples": len(eval_enc), "skipped_steps": optimizer.skipped_steps,
+        "skipped_updates": optimizer.skipped_by_part() or {"zo": optimizer.skipped_steps},
         "output_dir": str(out), "model": str(checkpoint_dir / trainable.folder),
-        "runtime": runtime.name, "world_size": runtime.world_size,
+        "runtime": runtime.name, "world_size": runtime.world_size, "peak_memory_bytes": peaks,
     }
     if metrics is not None:
         metrics.close()

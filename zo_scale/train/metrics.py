@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import resource
+import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 class MetricsLog:
@@ -35,6 +39,17 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def peak_memory() -> dict[str, int | None]:
+    """This process's peak memory so far, in bytes: ``host_rss`` (the resident set's high-water mark,
+    everything the process ever held in RAM at once: libraries, model, buffers) and ``device``
+    (``torch.cuda.max_memory_allocated``, what PyTorch's allocator handed out on this process's GPU;
+    None without CUDA). The host figure counts pinned and shared pages it touched, not the page cache."""
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    device = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"host_rss": host, "device": device}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -83,7 +83,15 @@ class RunOptimizer:
 
     @property
     def skipped_steps(self) -> int:
-        return (self.zo.skipped_steps if self.zo else 0) + (self.hybrid.fo_skipped_steps if self.hybrid else 0)
+        """Steps that changed nothing: a hybrid step skips its FO update whenever either part's losses are
+        non-finite, so with an FO part these are its skips, else the ZO optimizer's."""
+        return self.hybrid.fo_skipped_steps if self.hybrid is not None else self.zo.skipped_steps
+
+    def skipped_by_part(self) -> dict[str, int]:
+        """Skipped updates of each part of a hybrid run (``{"zo": n, "fo": m}``, the parts it has); {} for pure ZO."""
+        if self.hybrid is None:
+            return {}
+        return {**({"zo": self.zo.skipped_steps} if self.zo is not None else {}), "fo": self.hybrid.fo_skipped_steps}
 
     def lrs(self) -> dict[str, float]:
         """The current lr of each part, as logged: ``lr`` (ZO) and ``fo_lr``."""

@@ -50,8 +50,12 @@ def read_header(path: Path) -> dict[str, Any]:
     """The logged config; warns when the log was written with another sweep arithmetic (logs from
     before the version was recorded are version 1)."""
     with path.open() as f:
-        first = json.loads(f.readline())
-    if "header" not in first:
+        line = f.readline()
+    try:
+        first = json.loads(line)
+    except json.JSONDecodeError:
+        first = {}
+    if not isinstance(first, dict) or "header" not in first:
         raise ValueError(f"{path}: not a zo-scale seed log (first line has no header)")
     version = first.get("sweep_arithmetic", 1)
     if version != ARITHMETIC_VERSION:
@@ -62,10 +66,26 @@ def read_header(path: Path) -> dict[str, Any]:
 
 
 def read_records(path: Path) -> Iterator[StepRecord]:
+    """The logged steps in order; ValueError naming the line for one that is cut short, malformed, or
+    out of sequence (the step numbers must run 0, 1, 2, ...)."""
+    fields = {f.name for f in dataclasses.fields(StepRecord)}
+    required = {f.name for f in dataclasses.fields(StepRecord)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     with path.open() as f:
         next(f)
-        for line in f:
-            yield StepRecord(**json.loads(line))
+        for line_no, line in enumerate(f, start=2):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or not required <= set(row) <= fields:
+                raise ValueError(f"{path}, line {line_no}: not a whole step record (cut short when the run was "
+                                 "killed, or edited); rerun the training command to rewrite the log from its "
+                                 "checkpoint")
+            if row["step"] != line_no - 2:
+                raise ValueError(f"{path}, line {line_no}: step {row['step']} where step {line_no - 2} belongs: "
+                                 "the log has lost or repeated steps")
+            yield StepRecord(**row)
 
 
 def replay(log: Path, output: Path) -> Path:
