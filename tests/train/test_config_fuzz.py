@@ -13,7 +13,8 @@ from zo_scale.train.build import build_optimizer
 from zo_scale.train.config import Config, ConfigError, load_config
 from zo_scale.train.loop import _check
 
-KNOWN = [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(getattr(Config(), s.name))]
+KNOWN = [f"{section.name}.{key.name}" for section in dataclasses.fields(Config)
+         for key in dataclasses.fields(getattr(Config(), section.name))]
 KEYS = st.one_of(st.sampled_from(KNOWN), st.sampled_from(["model.nmae", "optim.learning_rate", "trainer.steps",
                                                           "run", "run.", ".steps"]))
 SCALARS = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
