@@ -57,14 +57,15 @@ GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 STATE_BYTES = {"sgd": 0, "sign": 0, "momentum": 4, "adam": 8}  # fp32 buffers per trained element
 
-# Measured by benchmarks/plan_calibration.py (see its JSON): activation elements per token of a
-# forward without autograd (a_h per hidden unit, a_i per intermediate unit) and kept for backward
-# in a hybrid run (s_h, s_i); a rank's process with nothing loaded.
-ACTIVATION_HIDDEN, ACTIVATION_INTERMEDIATE = 6.3, 1.9
-CPU_ATTENTION_SCORES = 0.21  # of the batch's fp32 attention scores (rows x heads x T^2) that CPU SDPA holds at once
-CPU_FORWARD_FIXED = 71 * 2**20  # a CPU forward's own buffers whatever its batch (oneDNN scratch and the like)
+# Measured by benchmarks/plan_calibration.py (results/plan_calibration.json, coefficients_used):
+# activation elements per token of a run's forwards without autograd (a_h per hidden unit, a_i per
+# intermediate unit; a least-squares fit, so the split between the two is loose, their sum is not),
+# and a rank's process with nothing loaded. s_h, s_i (kept for a hybrid backward) are estimates.
+ACTIVATION_HIDDEN, ACTIVATION_INTERMEDIATE = 9.6, 0.2
+CPU_ATTENTION_SCORES = 2.15  # CPU SDPA's buffers, in units of the batch's fp32 scores (rows x heads x T^2)
+CPU_FORWARD_FIXED = 179 * 2**20  # a CPU forward's own buffers whatever its batch (oneDNN scratch and the like)
 SAVED_HIDDEN, SAVED_INTERMEDIATE = 10.0, 4.0
-PROCESS_HOST_BYTES = {"single": 412 * 2**20, "replicated": 413 * 2**20, "zero3": 452 * 2**20}
+PROCESS_HOST_BYTES = {"single": 300 * 2**20, "replicated": 305 * 2**20, "zero3": 338 * 2**20}
 ZERO3_BUILD_COPIES = 3  # full copies of the largest parameter while zero.Init builds or loads the model
 GLOO_GATHER_COPIES = 3.0  # CPU ranks over gloo hold about 3x the gathered working set at a step's peak
 CUDA_CONTEXT_BYTES = GiB // 2  # not measured here (no GPU); typical of a CUDA 12 context with cuBLAS
@@ -194,8 +195,9 @@ class MemoryPlan:
             "fits": not self.problems(), "problems": self.problems(), "breakdown": breakdown,
             "transient": {f"{w}/{n}": self.phase[n] for w, t in (("gpu", self.gpu), ("host", self.host))
                           for n in t if n in self.phase},
-            "settings": asdict(self.settings), "model": asdict(self.shape), "ds_config": ds_config(self.settings,
-                                                                                                   self.shape),
+            "settings": asdict(self.settings), "model": asdict(self.shape),
+            "ds_config": ds_config(self.settings, self.shape),
+            **({"rank_bytes": self.rank_bytes} if self.settings.device == "cpu" else {}),
         }
 
 

@@ -107,6 +107,8 @@ def table(plan: MemoryPlan, model: str) -> str:
         for name, b in sorted(terms.items(), key=lambda kv: -kv[1]):
             when = f"  (during the {plan.phase[name]})" if name in plan.phase else ""
             lines.append(f"  {name:<42} {b / GiB:10.3f} GiB{when}")
+    if s.device == "cpu":
+        lines.append(f"each rank's resident set at its peak (its share of both): {plan.rank_bytes / GiB:.2f} GiB")
     problems = plan.problems()
     given = s.gpu_memory is not None or s.host_memory is not None or s.nvme_space is not None
     lines.append("")
