@@ -112,15 +112,20 @@ def architecture(args: argparse.Namespace, scratch: Path) -> tuple[str, dict[str
                   "largest_parameter": max(numels), "layers": config.num_hidden_layers}
 
 
-def ds_config(scratch: Path, largest: int) -> Path:
-    """ds_configs/zero3_offload_nvme.json with the swap folder under ``scratch`` and buffers that fit
-    the largest parameter (DeepSpeed swaps a whole partition into one buffer)."""
-    cfg = json.loads((ROOT / "ds_configs" / "zero3_offload_nvme.json").read_text())
-    offload = cfg["zero_optimization"]["offload_param"]
-    offload["nvme_path"] = str(scratch / "nvme")
-    offload["buffer_size"] = max(offload["buffer_size"], -(-largest // 2**20) * 2**20)
+def ds_config(scratch: Path, args: argparse.Namespace) -> Path:
+    """The planner's NVMe-offload config (ds_configs/zero3_offload_nvme.json, swap buffers fitted to the
+    largest parameter: DeepSpeed swaps a whole partition into one buffer), swap files under ``scratch``."""
+    from zo_scale.models.architectures import architecture_config
+    from zo_scale.plan.memory import RunSettings
+    from zo_scale.plan.memory import ds_config as planned
+    from zo_scale.plan.shapes import ModelShape
+
+    config = architecture_config(args.arch)
+    if args.layers:
+        config.num_hidden_layers = args.layers
+    settings = RunSettings(mode="zero3", offload="nvme", gpus=1, dtype=args.dtype)
     path = scratch / "ds_config.json"
-    path.write_text(json.dumps(cfg, indent=2))
+    path.write_text(json.dumps(planned(settings, ModelShape.of(config), nvme_path=str(scratch / "nvme")), indent=2))
     return path
 
 
@@ -170,7 +175,7 @@ def main() -> None:
     print("disk:", {k: f"{v / 1e9:.2f} GB/s" if k.endswith("per_s") else v for k, v in disk.items()}, flush=True)
     out = args.scratch / "run"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", "29781", str(ROOT / "launch" / "train.py"),
-           "--deepspeed", str(ds_config(args.scratch, sizes["largest_parameter"])),
+           "--deepspeed", str(ds_config(args.scratch, args)),
            f"model.name=random:{name}", f"model.dtype={args.dtype}", "task.name=sst2-demo", "task.num_train=16",
            "task.num_eval=2", f"task.max_length={args.seq}", f"run.batch_size={args.batch}", "run.eval_batch_size=2",
            f"run.steps={args.steps}", "run.log_every=1", "run.progress=false", f"run.output_dir={out}",

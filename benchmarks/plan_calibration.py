@@ -133,14 +133,9 @@ def trainer_args(case: Case, config: Path, out: Path) -> list[str]:
 
 
 def ds_config(case: Case, folder: Path) -> Path:
-    name = {"none": "zero3.json", "cpu": "zero3_offload_cpu.json", "nvme": "zero3_offload_nvme.json"}
-    cfg = json.loads((ROOT / "ds_configs" / name[case.settings.offload]).read_text())
-    if case.nvme:
-        offload = cfg["zero_optimization"]["offload_param"]
-        offload["nvme_path"] = str(folder / "nvme")
-        shape = ModelShape.of(architecture_config(str(folder / "config.json")))
-        offload["buffer_size"] = max(offload["buffer_size"], shape.largest_parameter)
-    return _write(folder / "ds_config.json", cfg)
+    """The planner's DeepSpeed config for the case (NVMe swap files under ``folder``), as a file."""
+    shape = ModelShape.of(architecture_config(str(folder / "config.json")))
+    return _write(folder / "ds_config.json", memory.ds_config(case.settings, shape, nvme_path=str(folder / "nvme")))
 
 
 COEFFICIENTS = ("PROCESS_HOST_BYTES", "ACTIVATION_HIDDEN", "ACTIVATION_INTERMEDIATE", "CPU_ATTENTION_SCORES",

@@ -136,7 +136,8 @@ class MemoryPlan:
 
     ``gpu``, ``host``, ``nvme``: name -> bytes, with ``phase`` saying which names are transient and
     in which phase (the rest are resident). ``host`` counts every rank of a node (their runtime,
-    offloaded partitions, swap buffers) and rank 0's checkpoint save.
+    offloaded partitions, swap buffers) and rank 0's checkpoint save. ``ds_config``: the DeepSpeed
+    config the plan assumed (:func:`ds_config`; None outside zero3).
     """
 
     settings: RunSettings
@@ -145,6 +146,7 @@ class MemoryPlan:
     host: dict[str, int] = field(default_factory=dict)
     nvme: dict[str, int] = field(default_factory=dict)
     phase: dict[str, str] = field(default_factory=dict)
+    ds_config: dict[str, Any] | None = None
 
     @staticmethod
     def _peak(terms: dict[str, int], phase: dict[str, str]) -> int:
@@ -188,15 +190,16 @@ class MemoryPlan:
 
     def as_json(self) -> dict[str, Any]:
         """One object for scripts: per_gpu_bytes, host_bytes, nvme_bytes, fits, breakdown, and the rest."""
+        problems = self.problems()
         breakdown = {f"{where}/{name}": b for where, terms in (("gpu", self.gpu), ("host", self.host),
                                                                ("nvme", self.nvme)) for name, b in terms.items()}
         return {
             "per_gpu_bytes": self.per_gpu_bytes, "host_bytes": self.host_bytes, "nvme_bytes": self.nvme_bytes,
-            "fits": not self.problems(), "problems": self.problems(), "breakdown": breakdown,
+            "fits": not problems, "problems": problems, "breakdown": breakdown,
             "transient": {f"{w}/{n}": self.phase[n] for w, t in (("gpu", self.gpu), ("host", self.host))
                           for n in t if n in self.phase},
             "settings": asdict(self.settings), "model": asdict(self.shape),
-            "ds_config": ds_config(self.settings, self.shape),
+            "ds_config": self.ds_config,
             **({"rank_bytes": self.rank_bytes} if self.settings.device == "cpu" else {}),
         }
 
@@ -234,11 +237,11 @@ def plan_memory(shape: ModelShape, s: RunSettings) -> MemoryPlan:
         raise ValueError(f"shape was read for fo_layers={shape.fo_layers}, settings say {s.fo_layers}")
     e, W = DTYPE_BYTES[s.dtype], s.gpus
     zero3 = s.mode == "zero3"
-    plan = MemoryPlan(s, shape)
+    plan = MemoryPlan(s, shape, ds_config=ds_config(s, shape))
     gpu, host, nvme, phase = plan.gpu, plan.host, plan.nvme, plan.phase
     ranks_here = W // s.nodes
-    ds = ds_config(s, shape) or {}  # DeepSpeed's prefetch bucket and NVMe swap buffers, as the run will use
-    zero = ds.get("zero_optimization", {})
+    # DeepSpeed's prefetch bucket and NVMe swap buffers, as the run will use them
+    zero = (plan.ds_config or {}).get("zero_optimization", {})
 
     # resident: the model, what trains and its optimizer state
     weights = _weight_bytes(shape, s) // (W if zero3 else 1)

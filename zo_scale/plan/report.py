@@ -30,7 +30,6 @@ from zo_scale.plan.memory import (
     GiB,
     MemoryPlan,
     RunSettings,
-    ds_config,
     plan_memory,
 )
 from zo_scale.plan.shapes import ModelShape
@@ -131,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     shape = ModelShape.of(architecture_config(args.model), settings.fo_layers)
     plan = plan_memory(shape, settings)
     if args.write_ds_config is not None:
-        config = ds_config(settings, shape)
+        config = plan.ds_config
         if config is None:
             raise ValueError("--write-ds-config needs --mode zero3: other modes run without a DeepSpeed config")
         args.write_ds_config.write_text(json.dumps(config, indent=2) + "\n")
