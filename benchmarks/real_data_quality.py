@@ -32,7 +32,7 @@ SETS = {  # on top of the demo config (Rademacher directions, lr 3e-5, eps 1e-3,
         "ZO-SGD (Rademacher)": ["optim.rule=sgd"],
         "ZO-SGD (Gaussian, MeZO)": ["optim.rule=sgd", "optim.sampler=normal"],
         "ZO-Adam": ["optim.rule=adam"],
-        "LOZO (r=2, nu=50)": ["optim.rule=sgd", "optim.sampler=lowrank", "optim.rank=2", "optim.resample_every=50"],
+        "LOZO (r=2, nu=50)": ["optim.rule=sgd", "optim.sampler=lowrank", "optim.rank=2", "optim.nu=50"],
     },
     # MeZO's LoRA setting (r=8, alpha=16 on q/v, lr 1e-4, eps 1e-2) and lrs 10x and 100x larger
     "peft": {

@@ -4,13 +4,27 @@ The core (``zo_scale.core``) depends on torch alone; models, tasks and the train
 """
 
 from zo_scale.core import noise
-from zo_scale.core.aliases import LOZO, LOZOM, ZOSGD, BlockZO, SparseZO, ZOAdam, ZOConservative, ZOSignSGD
-from zo_scale.core.directions import BlockSampler, DenseSampler, LowRankSampler, SparseSampler
+from zo_scale.core.aliases import (
+    FZOO,
+    LOZO,
+    LOZOM,
+    ZOSGD,
+    BlockZO,
+    HiZOO,
+    LeZO,
+    SparseZO,
+    ZOAdam,
+    ZOConservative,
+    ZOSignSGD,
+)
+from zo_scale.core.directions import BlockSampler, DenseSampler, LayerSubsetSampler, LowRankSampler, SparseSampler
+from zo_scale.core.estimators import Central, CentralCurvature, Forward, ForwardGradient, NormalizedForward, Unbiased
 from zo_scale.core.optimizer import StepRecord, ZOOptimizer
-from zo_scale.core.updates import SGD, Adam, LozoMomentum, Momentum, Sign
+from zo_scale.core.updates import SGD, Adam, DiagonalHessian, LozoMomentum, Momentum, Sign, SignMomentum
 
 __all__ = [
-    "LOZO", "LOZOM", "SGD", "Adam", "BlockSampler", "BlockZO", "DenseSampler", "LowRankSampler", "LozoMomentum",
-    "Momentum", "Sign", "SparseSampler", "SparseZO", "StepRecord", "ZOAdam", "ZOConservative", "ZOOptimizer", "ZOSGD",
-    "ZOSignSGD", "noise",
+    "Adam", "BlockSampler", "BlockZO", "Central", "CentralCurvature", "DenseSampler", "DiagonalHessian", "FZOO",
+    "Forward", "ForwardGradient", "HiZOO", "LOZO", "LOZOM", "LayerSubsetSampler", "LeZO", "LowRankSampler",
+    "LozoMomentum", "Momentum", "NormalizedForward", "SGD", "Sign", "SignMomentum", "SparseSampler", "SparseZO",
+    "StepRecord", "Unbiased", "ZOAdam", "ZOConservative", "ZOOptimizer", "ZOSGD", "ZOSignSGD", "noise",
 ]

@@ -40,6 +40,7 @@ CASES = [
     "opt-odd:zosgd:split",  # odd numels: the last rank's partitions end in padding
     "llama:lozo:split",
     "opt:zoadam-lazy:split",
+    "llama:hizoo:split",
 ]
 LAUNCH_TIMEOUT_S = 300
 

@@ -40,8 +40,10 @@ def make_optimizer(name: str, named_params: Iterable[tuple[str, torch.nn.Paramet
     """The optimizers under test, by name."""
     if name == "zosgd":
         return zo_scale.ZOSGD(named_params, lr=1e-3, eps=1e-3, seed=SEED, **kwargs)
-    if name == "lozo":  # low-rank z: slices of U V^T / sqrt(r) that start mid-row at partition boundaries
+    if name == "lozo":  # low-rank z: slices of U V^T that start mid-row at partition boundaries
         return zo_scale.LOZO(named_params, lr=1e-3, eps=1e-3, rank=2, nu=3, seed=SEED, **kwargs)
+    if name == "hizoo":  # the diagonal Hessian per partition, read by the perturbation and written by the update
+        return zo_scale.HiZOO(named_params, lr=1e-3, eps=1e-2, alpha=0.01, seed=SEED, **kwargs)
     if name == "zoadam-lazy":  # per-shard Adam buffers, lazy fused sweeps
         return zo_scale.ZOAdam(named_params, lr=1e-3, eps=1e-3, lazy=True, seed=SEED, **kwargs)
     raise ValueError(f"unknown optimizer {name!r}")

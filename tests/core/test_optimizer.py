@@ -30,6 +30,11 @@ OPTIMIZERS = {
     "sparse": lambda p: zo_scale.SparseZO(p, lr=0.04, sparsity=0.5, resample_every=5),
     "block": lambda p: zo_scale.BlockZO(p, lr=0.02, queries=2),
     "adam-lazy-wd": lambda p: zo_scale.ZOAdam(p, lr=0.01, lazy=True, weight_decay=0.01),
+    "sign-momentum": lambda p: zo_scale.ZOSignSGD(p, lr=2e-3, momentum=0.9),
+    "fzoo": lambda p: zo_scale.FZOO(p, lr=2e-3, n=4),
+    "lezo": lambda p: zo_scale.LeZO(p, lr=0.02),
+    "hizoo": lambda p: zo_scale.HiZOO(p, lr=0.02, alpha=0.01),
+    "unbiased": lambda p: ZOOptimizer(p, lr=0.02, estimator="unbiased"),
 }
 # The forward gradient needs the module: bound per test below.
 JVP = "forward-gradient"
@@ -101,7 +106,8 @@ def test_non_finite_loss_skips_the_step_and_restores_theta():
     assert opt.skipped_steps == 1 and opt.last_record.grads is not None
 
 
-@pytest.mark.parametrize("name", ["zo-sgd", "zo-adam", "adam-lazy-wd", "zo-cons", "lozo", "lozo-m"])
+@pytest.mark.parametrize("name", ["zo-sgd", "zo-adam", "adam-lazy-wd", "zo-cons", "lozo", "lozo-m", "sign-momentum",
+                                  "fzoo", "hizoo", "unbiased"])
 def test_resume_from_state_dict_continues_the_same_trajectory_bitwise(name):
     straight, straight_loss = regression()
     opt = OPTIMIZERS[name](straight.named_parameters())
@@ -127,7 +133,7 @@ def test_resume_from_state_dict_continues_the_same_trajectory_bitwise(name):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("name", ["zo-sgd", "zo-adam", "zo-cons", "block"])
+@pytest.mark.parametrize("name", ["zo-sgd", "zo-adam", "zo-cons", "block", "fzoo", "lozo", "hizoo", "unbiased"])
 def test_replay_of_the_step_records_rebuilds_the_weights_bitwise(name):
     model, loss = regression()
     initial = copy.deepcopy(model.state_dict())

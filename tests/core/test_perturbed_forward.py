@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import zo_scale
-from zo_scale.core.directions import BlockSampler, LowRankSampler, SparseSampler
+from zo_scale.core.directions import BlockSampler, DenseSampler, LayerSubsetSampler, LowRankSampler, SparseSampler
 from zo_scale.core.perturbed_forward import perturbed_forward
 from zo_scale.models.tiny import build_tiny_model, learnable_token_batch
 
@@ -69,6 +69,10 @@ OPTIMIZERS = {
     "sparse": {"sampler": SparseSampler(0.5)},
     "block": {"sampler": BlockSampler()},
     "forward, q=2": {"estimator": "forward", "queries": 2},
+    "fzoo, q=3": {"estimator": "fzoo", "queries": 3, "sampler": DenseSampler("rademacher")},
+    "lezo": {"sampler": LayerSubsetSampler(0.5)},
+    "unbiased": {"estimator": "unbiased"},
+    "lozo-m": {"rule": "lozo-m", "sampler": LowRankSampler(rank=2, resample_every=2)},
     "central, q=2, weight decay": {"queries": 2, "weight_decay": 0.1},
     "lazy": {"lazy": True},
 }
@@ -178,6 +182,8 @@ LANDS_IN_FORWARD = {  # rules without per-element state: the lazy update lands o
     "sparse": {"sampler": SparseSampler(0.5)},
     "block": {"sampler": BlockSampler()},
     "forward, q=2, weight decay": {"estimator": "forward", "queries": 2, "weight_decay": 0.1},
+    "fzoo, q=3": {"estimator": "fzoo", "queries": 3, "sampler": DenseSampler("rademacher")},
+    "lezo": {"sampler": LayerSubsetSampler(0.5)},
 }
 
 

@@ -65,6 +65,8 @@ def test_in_forward_stacks_the_batch_and_copies_the_largest_module(llama70):
     assert in_forward.gpu["activations"] == pytest.approx(4 * in_place.gpu["activations"], rel=1e-9)  # K = 2q, q = 2
     assert in_forward.gpu["perturbed copies"] == 4 * llama70.largest_module * 2
     assert "perturbed copies" not in in_place.gpu
+    fzoo = plan_memory(llama70, RunSettings(batch=8, seq=512, perturb="in_forward", estimator="fzoo", queries=8))
+    assert fzoo.gpu["activations"] == pytest.approx(9 * in_place.gpu["activations"], rel=1e-9)  # K = q + 1
 
 
 def test_transient_terms_count_once_the_largest_phase(llama70):

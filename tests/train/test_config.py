@@ -1,5 +1,8 @@
 import pytest
 
+import zo_scale
+from zo_scale.models.tiny import build_tiny_model
+from zo_scale.train.build import build_optimizer
 from zo_scale.train.config import ConfigError, load_config
 
 
@@ -28,3 +31,36 @@ def test_bad_configs_name_the_problem(tmp_path, text, override, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_config(path, [override] if override else [])
+
+
+def build(*overrides):
+    cfg = load_config(None, list(overrides))
+    return build_optimizer(build_tiny_model("llama").named_parameters(), cfg.optim, 0, 10)[0]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.sampler=lowrank", "optim.resample_every=50"], "V's period (LOZO's nu) is optim.nu"),
+        (["optim.sampler=lowrank", "optim.nu=0"], "optim.nu"),
+        (["optim.rule=lozo-m"], "optim.rule=lozo-m keeps its momentum in LOZO's low-rank factor"),
+        (["optim.estimator=fzoo"], "queries must be >= 2 for the 'fzoo' estimator"),
+        (["optim.sampler=lezo", "optim.layer_fraction=1.5"], "optim.layer_fraction"),
+        (["optim.rule=lion"], "optim.rule: unknown 'lion'"),
+    ],
+)
+def test_method_settings_that_do_not_fit_are_refused_by_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build(*overrides)
+
+
+def test_the_methods_build_from_their_keys():
+    lozo_m = build("optim.rule=lozo-m", "optim.sampler=lowrank", "optim.nu=7", "optim.rank=3", "optim.momentum=0.7")
+    assert isinstance(lozo_m.rule, zo_scale.LozoMomentum) and lozo_m.rule.beta == 0.7
+    assert (lozo_m.sampler.resample_every, lozo_m.sampler.rank) == (7, 3)  # nu has its own key
+    assert build("optim.sampler=lowrank").sampler.resample_every == 50  # LOZO's default: lazy from the CLI too
+    fzoo = build("optim.estimator=fzoo", "optim.queries=8", "optim.sampler=rademacher")
+    assert isinstance(fzoo.estimator, zo_scale.NormalizedForward) and fzoo.queries == 8
+    lezo = build("optim.sampler=lezo", "optim.layer_fraction=0.5")
+    assert isinstance(lezo.sampler, zo_scale.LayerSubsetSampler) and len(lezo.sampler.chosen(0, 0)) == 1  # of 2
+    assert isinstance(build("optim.rule=sign-momentum").rule, zo_scale.SignMomentum)

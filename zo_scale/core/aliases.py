@@ -4,13 +4,16 @@
 name               rule                                  sampler
 =================  ====================================  =====================================
 ZOSGD              SGD (Momentum if momentum > 0)        dense normal (MeZO)
-ZOSignSGD          Sign                                  dense normal
+ZOSignSGD          Sign (SignMomentum if momentum > 0)   dense normal
 ZOAdam             Adam                                  dense normal
 ZOConservative     SGD, conservative=True                dense normal
 LOZO               SGD                                   low-rank U V^T, V lazy
 LOZOM              LozoMomentum (momentum in factor)     low-rank U V^T, V lazy
 SparseZO           SGD                                   sparse Bernoulli mask
 BlockZO            SGD                                   one block (layer) per query
+LeZO               SGD                                   a random subset of layers per step
+FZOO               SGD, estimator 'fzoo' (N one-sided)   dense Rademacher
+HiZOO              DiagonalHessian, estimator 'hizoo'    dense normal, scaled by H^-1/2
 =================  ====================================  =====================================
 
 Any other combination is ``ZOOptimizer(params, rule=..., sampler=...)``.
@@ -21,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from zo_scale.core.directions import BlockSampler, LowRankSampler, SparseSampler
+from zo_scale.core.directions import BlockSampler, DenseSampler, LayerSubsetSampler, LowRankSampler, SparseSampler
 from zo_scale.core.optimizer import ZOOptimizer
-from zo_scale.core.updates import SGD, Adam, LozoMomentum, Momentum, Sign
+from zo_scale.core.updates import SGD, Adam, DiagonalHessian, LozoMomentum, Momentum, Sign, SignMomentum
 
 
 class ZOSGD(ZOOptimizer):
@@ -35,10 +38,11 @@ class ZOSGD(ZOOptimizer):
 
 
 class ZOSignSGD(ZOOptimizer):
-    """ZO-SGD-Sign: theta <- theta - lr sign(g_hat)."""
+    """ZO-SGD-Sign: theta <- theta - lr sign(g_hat); with ``momentum`` > 0, M-SignSGD (the sign of an average)."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, **kwargs: Any) -> None:
-        super().__init__(params, lr, eps, rule=Sign(), **kwargs)
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, momentum: float = 0.0,
+                 **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, rule=SignMomentum(momentum) if momentum else Sign(), **kwargs)
 
 
 class ZOAdam(ZOOptimizer):
@@ -85,3 +89,30 @@ class BlockZO(ZOOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, **kwargs: Any) -> None:
         super().__init__(params, lr, eps, sampler=BlockSampler(), **kwargs)
+
+
+class LeZO(ZOOptimizer):
+    """LeZO: each step perturbs a random ``layers`` fraction of the transformer layers and every parameter
+    outside them (see :class:`~zo_scale.core.directions.LayerSubsetSampler`)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, layers: float = 0.25,
+                 **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, sampler=LayerSubsetSampler(layers), **kwargs)
+
+
+class FZOO(ZOOptimizer):
+    """FZOO: n one-sided Rademacher perturbations a step, normalized by the std of their losses
+    (:class:`~zo_scale.core.estimators.NormalizedForward`); n + 1 forwards a step. Defaults are its code's."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-5, eps: float = 1e-3, n: int = 8,
+                 **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, sampler=DenseSampler("rademacher"), estimator="fzoo", queries=n, **kwargs)
+
+
+class HiZOO(ZOOptimizer):
+    """HiZOO: ZO-SGD preconditioned by a diagonal Hessian estimated from one more forward at theta, 3 forwards
+    a step (see :class:`~zo_scale.core.updates.DiagonalHessian`)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, alpha: float = 1e-6,
+                 **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, rule=DiagonalHessian(alpha), estimator="hizoo", **kwargs)

@@ -10,14 +10,17 @@ Samplers (the estimators' "what to perturb" half; :mod:`zo_scale.core.estimators
 - :class:`DenseSampler`: z ~ N(0, I) (MeZO) or Rademacher signs, every element.
 - :class:`SparseSampler`: z = m * n with a random mask m keeping each element with probability
   1 - sparsity (independently), drawn anew every ``resample_every`` steps.
-- :class:`LowRankSampler` (LOZO): for a 2-D weight W (m x n), z = U V^T / sqrt(r) with U (m x r) new
-  every step and V (n x r) redrawn every ``resample_every`` steps (lazy); other params dense normal.
+- :class:`LowRankSampler` (LOZO): for a 2-D weight W (m x n), z = U V^T with U (m x r) new every step
+  and V (n x r) redrawn every ``resample_every`` steps (lazy, LOZO's nu); other params dense normal.
+  Its estimate carries LOZO's 1/r on matrices (:meth:`Direction.estimate_scale`).
 - :class:`BlockSampler`: perturb one block (a transformer layer, or "the rest") per query, cycling.
+- :class:`LayerSubsetSampler` (LeZO): perturb a random fraction of the layers per step, and the rest.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +42,12 @@ class Direction:
         in the shard's dtype and device; None where z is zero on this parameter."""
         raise NotImplementedError
 
+    def estimate_scale(self, shard: ParamShard) -> float:
+        r"""c in the estimate's term :math:`c\,g\,z` on this parameter: the loss is evaluated at
+        theta +- eps z and the update moves along c g z. 1, but for LOZO's 1/r on matrices."""
+        del shard
+        return 1.0
+
     def on(self, shard: ParamShard) -> Direction | None:
         """This direction as it acts on one parameter: None where z is zero there, a simpler direction
         where one gives the same z (a :class:`DenseDirection` is what the compiled sweep can fuse)."""
@@ -52,10 +61,19 @@ class Direction:
         return None
 
 
+def sqrt64(x: torch.Tensor) -> torch.Tensor:
+    """sqrt of an fp32 tensor through fp64: correctly rounded on every path (eager fp32 sqrt on a CPU is
+    not, inductor's is), so eager and compiled sweeps agree bit for bit."""
+    return torch.sqrt(x.double()).float()
+
+
 def z_at(spec: tuple[Any, ...], index: torch.Tensor, inputs: tuple[Any, ...], dtype: torch.dtype) -> torch.Tensor:
     """z at the flat int64 ``index`` of a direction given by its :meth:`Direction.fused` spec and
     inputs, elementwise and in fp32 (the value of the eager ``z`` in ``dtype``, widened): the form the
     compiled sweep fuses. Equal bit for bit to ``z`` (``tests/core/test_kernel.py``)."""
+    if spec[0] == "preconditioned":  # (preconditioned, inner spec), inputs (inner inputs, H, shard offset)
+        inner, scale, offset = inputs
+        return (z_at(spec[1], index, inner, dtype) / sqrt64(scale[index - offset])).to(dtype).float()
     if spec[0] in noise.KINDS:  # dense: (kind,), inputs (table, key)
         table, key = inputs
         return noise.at(spec[0], index, key, table).float()
@@ -73,7 +91,7 @@ def z_at(spec: tuple[Any, ...], index: torch.Tensor, inputs: tuple[Any, ...], dt
     block = left(0) * right[col * rank]
     for k in range(1, rank):  # the order of low_rank_slice
         block = block + left(k) * right[col * rank + k]
-    return (block * (1 / math.sqrt(rank))).to(dtype).float()
+    return block.to(dtype).float()
 
 
 @dataclass
@@ -134,12 +152,20 @@ class SparseDirection(Direction):
 
 @dataclass
 class LowRankDirection(Direction):
-    """z = U V^T / sqrt(rank) on 2-D weights; the 1/sqrt(rank) keeps each entry's variance at 1."""
+    r"""LOZO's direction (Chen et al., ICLR 2025, arXiv 2410.07698): z = U V^T on 2-D weights, U and V
+    standard normal, so the loss is evaluated at theta +- eps U V^T and the estimate is
+    :math:`\frac{L_+ - L_-}{2\epsilon} \cdot \frac{U V^T}{r}` (``estimate_scale`` 1/r: unbiased, since
+    E[U V^T <G, U V^T>] = r G), as in the paper; its code leaves the 1/r to the learning rate. Each entry
+    of U V^T has variance r. Other parameters (1-D): MeZO's dense normal z, estimate g z, as LOZO's code.
+    """
 
     seed: int
     v_seed: int
     rank: int
     _v_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def estimate_scale(self, shard: ParamShard) -> float:
+        return 1.0 / self.rank if len(shard.shape) == 2 else 1.0
 
     def u_rows(self, shard: ParamShard, row0: int, nrows: int) -> torch.Tensor:
         """Rows [row0, row0 + nrows) of U, shape (nrows, rank)."""
@@ -171,7 +197,7 @@ class LowRankDirection(Direction):
 def low_rank_slice(
     left_rows: Callable[[int, int], torch.Tensor], right: torch.Tensor, shard: ParamShard, start: int, count: int
 ) -> torch.Tensor:
-    """Elements [start, start + count) of the flattened (m x n) matrix L R^T / sqrt(r), shape (count,).
+    """Elements [start, start + count) of the flattened (m x n) matrix L R^T, shape (count,).
 
     ``left_rows(row0, nrows)`` gives rows of L (nrows x r); R is (n x r). Only the rows touching the
     slice are formed.
@@ -181,19 +207,17 @@ def low_rank_slice(
     left = left_rows(row0, row1 - row0)
     # sum_k l[:, k] r[:, k]^T elementwise, in a fixed order: a GEMM's summation order depends on
     # the shape, and a slice must equal the same elements of the whole bit for bit.
-    # Written as z_at computes it per element (a product by 1/sqrt(r), not a division: inductor turns
-    # a division by a scalar into that product), so the compiled sweep gives the same bits.
+    # Written as z_at computes it per element, so the compiled sweep gives the same bits.
     block = left[:, :1] * right[:, 0]
     for k in range(1, rank):
         block = block + left[:, k : k + 1] * right[:, k]
-    block = block * (1 / math.sqrt(rank))
     skip = start - row0 * ncols
     return block.view(-1)[skip : skip + count].to(shard.flat.dtype)
 
 
 @dataclass
 class FactorDirection(Direction):
-    """z = M V^T / sqrt(r) on one 2-D weight: LOZO-M's momentum, kept as its m x r factor M."""
+    """z = M V^T on one 2-D weight: LOZO-M's momentum, kept as its m x r factor M."""
 
     factor: torch.Tensor  # M, (m x r), fp32
     right: torch.Tensor  # V, (n x r)
@@ -214,6 +238,41 @@ class FactorDirection(Direction):
 
 
 @dataclass
+class PreconditionedDirection(Direction):
+    """z = inner z / sqrt(H) elementwise, H a per-element fp32 state of the local shard (HiZOO's diagonal
+    Hessian): ``scale_of(shard)`` gives H over the shard's elements [offset, offset + numel)."""
+
+    inner: Direction
+    scale_of: Callable[[ParamShard], torch.Tensor] = field(repr=False)
+
+    @property
+    def seed(self) -> int:  # type: ignore[override]
+        return self.inner.seed
+
+    def estimate_scale(self, shard: ParamShard) -> float:
+        return self.inner.estimate_scale(shard)
+
+    def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor | None:
+        z = self.inner.z(shard, start, count)
+        if z is None:
+            return None
+        local = start - shard.offset
+        return (z.float() / sqrt64(self.scale_of(shard)[local : local + count])).to(shard.flat.dtype)
+
+    def on(self, shard: ParamShard) -> Direction | None:
+        inner = self.inner.on(shard)
+        if inner is None:
+            return None
+        return self if inner is self.inner else PreconditionedDirection(inner, self.scale_of)
+
+    def fused(self, shard: ParamShard) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+        inner = self.inner.fused(shard)
+        if inner is None:
+            return None
+        return ("preconditioned", inner[0]), (inner[1], self.scale_of(shard), shard.offset)
+
+
+@dataclass
 class BlockDirection(Direction):
     """``inner`` restricted to the parameters whose streams are in ``active``; zero elsewhere."""
 
@@ -223,6 +282,9 @@ class BlockDirection(Direction):
     @property
     def seed(self) -> int:  # type: ignore[override]
         return self.inner.seed
+
+    def estimate_scale(self, shard: ParamShard) -> float:
+        return self.inner.estimate_scale(shard)
 
     def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor | None:
         return self.inner.z(shard, start, count) if shard.stream in self.active else None
@@ -302,6 +364,15 @@ def block_of(name: str) -> str:
     return f"layer {int(found.group(1))}" if found else "rest"
 
 
+def layer_blocks(shards: Sequence[ParamShard]) -> tuple[list[str], list[frozenset[int]]]:
+    """The blocks of :func:`block_of` in layer order, 'rest' last, and each block's parameter streams."""
+    by_block: dict[str, set[int]] = {}
+    for shard in shards:
+        by_block.setdefault(block_of(shard.name), set()).add(shard.stream)
+    names = sorted(by_block, key=lambda b: (b == "rest", int(b.split()[1]) if b != "rest" else 0))
+    return names, [frozenset(by_block[b]) for b in names]
+
+
 @dataclass
 class BlockSampler(DirectionSampler):
     """Block-wise ZO: query j of step t perturbs block (t * q + j) mod n_blocks, in layer order."""
@@ -312,14 +383,48 @@ class BlockSampler(DirectionSampler):
 
     def bind(self, shards: Sequence[ParamShard]) -> None:
         self.inner.bind(shards)
-        by_block: dict[str, set[int]] = {}
-        for shard in shards:
-            by_block.setdefault(block_of(shard.name), set()).add(shard.stream)
-        self.block_names = sorted(by_block, key=lambda b: (b == "rest", int(b.split()[1]) if b != "rest" else 0))
-        self.blocks = [frozenset(by_block[b]) for b in self.block_names]
+        self.block_names, self.blocks = layer_blocks(shards)
 
     def directions(self, seed: int, step: int, q: int) -> list[Direction]:
         if not self.blocks:
             raise RuntimeError("BlockSampler.bind(shards) must run before the first step")
         inner = self.inner.directions(seed, step, q)
         return [BlockDirection(d, self.blocks[(step * q + i) % len(self.blocks)]) for i, d in enumerate(inner)]
+
+
+@dataclass
+class LayerSubsetSampler(DirectionSampler):
+    """LeZO (Wang et al. 2024, arXiv 2410.09823): each step perturbs, and so updates, a random subset of the
+    transformer layers, plus every parameter outside them (embeddings, final norm, head: the paper keeps
+    those always tuned). ``layers`` is the fraction of layers in the subset (the paper counts the layers
+    left out, ``n_layers - ceil(layers * n_layers)`` here). The subset is drawn uniformly without
+    replacement from (seed, step), the same for all q queries of a step; z is ``inner``'s (dense normal,
+    as the paper) on it. Cost per step: the sweeps pass over the subset and the rest only."""
+
+    layers: float = 0.25
+    inner: DirectionSampler = field(default_factory=DenseSampler)
+    layer_streams: list[frozenset[int]] = field(default_factory=list)
+    rest: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.layers <= 1.0:
+            raise ValueError(f"layers is the fraction of transformer layers perturbed per step, in (0, 1]; "
+                             f"got {self.layers}")
+
+    def bind(self, shards: Sequence[ParamShard]) -> None:
+        self.inner.bind(shards)
+        names, blocks = layer_blocks(shards)
+        self.layer_streams = [b for n, b in zip(names, blocks, strict=True) if n != "rest"]
+        self.rest = frozenset().union(*(b for n, b in zip(names, blocks, strict=True) if n == "rest"))
+
+    def chosen(self, seed: int, step: int) -> list[int]:
+        """The layers (indices in layer order) step ``step`` perturbs."""
+        n = len(self.layer_streams)
+        k = math.ceil(self.layers * n - 1e-9)
+        return sorted(random.Random(noise.derive_seed(seed, step, -3)).sample(range(n), k))
+
+    def directions(self, seed: int, step: int, q: int) -> list[Direction]:
+        if not self.layer_streams and not self.rest:
+            raise RuntimeError("LayerSubsetSampler.bind(shards) must run before the first step")
+        active = self.rest.union(*(self.layer_streams[i] for i in self.chosen(seed, step)))
+        return [BlockDirection(d, active) for d in self.inner.directions(seed, step, q)]

@@ -4,12 +4,13 @@ One step with the two-point (central) estimator and q queries, for i = 1..q:
 
 .. math::
     g_i = \frac{L(\theta + \epsilon z_i) - L(\theta - \epsilon z_i)}{2 \epsilon},
-    \qquad \hat g = \frac{1}{q} \sum_i g_i z_i,
+    \qquad \hat g = \frac{1}{q} \sum_i c_i g_i z_i,
     \qquad \theta \leftarrow \mathrm{rule}(\theta, \hat g)
 
-and with the one-sided (forward) estimator :math:`g_i = (L(\theta + \epsilon z_i) - L(\theta))/\epsilon`.
+and with the other estimators of :mod:`zo_scale.core.estimators` (one-sided, FZOO, forward gradient) their g_i.
 Symbols map to arguments: :math:`\epsilon` = ``eps``, :math:`\eta` = ``lr`` (in the rule), q = ``queries``;
-:math:`z_i` comes from ``sampler`` (dense normal by default) and the rule from ``rule`` (ZO-SGD by default).
+:math:`z_i` comes from ``sampler`` (dense normal by default), :math:`c_i` is its ``estimate_scale`` on each
+parameter (1, or LOZO's 1/r on matrices), and the rule from ``rule`` (ZO-SGD by default).
 
 ``step(closure)``: ``closure()`` evaluates the loss of one fixed batch at the current parameters and
 returns it (a float or a 0-dim tensor); ``step`` calls it under ``torch.no_grad()`` at each
@@ -54,14 +55,14 @@ import torch
 from zo_scale.core import kernel as sweep_kernel
 from zo_scale.core import noise
 from zo_scale.core.directions import DenseSampler, Direction, DirectionSampler, LowRankSampler
+from zo_scale.core.estimators import CentralCurvature, Estimator, ForwardGradient, make_estimator
 from zo_scale.core.forward_grad import loss_and_directional_derivative
 from zo_scale.core.perturbed_forward import perturbed_forward
 from zo_scale.core.shards import ParamShard, ShardSpan, whole_param_shard
 from zo_scale.core.sweep import Moves, Update, sweep_shard
-from zo_scale.core.updates import SGD, LozoMomentum, UpdateRule, make_rule
+from zo_scale.core.updates import SGD, DiagonalHessian, LozoMomentum, UpdateRule, make_rule
 
-# points evaluated per query, in units of eps ('jvp' evaluates none: forward-mode AD at theta)
-ESTIMATORS = {"central": (1.0, -1.0), "forward": (1.0,), "jvp": ()}
+ESTIMATOR_DRAW = -5  # the tag of a step's seed for an estimator's random choices (samplers use -1 to -3)
 # where the perturbed points live: the stored weights, moved in place, or transient copies inside the forward
 PERTURB = ("in_place", "in_forward")
 
@@ -81,6 +82,7 @@ class StepRecord:
     weight_decays: list[float]
     loss: float
     conservative: int | None = None
+    measured: list[float] | None = None  # the estimator's numbers beyond the g_i, for the rule (HiZOO's curvatures)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class _Pending:
     weights: list[tuple[Direction, float]] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     weight_decays: list[float] = field(default_factory=list)
+    measured: list[float] = field(default_factory=list)
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -103,9 +106,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         eps: perturbation scale epsilon (one for all groups).
         rule: an :class:`~zo_scale.core.updates.UpdateRule` or its name ('sgd', 'sign', 'momentum', 'adam').
         sampler: where directions come from (:mod:`zo_scale.core.directions`); dense normal by default.
-        estimator: 'central' (two-point, 2 forwards a query), 'forward' (1 forward a query + 1 at theta)
-            or 'jvp' (forward gradient: exact grad . z by forward-mode AD; more memory, see
-            :mod:`zo_scale.core.forward_grad`; needs ``model``).
+        estimator: an :class:`~zo_scale.core.estimators.Estimator` or its name: 'central' (two-point, 2
+            forwards a query), 'forward' (1 forward a query + 1 at theta), 'fzoo' (forward, normalized by the
+            losses' spread; q >= 2) or 'jvp' (forward gradient: exact grad . z by forward-mode AD; more
+            memory, see :mod:`zo_scale.core.forward_grad`; needs ``model``).
         queries: q, directions averaged per step.
         weight_decay: decoupled decay, applied to matrices only (not biases or norm weights).
         seed: run seed; step t, query i perturbs along directions seeded by (seed, t, i).
@@ -136,7 +140,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         *,
         rule: UpdateRule | str = "sgd",
         sampler: DirectionSampler | None = None,
-        estimator: str = "central",
+        estimator: Estimator | str = "central",
         queries: int = 1,
         weight_decay: float = 0.0,
         seed: int = 0,
@@ -156,14 +160,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid perturbation scale eps: {eps} (must be > 0)")
         if not weight_decay >= 0.0:
             raise ValueError(f"Invalid weight_decay: {weight_decay}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
-        if queries < 1:
-            raise ValueError(f"queries must be >= 1, got {queries}")
+        estimator = make_estimator(estimator) if isinstance(estimator, str) else estimator
+        if queries < estimator.min_queries:
+            raise ValueError(f"queries must be >= {estimator.min_queries} for the {estimator.name!r} estimator, "
+                             f"got {queries}")
         if perturb not in PERTURB:
             raise ValueError(f"unknown perturb {perturb!r}; choose one of {PERTURB}")
         if perturb == "in_forward":
-            if estimator == "jvp":
+            if isinstance(estimator, ForwardGradient):
                 raise ValueError("perturb='in_forward' needs a finite-difference estimator: 'jvp' evaluates no "
                                  "perturbed points")
             if conservative:
@@ -173,6 +177,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                 raise ValueError("perturb='in_forward' needs model=<the module the closure calls>")
         self.kernel = sweep_kernel.resolve(kernel)
         self.rule = make_rule(rule) if isinstance(rule, str) else rule
+        if isinstance(self.rule, DiagonalHessian) and not isinstance(estimator, CentralCurvature):
+            raise ValueError("the HiZOO rule needs the loss's curvature along each direction: estimator='hizoo'")
+        if isinstance(self.rule, DiagonalHessian) and perturb == "in_forward":
+            raise ValueError("the HiZOO rule scales each perturbation by its per-shard Hessian: use perturb='in_place'")
         if isinstance(self.rule, LozoMomentum) and not isinstance(sampler, LowRankSampler):
             raise ValueError("the LOZO-M rule keeps momentum in the low-rank factor: it needs sampler=LowRankSampler")
         if conservative and master_weights:
@@ -180,6 +188,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                              "the update are not perturbations the master copy could leave out")
         if conservative and not isinstance(self.rule, SGD):
             raise ValueError("conservative=True needs the 'sgd' rule (it compares moves along -/+ lr * g_hat)")
+        if conservative and isinstance(sampler, LowRankSampler):
+            raise ValueError("conservative=True moves along the directions themselves: LOZO's estimate carries a "
+                             "1/r on matrices that its trial moves would miss")
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         if conservative and (len({g["lr"] for g in self.param_groups}) > 1
                              or any(g["weight_decay"] for g in self.param_groups)):
@@ -249,7 +260,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Each param group's share of a pending update (None where there is none: a skipped step)."""
         if pending is None or not pending.weights:
             return [None] * len(self.param_groups)
-        return [Update(self.rule, pending.weights, lr, wd)
+        return [Update(self.rule, pending.weights, lr, wd, pending.measured)
                 for lr, wd in zip(pending.lrs, pending.weight_decays, strict=True)]
 
     def _sweep(self, before: Moves = (), pending_update: _Pending | None = None, after: Moves = (),
@@ -296,28 +307,30 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         t = self.step_count
         step_seed = noise.derive_seed(self.seed, t)
-        directions = self.sampler.directions(self.seed, t, self.queries)
+        directions = self.rule.perturbations(self.sampler.directions(self.seed, t, self.queries), self._state_for)
+        estimator = self.estimator.for_step(noise.derive_seed(self.seed, t, ESTIMATOR_DRAW))
         pending, self._pending = self._pending, None
         in_forward_update = self.perturb == "in_forward" and closure is not None and self._lands_in_forward(pending)
         # these read theta itself (or a copy of it): land the update first, unless the forward does
-        if (self.estimator != "central" or self.perturb == "in_forward") and pending is not None \
-                and not in_forward_update:
+        reads_theta = estimator.at_theta or not estimator.points or self.perturb == "in_forward"
+        if reads_theta and pending is not None and not in_forward_update:
             self._sweep(pending.restore, pending)
             pending = None
         restore: list[tuple[Direction, float]] = []  # unless moved in place, theta never moves
-        if self.estimator == "jvp":
+        if isinstance(self.estimator, ForwardGradient):
             values = self._forward_gradients(closure, directions)
         elif self.perturb == "in_forward":
-            values = self._row_group_losses(closure, directions, pending)
+            values = self._row_group_losses(closure, estimator, directions, pending)
         else:
-            restore, values = self._finite_differences(evaluate, directions, pending)
+            restore, values = self._finite_differences(evaluate, estimator, directions, pending)
 
         reduced = self._reduce(values)
-        grads = self._projected_grads(reduced) if replay is None else replay.grads
-        loss = self._loss_at_theta(reduced)
+        grads = estimator.projected_grads(reduced, self.eps, self.queries) if replay is None else replay.grads
+        measured = estimator.measured(reduced, self.eps, self.queries) if replay is None else replay.measured
+        loss = estimator.loss_at_theta(reduced, self.queries)
         lrs = [g["lr"] for g in self.param_groups] if replay is None else replay.lrs
         wds = [g["weight_decay"] for g in self.param_groups] if replay is None else replay.weight_decays
-        record = StepRecord(t, step_seed, grads, lrs, wds, loss)
+        record = StepRecord(t, step_seed, grads, lrs, wds, loss, measured=measured or None)
         self.step_count += 1
         self.last_record = record
         if grads is None:  # a non-finite loss: go back to theta, no update
@@ -328,13 +341,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.conservative:
             record.conservative = self._conservative(restore, weights, lrs[0], loss, evaluate, replay)
             return loss
-        self._pending = _Pending(restore, weights, lrs, wds)
+        self._pending = _Pending(restore, weights, lrs, wds, measured or [])
         if not self.lazy:
             self.flush()
         return loss
 
     def _finite_differences(
-        self, evaluate: Callable[[], float], directions: list[Direction], pending: _Pending | None
+        self, evaluate: Callable[[], float], estimator: Estimator, directions: list[Direction],
+        pending: _Pending | None,
     ) -> tuple[list[tuple[Direction, float]], list[float]]:
         """Walk theta through the estimator's points along each direction, evaluating the loss at each.
 
@@ -342,8 +356,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         [L(+z_1), L(-z_1), L(+z_2), ...]; for 'forward' [L(theta), L(+z_1), L(+z_2), ...]. The first
         move also applies ``pending`` (the previous step's restore and update): the lazy fusion.
         """
-        points = ESTIMATORS[self.estimator]
-        losses = [evaluate()] if self.estimator == "forward" else []
+        points = estimator.points
+        losses = [evaluate()] if estimator.at_theta else []
         at: tuple[Direction, float] | None = None  # (direction, offset) where theta sits now
         for d in directions:
             for j, point in enumerate(points):
@@ -363,16 +377,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         and no fp32 master copy (which the update, not the weights, would have to receive)."""
         return pending is not None and bool(pending.weights) and not self.rule.buffers and not self.master_weights
 
-    def _row_group_losses(self, closure: Callable[[int], Any] | None, directions: list[Direction],
-                          pending: _Pending | None = None) -> list[float]:
+    def _row_group_losses(self, closure: Callable[[int], Any] | None, estimator: Estimator,
+                          directions: list[Direction], pending: _Pending | None = None) -> list[float]:
         """The losses of every point of this step from one ``closure(K)`` over K stacked row groups, in the
         order of :meth:`_finite_differences` (placeholders in replay). One host sync for all of them.
 
         ``pending`` (the last step's update, see :meth:`_lands_in_forward`) lands inside the forward: at a
         parameter's first use, on its gathered whole value, which ``store_fn`` then stores. Parameters the
         forward does not reach (or all, if the closure raises) get it from a sweep afterwards."""
-        points = ESTIMATORS[self.estimator]
-        groups: list[list[tuple[Direction, float]]] = [[]] if self.estimator == "forward" else []
+        points = estimator.points
+        groups: list[list[tuple[Direction, float]]] = [[]] if estimator.at_theta else []
         groups += [[(d, point * self.eps)] for d in directions for point in points]
         if closure is None:
             return [0.0] * len(groups)
@@ -428,22 +442,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.loss_reduce is None:
             return losses
         return self.loss_reduce(torch.tensor(losses, dtype=torch.float64)).tolist()
-
-    def _loss_at_theta(self, values: list[float]) -> float:
-        """L(theta) itself ('forward', 'jvp'), or the mean of the central pairs (equal to it + O(eps^2))."""
-        if self.estimator == "forward":
-            return values[0]
-        losses = values[: self.queries] if self.estimator == "jvp" else values
-        return sum(losses) / len(losses)
-
-    def _projected_grads(self, losses: list[float]) -> list[float] | None:
-        if not all(math.isfinite(x) for x in losses):
-            return None
-        if self.estimator == "forward":
-            return [(x - losses[0]) / self.eps for x in losses[1:]]
-        if self.estimator == "jvp":
-            return losses[self.queries :]
-        return [(lp - lm) / (2 * self.eps) for lp, lm in zip(losses[0::2], losses[1::2], strict=True)]
 
     def _conservative(self, restore: Moves, weights: Moves, lr: float, loss_theta: float,
                       evaluate: Callable[[], float], replay: StepRecord | None) -> int:

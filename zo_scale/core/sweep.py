@@ -51,18 +51,21 @@ Moves = Sequence[tuple[Direction, float]]  # [(direction, coefficient)]: theta +
 
 # The sweep's arithmetic, for the seed log. 1: zo-scale before the compiled kernel moved theta by fused
 # multiply-adds in its own dtype, one rounding per move; 2: the fp32 formula above; 3: as 2, with
-# sparse masks drawn per element (Bernoulli) instead of an exact count through a permutation.
-ARITHMETIC_VERSION = 3
+# sparse masks drawn per element (Bernoulli) instead of an exact count through a permutation; 4: as 3,
+# LOZO's z = U V^T with 1/r in the estimate (was U V^T / sqrt(r) for both), LOZO-M's momentum an average.
+ARITHMETIC_VERSION = 4
 
 
 @dataclass
 class Update:
-    """The update of one step: rule applied with g_hat = sum_i weight_i * z_i."""
+    """The update of one step: rule applied with g_hat = sum_i c_i weight_i z_i, c_i the direction's
+    ``estimate_scale`` on the shard."""
 
     rule: UpdateRule
     weights: Moves
     lr: float
     weight_decay: float
+    measured: Sequence[float] = ()  # the estimator's numbers for the rule (HiZOO's curvatures)
 
 
 @dataclass(frozen=True)
@@ -105,10 +108,7 @@ def _sweep_into(
     for d, c in zip(plan.before, k.before, strict=True):
         t = t + c * zs[d]
     if plan.rule is not None:
-        g = zs[plan.update[0]] * k.weights[0]
-        for d, w in zip(plan.update[1:], k.weights[1:], strict=True):
-            g = g + zs[d] * w
-        u, new_state = plan.rule.direction(g, state, k.rule)
+        u, new_state = plan.rule.step_direction([zs[d] for d in plan.update], k.weights, state, k.rule)
         t = t - k.lr * (u + k.weight_decay * t)
         for name, value in new_state.items():
             state[name].copy_(value)
@@ -144,7 +144,7 @@ def _eager_chunks(shard: ParamShard, directions: Sequence[Direction]) -> Iterato
 def _exact_casts(specs: Sequence[tuple[Any, ...] | None]) -> bool:
     """Whether a kernel must keep its explicit roundings: low-rank z is formed in fp32 and rounded to the
     weights' dtype mid-kernel, and that rounding must stay."""
-    return any(spec[0] in ("lowrank", "factor") for spec in specs if spec is not None)
+    return any(spec[0] in ("lowrank", "factor", "preconditioned") for spec in specs if spec is not None)
 
 
 def _resolve(shard: ParamShard, phases: Sequence[Moves]) -> tuple[list[Direction], list[tuple[tuple[int, ...],
@@ -190,7 +190,8 @@ def sweep_shard(
     """
     rule, weights = (update.rule, update.weights) if update is not None else (None, ())
     if update is not None:
-        rule_moves = update.rule.prepare(shard, update.weights, state)
+        weights = [(d, w * d.estimate_scale(shard)) for d, w in weights]
+        rule_moves = update.rule.prepare(shard, weights, state)
         if rule_moves is not None:  # the rule states u itself as weighted directions
             rule, weights = SGD(), rule_moves
     if master is not None:
@@ -208,7 +209,7 @@ def sweep_shard(
     if rule is not None:
         step = int(state["step"]) + 1 if state is not None and "step" in state else 1
         k.lr, k.weight_decay = update.lr, (update.weight_decay if shard.decays else 0.0)
-        k.rule = rule.scalars(step)
+        k.rule = rule.scalars(step, update.measured)
     buffers = {b: state[b] for b in rule.buffers} if rule is not None else {}
     compiled = wanted and all(fused)
     if not (compiled and kernel.run(kernel_mode, _compiled_sweep, plan, flat, master, buffers, [f[1] for f in fused],

@@ -13,7 +13,10 @@ as pure tensor expressions in fp32 so both see the same operations:
 
 - :class:`SGD` (ZO-SGD, MeZO): :math:`u = \hat g`
 - :class:`Sign` (ZO-SGD-Sign): :math:`u = \mathrm{sign}(\hat g)`
+- :class:`SignMomentum` (M-SignSGD): :math:`m \leftarrow \beta m + (1-\beta)\hat g,\ u = \mathrm{sign}(m)`
 - :class:`Momentum` (ZO-SGD-MMT): :math:`m \leftarrow \beta m + \hat g,\ u = m`
+- :class:`LozoMomentum` (LOZO-M): :math:`m \leftarrow \beta m + (1-\beta)\hat g`, kept low-rank
+- :class:`DiagonalHessian` (HiZOO): a diagonal Hessian from one more forward, :math:`u = H^{-1/2} z\,g` (see the class)
 - :class:`Adam` (ZO-Adam): :math:`m \leftarrow \beta_1 m + (1-\beta_1)\hat g,\
   v \leftarrow \beta_2 v + (1-\beta_2)\hat g^2,\
   u = \hat m / (\sqrt{\hat v} + \epsilon_{adam})` with bias-corrected
@@ -25,12 +28,12 @@ optimizer trains. ``m`` starts at zero (so the first momentum step equals an SGD
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from zo_scale.core.directions import Direction, FactorDirection, LowRankDirection
+from zo_scale.core.directions import Direction, FactorDirection, LowRankDirection, PreconditionedDirection, sqrt64
 from zo_scale.core.shards import ParamShard
 
 
@@ -54,10 +57,28 @@ class UpdateRule:
         del shard, weights, state
         return None
 
-    def scalars(self, step: int) -> tuple[float, ...]:
-        """The step-dependent numbers ``direction`` needs (e.g. Adam's bias corrections), for ``step`` >= 1."""
-        del step
+    def scalars(self, step: int, measured: Sequence[float] = ()) -> tuple[float, ...]:
+        """The step-dependent numbers ``direction`` needs (e.g. Adam's bias corrections), for ``step`` >= 1;
+        ``measured``: what the estimator measured beyond the projected gradients (HiZOO's curvatures)."""
+        del step, measured
         return ()
+
+    def perturbations(self, directions: list[Direction],
+                      state_of: Callable[[ParamShard], dict[str, torch.Tensor]]) -> list[Direction]:
+        """The directions the step perturbs along, from the sampler's (HiZOO scales them by its state)."""
+        del state_of
+        return directions
+
+    def step_direction(
+        self, zs: Sequence[torch.Tensor], weights: Sequence[float], state: dict[str, torch.Tensor],
+        scalars: Sequence[float],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """u from the update's directions (fp32 z_i of one chunk or shard) and weights w_i: by default
+        ``direction`` of g_hat = sum_i w_i z_i, summed in this order on every path."""
+        g = zs[0] * weights[0]
+        for z, w in zip(zs[1:], weights[1:], strict=True):
+            g = g + z * w
+        return self.direction(g, state, scalars)
 
     def direction(
         self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
@@ -80,6 +101,31 @@ class Sign(UpdateRule):
         self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return torch.sign(g), {}
+
+
+@dataclass
+class SignMomentum(UpdateRule):
+    r"""M-SignSGD (signum): the sign of an average,
+    :math:`m \leftarrow \beta m + (1 - \beta)\hat g,\ u = \mathrm{sign}(m)`.
+
+    For heavy-tailed gradient noise (Kornilov et al., arXiv 2502.07923, the sign methods the MIPT study
+    cites): the average shrinks the noise's tails and the sign bounds every step at lr per element,
+    where ZO-SGD-Sign (:class:`Sign`) takes the sign of one noisy estimate. ``beta`` is a tuned constant
+    here (the paper derives 1 - beta from the horizon and the noise's moments); m starts at zero.
+    """
+
+    beta: float = 0.9
+    buffers = ("momentum",)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"sign-momentum beta must be in [0, 1), got {self.beta}")
+
+    def direction(
+        self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = state["momentum"] * self.beta + g * (1 - self.beta)
+        return torch.sign(m), {"momentum": m}
 
 
 @dataclass
@@ -112,7 +158,7 @@ class Adam(UpdateRule):
         if self.eps <= 0:
             raise ValueError(f"Adam eps must be > 0, got {self.eps}")
 
-    def scalars(self, step: int) -> tuple[float, ...]:
+    def scalars(self, step: int, measured: Sequence[float] = ()) -> tuple[float, ...]:
         # bias corrections as reciprocals: inductor turns a division by a scalar into this product
         # anyway, so the eager reference multiplies too
         return (1 / (1 - self.beta1**step), 1 / (1 - self.beta2**step))
@@ -124,24 +170,38 @@ class Adam(UpdateRule):
         m = state["exp_avg"] * self.beta1 + g * (1 - self.beta1)
         v = state["exp_avg_sq"] * self.beta2 + g * g * (1 - self.beta2)
         # sqrt through fp64: correctly rounded on every path (eager fp32 sqrt on CPU is not, inductor's is)
-        root = torch.sqrt((v * correction2).double()).float()
+        root = sqrt64(v * correction2)
         u = (m * correction1) / (root + self.eps)
         return u, {"exp_avg": m, "exp_avg_sq": v}
 
 
 @dataclass
 class LozoMomentum(Momentum):
-    r"""LOZO-M: momentum kept in the m x r factor of the low-rank estimate (needs ``LowRankSampler``).
+    r"""LOZO-M (Chen et al., ICLR 2025, arXiv 2410.07698): momentum as an average, kept in the m x r factor
+    of the low-rank estimate (needs ``LowRankSampler``).
 
-    With z_i = U_i V^T / sqrt(r), g_hat = (sum_i w_i U_i) V^T / sqrt(r), so for a 2-D weight the
-    momentum stays in that form: :math:`M \leftarrow \beta M + \sum_i w_i U_i`,
-    :math:`\theta \leftarrow \theta - \eta M V^T / \sqrt{r}`: m x r floats instead of m x n.
-    When V is redrawn (every nu steps), M is carried into the new basis, M <- M V_old^T V_new / n,
-    the least-squares fit of M V_old^T by M' V_new^T for V_new^T V_new ~ n I. Other parameters (1-D,
-    dense z) use plain momentum.
+    The estimate on a 2-D weight is :math:`\hat g = N_g V^T` with :math:`N_g = \frac{1}{r}\sum_i w_i U_i`
+    (w_i = g_i / q), so the momentum stays in that form:
+
+    .. math:: N \leftarrow \beta N + (1 - \beta) N_g, \qquad \theta \leftarrow \theta - \eta N V^T
+
+    m x r floats instead of m x n. When V is redrawn (every nu steps), N is first carried into the new
+    basis, :math:`N \leftarrow N V_{old}^T V_{new} / n` (the paper's projection; E[V^T V] = n I). Other
+    parameters (1-D, dense z) keep :math:`m \leftarrow \beta m + (1 - \beta) \hat g`. As in LOZO's code,
+    the first step starts the average at the first estimate (N = N_g), not at zero.
     """
 
     buffers = ("momentum",)
+
+    def scalars(self, step: int, measured: Sequence[float] = ()) -> tuple[float, ...]:
+        return (0.0, 1.0) if step == 1 else (self.beta, 1.0 - self.beta)
+
+    def direction(
+        self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        decay, gain = scalars
+        m = state["momentum"] * decay + g * gain
+        return m, {"momentum": m}
 
     def init_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:
         if len(shard.shape) != 2:
@@ -159,24 +219,84 @@ class LozoMomentum(Momentum):
             raise TypeError("LOZO-M needs low-rank directions: use sampler=LowRankSampler(...)")
         current: LowRankDirection = directions[0]  # type: ignore[assignment]
         m, rank = shard.shape[0], current.rank
+        decay, gain = self.scalars(int(state["step"]) + 1)
         factor = state["factor"]
         if factor.shape[1] != rank:
             factor = torch.zeros(m, rank, dtype=torch.float32, device=shard.flat.device)
         elif int(state["v_seed"]) != current.v_seed:
             old_v = LowRankDirection(0, int(state["v_seed"]), rank).v(shard)
             factor = factor @ (old_v.T @ current.v(shard)) / shard.shape[1]
-        factor.mul_(self.beta)
-        for d, w in weights:
-            factor.add_(d.u_rows(shard, 0, m), alpha=w)  # type: ignore[attr-defined]
+        factor.mul_(decay)
+        for d, w in weights:  # w carries the 1/r (the sweep applied estimate_scale)
+            factor.add_(d.u_rows(shard, 0, m), alpha=w * gain)  # type: ignore[attr-defined]
         state["factor"], state["v_seed"] = factor, torch.tensor(current.v_seed)
         return [(FactorDirection(factor, current.v(shard), shard.stream), 1.0)]
 
 
-RULES = {"sgd": SGD, "sign": Sign, "momentum": Momentum, "adam": Adam, "lozo-m": LozoMomentum}
+@dataclass
+class DiagonalHessian(UpdateRule):
+    r"""HiZOO (Zhao et al., "Second-Order Fine-Tuning without Pain for LLMs: A Hessian Informed Zeroth-Order
+    Optimizer", ICLR 2025, arXiv 2402.15173): a diagonal Hessian H per element (``hessian``, H_0 = 1) from
+    the one extra forward at theta, and perturbations and steps scaled by :math:`H^{-1/2}`. With the
+    'hizoo' estimator (:class:`~zo_scale.core.estimators.CentralCurvature`), for z ~ N(0, I):
+
+    .. math::
+        L_\pm = L(\theta \pm \epsilon H^{-1/2} z), \qquad
+        c = \frac{|L_+ + L_- - 2 L(\theta)|}{2 \epsilon^2}, \\
+        H \leftarrow (1 - \alpha) H + \alpha\, c\, H z^2, \qquad
+        \theta \leftarrow \theta - \eta\, \frac{L_+ - L_-}{2 \epsilon} H^{-1/2} z
+
+    with the updated H in the step and the previous one in the perturbation, as in its code (the paper
+    writes the H update with the outer product :math:`\Sigma^{-1/2} z z^T \Sigma^{-1/2}`; the code, and
+    this, keep its diagonal). With q queries, the mean of the q terms. H is fp32 here (the code keeps it
+    in the model's dtype). 3 forwards a step. ``alpha``: the code's default 0 is MeZO; its examples
+    use 1e-8 to 1e-6 for OPT-scale models.
+    """
+
+    alpha: float = 1e-6
+    buffers = ("hessian",)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"HiZOO alpha (the Hessian's smoothing) must be in [0, 1), got {self.alpha}")
+
+    def init_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:
+        state = super().init_state(shard)
+        state["hessian"].fill_(1.0)
+        return state
+
+    def scalars(self, step: int, measured: Sequence[float] = ()) -> tuple[float, ...]:
+        if not measured:
+            raise ValueError("the HiZOO rule needs the loss's curvature along each direction: estimator='hizoo'")
+        return (self.alpha, *(c / len(measured) for c in measured))
+
+    def perturbations(self, directions: list[Direction],
+                      state_of: Callable[[ParamShard], dict[str, torch.Tensor]]) -> list[Direction]:
+        return [PreconditionedDirection(d, lambda shard: state_of(shard)["hessian"]) for d in directions]
+
+    def step_direction(
+        self, zs: Sequence[torch.Tensor], weights: Sequence[float], state: dict[str, torch.Tensor],
+        scalars: Sequence[float],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # zs are the perturbations H^{-1/2} z, so H z^2 = H^2 zs^2 and H_new^{-1/2} z = zs sqrt(H / H_new)
+        alpha, curvatures = scalars[0], scalars[1:]
+        h = state["hessian"]
+        seen = curvatures[0] * zs[0] * zs[0]
+        for c, z in zip(curvatures[1:], zs[1:], strict=True):
+            seen = seen + c * z * z
+        h_new = h * (1 - alpha) + alpha * seen * h * h
+        g = zs[0] * weights[0]
+        for z, w in zip(zs[1:], weights[1:], strict=True):
+            g = g + z * w
+        return g * (sqrt64(h) / sqrt64(h_new)), {"hessian": h_new}
+
+
+RULES = {"sgd": SGD, "sign": Sign, "sign-momentum": SignMomentum, "momentum": Momentum, "adam": Adam,
+         "lozo-m": LozoMomentum, "hizoo": DiagonalHessian}
 
 
 def make_rule(name: str, **kwargs: float) -> UpdateRule:
-    """An update rule by name ('sgd', 'sign', 'momentum', 'adam') with its hyperparameters."""
+    """An update rule by name (a key of ``RULES``) with its hyperparameters."""
     try:
         cls = RULES[name]
     except KeyError:

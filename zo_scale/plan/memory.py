@@ -51,11 +51,13 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
 
+from zo_scale.core.estimators import ESTIMATORS, make_estimator
 from zo_scale.plan.shapes import ModelShape
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-STATE_BYTES = {"sgd": 0, "sign": 0, "momentum": 4, "adam": 8}  # fp32 buffers per trained element
+# fp32 buffers per trained element (LOZO-M: an m x r factor per matrix, about 4 r / n bytes an element: ~0)
+STATE_BYTES = {"sgd": 0, "sign": 0, "sign-momentum": 4, "momentum": 4, "adam": 8, "lozo-m": 0, "hizoo": 4}
 
 # Measured by benchmarks/plan_calibration.py (results/plan_calibration.json, coefficients_used):
 # activation elements per token of a run's forwards without autograd (a_h per hidden unit, a_i per
@@ -102,13 +104,15 @@ class RunSettings:
     rule: str = "sgd"
     master_weights: bool = False
     perturb: str = "in_place"
+    estimator: str = "central"
     queries: int = 1
     save_shard_bytes: int = 5 * 10**9
 
     def check(self) -> None:
         """Raise ValueError naming the first setting the trainer would refuse or the planner cannot plan."""
         choices = {"mode": MODES, "offload": OFFLOADS, "tuning": TUNINGS, "quantization": QUANTIZATIONS,
-                   "perturb": PERTURBS, "device": DEVICES, "rule": tuple(STATE_BYTES), "dtype": tuple(DTYPE_BYTES)}
+                   "perturb": PERTURBS, "estimator": tuple(ESTIMATORS), "device": DEVICES, "rule": tuple(STATE_BYTES),
+                   "dtype": tuple(DTYPE_BYTES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: unknown {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -208,8 +212,8 @@ RANK0_HOST = ("checkpoint save",)  # host terms that only rank 0 holds (the rest
 
 
 def groups(s: RunSettings) -> int:
-    """Row groups of a step's forward: 2q for the central estimator in one forward, 1 in place."""
-    return 2 * s.queries if s.perturb == "in_forward" else 1
+    """Row groups of a step's forward: all its points in one forward (2q central, q + 1 one-sided), 1 in place."""
+    return make_estimator(s.estimator).forwards(s.queries) if s.perturb == "in_forward" else 1
 
 
 def _weight_bytes(shape: ModelShape, s: RunSettings) -> int:

@@ -17,6 +17,7 @@ import json
 import math
 from pathlib import Path
 
+from zo_scale.core.estimators import ESTIMATORS
 from zo_scale.models.architectures import architecture_config
 from zo_scale.plan.memory import (
     DEVICES,
@@ -57,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rule", choices=sorted(STATE_BYTES), default="sgd")
     parser.add_argument("--master-weights", action="store_true")
     parser.add_argument("--perturb", choices=PERTURBS, default="in_place")
+    parser.add_argument("--estimator", choices=sorted(ESTIMATORS), default="central")
     parser.add_argument("--queries", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--write-ds-config", type=Path, metavar="JSON", help="write the plan's DeepSpeed config")
@@ -68,7 +70,8 @@ def settings_of(args: argparse.Namespace) -> RunSettings:
         gpu_memory=args.gpu_memory, host_memory=args.host_memory, nvme_space=args.nvme_space, batch=args.batch,
         seq=args.seq, answer_tokens=args.answer_tokens, dtype=args.dtype, tuning=args.tuning,
         quantization=args.quantization, lora_r=args.lora_r, fo_layers=args.fo_layers, rule=args.rule,
-        master_weights=args.master_weights, perturb=args.perturb, queries=args.queries,
+        master_weights=args.master_weights, perturb=args.perturb, estimator=args.estimator,
+        queries=args.queries,
     )
 
 

@@ -7,14 +7,20 @@ from typing import Any
 
 import torch
 
-from zo_scale.core.directions import BlockSampler, DenseSampler, DirectionSampler, LowRankSampler, SparseSampler
+from zo_scale.core.directions import (
+    BlockSampler,
+    DenseSampler,
+    DirectionSampler,
+    LayerSubsetSampler,
+    LowRankSampler,
+    SparseSampler,
+)
 from zo_scale.core.optimizer import ZOOptimizer
 from zo_scale.core.schedules import lr_multiplier
-from zo_scale.core.updates import SGD, Adam, Momentum, Sign, UpdateRule
+from zo_scale.core.updates import SGD, Adam, DiagonalHessian, LozoMomentum, Momentum, Sign, SignMomentum, UpdateRule
 from zo_scale.train.config import Config, ConfigError, OptimConfig
 
-SAMPLERS = ("normal", "rademacher", "sparse", "lowrank", "block")
-RULES = ("sgd", "sign", "momentum", "adam")
+SAMPLERS = ("normal", "rademacher", "sparse", "lowrank", "block", "lezo")
 
 
 def build_sampler(cfg: OptimConfig) -> DirectionSampler:
@@ -23,18 +29,36 @@ def build_sampler(cfg: OptimConfig) -> DirectionSampler:
     if cfg.sampler == "sparse":
         return SparseSampler(cfg.sparsity, cfg.resample_every)
     if cfg.sampler == "lowrank":
-        return LowRankSampler(cfg.rank, cfg.resample_every)
+        if cfg.nu < 1:
+            raise ConfigError(f"optim.nu (LOZO's period of V, in steps) must be >= 1, got {cfg.nu}")
+        if cfg.resample_every != 1:
+            raise ConfigError("optim.resample_every is the sparse mask's period; with sampler=lowrank, V's period "
+                              f"(LOZO's nu) is optim.nu (got resample_every={cfg.resample_every})")
+        return LowRankSampler(cfg.rank, cfg.nu)
     if cfg.sampler == "block":
         return BlockSampler()
+    if cfg.sampler == "lezo":
+        if not 0.0 < cfg.layer_fraction <= 1.0:
+            raise ConfigError(f"optim.layer_fraction (of the transformer layers LeZO perturbs per step) must be in "
+                              f"(0, 1], got {cfg.layer_fraction}")
+        return LayerSubsetSampler(cfg.layer_fraction)
     raise ConfigError(f"optim.sampler: unknown {cfg.sampler!r}; choose one of {SAMPLERS}")
 
 
 def build_rule(cfg: OptimConfig) -> UpdateRule:
     rules: dict[str, Any] = {
-        "sgd": SGD, "sign": Sign, "momentum": lambda: Momentum(cfg.momentum), "adam": lambda: Adam(*cfg.betas)
+        "sgd": SGD, "sign": Sign, "sign-momentum": lambda: SignMomentum(cfg.momentum),
+        "momentum": lambda: Momentum(cfg.momentum), "adam": lambda: Adam(*cfg.betas),
+        "lozo-m": lambda: LozoMomentum(cfg.momentum), "hizoo": lambda: DiagonalHessian(cfg.hessian_smoothing),
     }
     if cfg.rule not in rules:
-        raise ConfigError(f"optim.rule: unknown {cfg.rule!r}; choose one of {RULES}")
+        raise ConfigError(f"optim.rule: unknown {cfg.rule!r}; choose one of {tuple(rules)}")
+    if (cfg.rule == "hizoo") != (cfg.estimator == "hizoo"):
+        raise ConfigError("HiZOO is a rule and an estimator together: set optim.rule=hizoo and optim.estimator=hizoo "
+                          f"(got rule={cfg.rule!r}, estimator={cfg.estimator!r})")
+    if cfg.rule == "lozo-m" and cfg.sampler != "lowrank":
+        raise ConfigError("optim.rule=lozo-m keeps its momentum in LOZO's low-rank factor: it needs "
+                          f"optim.sampler=lowrank (got {cfg.sampler!r})")
     return rules[cfg.rule]()
 
 

@@ -1,10 +1,11 @@
-"""The ``zo-scale`` command: ``train``, ``demo``, ``replay`` and ``plan``.
+"""The ``zo-scale`` command: ``train``, ``demo``, ``replay``, ``plan`` and ``mezo``.
 
     zo-scale train --config my.yaml optim.lr=1e-6 run.steps=1000
     zo-scale train --config my.yaml --fo-layers 2 hybrid.fo_lr=1e-5   # last 2 blocks by backprop
     zo-scale demo                       # SmolLM2-135M on an SST-2 sample, zero-shot vs fine-tuned
     zo-scale replay runs/x/seedlog.jsonl runs/x/replayed   # rebuild the weights from the seed log
     zo-scale plan --model llama-2-70b --mode zero3 --offload cpu --gpus 8 --gpu-memory 80   # memory per GPU
+    zo-scale mezo --task_name SST2 --trainer zo --learning_rate 1e-6 ...   # MeZO's run.py flags (--dry-run: map only)
 
 Under a launcher, ``launch/train.py`` is ``zo-scale train``; it also takes the flags launchers add:
 
@@ -22,6 +23,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import yaml
+
 from zo_scale.models import ModelLoadError
 from zo_scale.plan.report import add_arguments as add_plan_arguments
 from zo_scale.plan.report import run as run_plan
@@ -29,6 +32,7 @@ from zo_scale.tasks import TaskDataError
 from zo_scale.train.checkpoint import CheckpointWriteError
 from zo_scale.train.config import ConfigError, load_config
 from zo_scale.train.loop import TrainingError, train
+from zo_scale.train.mezo_flags import describe, mezo_overrides
 from zo_scale.train.seedlog import replay
 
 DEMO_CONFIG = resources.files("zo_scale") / "configs" / "demo.yaml"
@@ -54,11 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     p_replay.add_argument("output", type=Path)
     p_plan = sub.add_parser("plan", help="peak memory per GPU, host RAM and NVMe of a run, from the model's config")
     add_plan_arguments(p_plan)
+    p_mezo = sub.add_parser("mezo", help="run a MeZO run.py command line (its flags mapped onto a config)")
+    p_mezo.add_argument("--dry-run", action="store_true", help="print the mapped config and stop; every other flag "
+                        "is MeZO's, e.g. --task_name SST2 --zo_eps 1e-3")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # a MeZO command line's flags are its own
+    if extra and args.command != "mezo":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
@@ -67,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "replay":
             print(f"replayed weights written to {replay(args.log, args.output)}")
             return 0
+        if args.command == "mezo":
+            return _mezo(extra, args.dry_run)
         config_path = DEMO_CONFIG if args.command == "demo" else args.config
         overrides = list(args.overrides)
         if getattr(args, "deepspeed", None):
@@ -87,6 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(0)
     _report(summary)
+    return 0
+
+
+def _mezo(flags: list[str], dry_run: bool) -> int:
+    """Map MeZO's flags, print the config they amount to, and train unless ``dry_run``."""
+    overrides, notes = mezo_overrides(flags)
+    cfg = load_config(None, overrides)
+    for note in notes:
+        print(f"zo-scale mezo: {note}")
+    print(f"zo-scale mezo: {describe(overrides)}\n" + yaml.safe_dump(cfg.as_json(), sort_keys=False))
+    if dry_run:
+        return 0
+    _report(train(cfg))
     return 0
 
 

@@ -44,21 +44,25 @@ class TaskConfig:
 
 @dataclass
 class OptimConfig:
-    rule: str = "sgd"  # sgd | sign | momentum | adam
-    sampler: str = "normal"  # normal | rademacher | sparse | lowrank | block
-    estimator: str = "central"  # central (2 forwards a query) | forward (1 a query, + 1 at theta) | jvp
+    rule: str = "sgd"  # sgd | sign | sign-momentum | momentum | adam | lozo-m (sampler=lowrank) | hizoo
+    sampler: str = "normal"  # normal | rademacher | sparse | lowrank | block | lezo
+    # central (2 forwards a query) | forward (1 a query, + 1 at theta) | fzoo | hizoo | unbiased | jvp
+    estimator: str = "central"
     lr: float = 1e-5
     eps: float = 1e-3
     queries: int = 1
     weight_decay: float = 0.0
-    momentum: float = 0.9  # rule=momentum
+    momentum: float = 0.9  # rule=momentum, sign-momentum, lozo-m: beta
     betas: tuple[float, float] = (0.9, 0.999)  # rule=adam
     conservative: bool = False  # ZO-SGD-Cons (rule=sgd)
     lazy: bool = True  # fold each update into the next step's first pass (2 passes a step)
     master_weights: bool = False  # fp32 copy of the (local) weights: no bf16/fp16 drift from the +/- eps round trip
     sparsity: float = 0.75  # sampler=sparse
-    resample_every: int = 1  # sampler=sparse: mask period; sampler=lowrank: LOZO's nu
-    rank: int = 2  # sampler=lowrank
+    resample_every: int = 1  # sampler=sparse: the mask is redrawn every this many steps
+    rank: int = 2  # sampler=lowrank: LOZO's r
+    nu: int = 50  # sampler=lowrank: LOZO's nu, V is redrawn every this many steps (the lazy sampling)
+    layer_fraction: float = 0.25  # sampler=lezo: the fraction of transformer layers perturbed per step
+    hessian_smoothing: float = 1e-6  # rule=hizoo: alpha, the weight of each step's curvature in the Hessian
     schedule: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
     kernel: str | None = None  # what runs each sweep: auto | compiled | eager; None: $ZO_SCALE_KERNEL, else auto
@@ -163,7 +167,12 @@ def _apply(config: Config, section: str, key: str, value: Any) -> None:
     sections = {f.name: f for f in dataclasses.fields(config)}
     if section not in sections:
         raise ConfigError(f"unknown config section {section!r}; sections are {sorted(sections)}")
-    target = getattr(config, section)
+    apply_key(getattr(config, section), section, key, value)
+
+
+def apply_key(target: Any, section: str, key: str, value: Any) -> None:
+    """Set ``key`` of one section's dataclass to ``value``, coerced to its type; ConfigError naming
+    ``section.key`` for an unknown key or a wrong type."""
     hints = typing.get_type_hints(type(target))
     if key not in hints:
         raise ConfigError(f"unknown key {section}.{key}; {section} has {sorted(hints)}")

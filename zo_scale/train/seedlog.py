@@ -61,7 +61,8 @@ def read_header(path: Path) -> dict[str, Any]:
     if version != ARITHMETIC_VERSION:
         log.warning("%s was written with sweep arithmetic version %s, this zo-scale uses %s: the replayed weights "
                     "equal the trained ones to rounding error, not bit for bit (a sparse-direction run from before "
-                    "version 3 drew other masks and does not replay)", path, version, ARITHMETIC_VERSION)
+                    "version 3 drew other masks, and a LOZO / LOZO-M run from before version 4 took other steps: "
+                    "those do not replay)", path, version, ARITHMETIC_VERSION)
     return first["header"]
 
 

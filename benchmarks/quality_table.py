@@ -1,0 +1,156 @@
+"""The quality table: which method wins at the same forward budget, on real data and a real model.
+
+SmolLM2-135M (full parameters, fp32) on SST-2 (1,000 training sentences and 300 dev sentences, each
+sampled with the run seed, MeZO's template, batch 16) and on RTE (1,000 training pairs, 277 validation
+pairs: all of them), from ../shared/data, each method run by the real trainer
+(``zo_scale.train.loop.train``) with the same seed.
+Every method gets the same number of forwards over training batches (``--forwards``): a method taking
+k forwards a step gets forwards // k steps (central ZO: 2; FZOO with N perturbations: N + 1; HiZOO: 3; the
+unbiased estimator: 5 on average, the forwards it took recorded; first-order AdamW: counted as 3, a forward
+and a backward of about two). Each method runs at every lr of its grid
+(``--lrs``: the first n values listed below); the table keeps every run, the README the best per method.
+Zero-shot is measured in every run (the same number each time: the same model and eval set).
+
+    python benchmarks/quality_table.py --forwards 2000 --lrs 2           # the table (a GPU: minutes)
+    python benchmarks/quality_table.py --forwards 200 --lrs 1 --tasks sst2
+    python benchmarks/quality_table.py --quick                           # 8 forwards, 16 examples: smoke
+
+Accuracy on 300 examples has a binomial standard error of about 2.7 points at 70%: differences smaller
+than ~5 points are not an ordering. Nothing here is tuned on the eval set beyond the grids below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+
+import common
+
+from zo_scale.core import noise
+from zo_scale.core.estimators import make_estimator
+from zo_scale.core.optimizer import ESTIMATOR_DRAW
+from zo_scale.train.config import Config, load_config
+from zo_scale.train.loop import train
+from zo_scale.train.metrics import read_metrics
+
+TASKS = {  # MeZO's protocol: train sampled from the train split, eval from the eval split
+    "sst2": ["task.name=sst2", "task.num_train=1000", "task.num_eval=300"],
+    "rte": ["task.name=rte", "task.num_train=1000", "task.num_eval=300"],
+}
+# name: (overrides, forwards per step, lr grid). lr is optim.lr, or hybrid.fo_lr for first-order AdamW.
+METHODS: dict[str, tuple[list[str], int, list[float]]] = {
+    "ZO-SGD (MeZO: Gaussian, central)": (["optim.sampler=normal"], 2, [3e-5, 1e-5]),
+    "ZO-SGD (Rademacher)": (["optim.sampler=rademacher"], 2, [3e-5, 1e-5]),
+    "FZOO (N=4, Rademacher)": (["optim.sampler=rademacher", "optim.estimator=fzoo", "optim.queries=4"], 5,
+                               [3e-4, 1e-4]),
+    "HiZOO (alpha=1e-6)": (["optim.rule=hizoo", "optim.estimator=hizoo", "optim.hessian_smoothing=1e-6"], 3,
+                           [3e-5, 1e-5]),
+    "Unbiased (telescoping, rho=c=1/2)": (["optim.sampler=normal", "optim.estimator=unbiased"], 5, [3e-5, 1e-5]),
+    "LOZO (r=2, nu=50)": (["optim.sampler=lowrank", "optim.rank=2", "optim.nu=50"], 2, [3e-5, 1e-5]),
+    "LOZO-M (r=2, nu=50, beta=0.9)": (["optim.sampler=lowrank", "optim.rule=lozo-m", "optim.nu=50"], 2,
+                                      [3e-5, 1e-5]),
+    "LeZO (1/4 of the layers)": (["optim.sampler=lezo", "optim.layer_fraction=0.25"], 2, [1e-4, 3e-5]),
+    "M-SignSGD (beta=0.9)": (["optim.sampler=rademacher", "optim.rule=sign-momentum"], 2, [1e-6, 1e-5]),
+    "ZO-Adam": (["optim.sampler=rademacher", "optim.rule=adam"], 2, [1e-6, 1e-5]),
+    "FO AdamW (the ceiling)": (["hybrid.fo_layers=-1", "hybrid.fo_optimizer=adamw"], 3, [1e-5, 3e-5]),
+}
+BASE = ["model.name=smollm2-135m", "model.dtype=float32", "task.num_dev=0", "run.batch_size=16",
+        "run.eval_every=0", "run.eval_batch_size=32", "run.log_every=10", "run.progress=false", "run.seed=0",
+        "optim.lazy=true", "optim.eps=1e-3"]
+
+
+def run_one(task: str, method: str, lr: float, forwards: int, n_eval: int) -> dict:
+    overrides, per_step, _ = METHODS[method]
+    steps = max(1, forwards // per_step)
+    slug = "".join(c if c.isalnum() else "-" for c in f"{task}-{method}-{lr:g}".lower()).strip("-")
+    out_dir = common.RESULTS_DIR / "runs" / f"quality-{slug}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # a checkpoint left there would resume instead of training
+    lr_key = "hybrid.fo_lr" if "hybrid.fo_layers=-1" in overrides else "optim.lr"
+    cfg = load_config(None, [*BASE, *TASKS[task], *overrides, f"{lr_key}={lr}", f"run.steps={steps}",
+                             f"task.num_eval={n_eval}", f"run.output_dir={out_dir}"])
+    start = time.perf_counter()
+    summary = train(cfg)
+    wall = time.perf_counter() - start
+    train_loss = [(r["step"], r["loss"]) for r in read_metrics(out_dir / "metrics.jsonl") if r["kind"] == "train"]
+    shutil.rmtree(summary["model"], ignore_errors=True)  # the saved weights: 540 MB a run, not needed here
+    return {"task": task, "method": method, "lr": lr, "steps": steps, "forwards": forwards_taken(cfg, per_step),
+            "eval_examples": summary["eval_examples"],
+            "zero_shot_accuracy": summary["zero_shot_accuracy"], "final_accuracy": summary["final_accuracy"],
+            "wall_s": wall, "train_loss": train_loss}
+
+
+def forwards_taken(cfg: Config, per_step: int) -> int:
+    """Forwards the run took over training batches: the estimator's per step (drawn per step for the
+    unbiased one, as the optimizer draws it), ``per_step`` for first-order AdamW."""
+    if cfg.hybrid.fo_layers == -1:
+        return cfg.run.steps * per_step
+    estimator = make_estimator(cfg.optim.estimator)
+    return sum(estimator.for_step(noise.derive_seed(cfg.run.seed, t, ESTIMATOR_DRAW)).forwards(cfg.optim.queries)
+               for t in range(cfg.run.steps))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--forwards", type=int, default=2000, help="forwards over training batches per run")
+    parser.add_argument("--lrs", type=int, default=2, help="how many lrs of each method's grid to run")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD")
+    parser.add_argument("--eval", type=int, default=300, help="eval examples per task")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
+    args = parser.parse_args()
+    name = "quality_table" + ("_quick" if args.quick else "")
+    if args.plot_only:
+        plot(name, json.loads((common.RESULTS_DIR / f"{name}.json").read_text())["results"])
+        return
+    forwards, n_eval = (8, 16) if args.quick else (args.forwards, args.eval)
+    results = []
+    for task in args.tasks:
+        for method in args.methods:
+            for lr in METHODS[method][2][: args.lrs]:
+                r = run_one(task, method, lr, forwards, n_eval)
+                results.append(r)
+                print(f"{task} {method} lr {lr:g}: {100 * r['zero_shot_accuracy']:.1f}% -> "
+                      f"{100 * r['final_accuracy']:.1f}% in {r['steps']} steps ({r['forwards']} forwards), "
+                      f"{r['wall_s']:.0f} s", flush=True)
+    settings = {"forwards_per_run": forwards, "eval_examples": n_eval, "lrs_per_method": args.lrs, "base": BASE,
+                "tasks": {t: TASKS[t] for t in args.tasks}, "methods": {m: METHODS[m] for m in args.methods},
+                "wall_s": "per run: model load, two evals (zero-shot and final) and the training steps"}
+    common.write_json(name, settings, results)
+    plot(name, results)
+
+
+def best(results: list[dict]) -> dict[tuple[str, str], dict]:
+    """The best run (final accuracy) of each (task, method) over its lr grid."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in results:
+        key = (r["task"], r["method"])
+        if key not in out or r["final_accuracy"] > out[key]["final_accuracy"]:
+            out[key] = r
+    return out
+
+
+def plot(name: str, results: list[dict]) -> None:
+    tasks = sorted({r["task"] for r in results})
+    fig, axes = common.new_figure(6 * len(tasks), 5, ncols=len(tasks))
+    axes = axes if len(tasks) > 1 else [axes]
+    top = best(results)
+    for ax, task in zip(axes, tasks, strict=True):
+        rows = [(m, r) for (t, m), r in top.items() if t == task]
+        ax.barh([m for m, _ in rows], [100 * r["final_accuracy"] for _, r in rows], color="tab:orange",
+                xerr=[100 * (r["final_accuracy"] * (1 - r["final_accuracy"]) / r["eval_examples"]) ** 0.5
+                      for _, r in rows])
+        ax.axvline(100 * rows[0][1]["zero_shot_accuracy"], color="k", ls="--", label="zero-shot")
+        ax.set_xlabel(f"{task} accuracy (%), best lr of the grid; bars: +-1 binomial s.e.")
+        ax.set_title(f"{task}: {rows[0][1]['forwards']}-forward budget")
+        ax.tick_params(axis="y", labelsize=8)
+        ax.legend(loc="lower right")
+    fig.suptitle(common.machine_label(), fontsize=8)
+    common.save_figure(fig, name)
+    print(json.dumps({f"{t} {m}": (r["lr"], r["final_accuracy"]) for (t, m), r in top.items()}))
+
+
+if __name__ == "__main__":
+    main()
