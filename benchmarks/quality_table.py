@@ -13,6 +13,7 @@ Zero-shot is measured in every run (the same number each time: the same model an
 
     python benchmarks/quality_table.py --forwards 2000 --lrs 2           # the table (a GPU: minutes)
     python benchmarks/quality_table.py --forwards 200 --lrs 1 --tasks sst2
+    python benchmarks/quality_table.py --append --methods "ZO-Adam" --lr 1e-5   # one more run into the table
     python benchmarks/quality_table.py --quick                           # 8 forwards, 16 examples: smoke
 
 Accuracy on 300 examples has a binomial standard error of about 2.7 points at 70%: differences smaller
@@ -44,7 +45,7 @@ METHODS: dict[str, tuple[list[str], int, list[float]]] = {
     "ZO-SGD (MeZO: Gaussian, central)": (["optim.sampler=normal"], 2, [3e-5, 1e-5]),
     "ZO-SGD (Rademacher)": (["optim.sampler=rademacher"], 2, [3e-5, 1e-5]),
     "FZOO (N=4, Rademacher)": (["optim.sampler=rademacher", "optim.estimator=fzoo", "optim.queries=4"], 5,
-                               [3e-4, 1e-4]),
+                               [3e-5, 3e-4]),
     "HiZOO (alpha=1e-6)": (["optim.rule=hizoo", "optim.estimator=hizoo", "optim.hessian_smoothing=1e-6"], 3,
                            [3e-5, 1e-5]),
     "Unbiased (telescoping, rho=c=1/2)": (["optim.sampler=normal", "optim.estimator=unbiased"], 5, [3e-5, 1e-5]),
@@ -98,6 +99,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD")
     parser.add_argument("--eval", type=int, default=300, help="eval examples per task")
+    parser.add_argument("--append", action="store_true",
+                        help="add these runs to the saved JSON (a run of the same task, method and lr is replaced)")
+    parser.add_argument("--lr", type=float, help="run this lr only (instead of the grid's first --lrs values)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
     args = parser.parse_args()
@@ -106,17 +110,19 @@ def main() -> None:
         plot(name, json.loads((common.RESULTS_DIR / f"{name}.json").read_text())["results"])
         return
     forwards, n_eval = (8, 16) if args.quick else (args.forwards, args.eval)
-    results = []
+    saved = common.RESULTS_DIR / f"{name}.json"
+    results = json.loads(saved.read_text())["results"] if args.append and saved.exists() else []
     for task in args.tasks:
         for method in args.methods:
-            for lr in METHODS[method][2][: args.lrs]:
+            for lr in [args.lr] if args.lr is not None else METHODS[method][2][: args.lrs]:
+                results = [r for r in results if (r["task"], r["method"], r["lr"]) != (task, method, lr)]
                 r = run_one(task, method, lr, forwards, n_eval)
                 results.append(r)
                 print(f"{task} {method} lr {lr:g}: {100 * r['zero_shot_accuracy']:.1f}% -> "
                       f"{100 * r['final_accuracy']:.1f}% in {r['steps']} steps ({r['forwards']} forwards), "
                       f"{r['wall_s']:.0f} s", flush=True)
     settings = {"forwards_per_run": forwards, "eval_examples": n_eval, "lrs_per_method": args.lrs, "base": BASE,
-                "tasks": {t: TASKS[t] for t in args.tasks}, "methods": {m: METHODS[m] for m in args.methods},
+                "tasks": TASKS, "methods": METHODS,
                 "wall_s": "per run: model load, two evals (zero-shot and final) and the training steps"}
     common.write_json(name, settings, results)
     plot(name, results)

@@ -430,6 +430,43 @@ def test_killed_rank_ends_the_job_and_the_run_resumes(base_model, tmp_path):
     assert [r["step"] for r in records] == list(range(saved + 2))  # no step lost or repeated
 
 
+def test_whole_job_killed_at_a_random_moment_resumes_on_two_ranks_bit_for_bit(base_model, tmp_path):
+    """kill -9 of every process of a 2-rank ZeRO-3 job at a random moment after its first checkpoint (a step,
+    an evaluation, any rank's half of a checkpoint being written or committed), then the same command: the
+    run ends where an uninterrupted one does, losses and weights bit for bit. The moment is drawn anew each
+    run (fuzzing); the assertion messages give it."""
+    steps, every = 10, 2
+    straight = launched([*torchrun(), "--deepspeed", "ds_configs/zero3.json",
+                         *overrides(base_model, tmp_path / "straight", steps=steps, save_every=every)],
+                        tmp_path / "straight")
+    out = tmp_path / "killed"
+    cmd = [*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out, steps=steps,
+                                                                           save_every=every)]
+    delay = int.from_bytes(os.urandom(2), "little") / 65536 * 6.0  # seconds after the first checkpoint
+    with open(tmp_path / "killed.log", "w") as log:
+        job = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + TIMEOUT_S
+            while not (out / "checkpoint" / "trainer_state.json").exists() and job.poll() is None:
+                assert time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.05)
+            time.sleep(delay)
+            os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks at once
+        finally:
+            job.wait(timeout=BOUNDED_EXIT_S)
+    state = out / "checkpoint" / "trainer_state.json"
+    saved = json.loads(state.read_text())["step"] if state.exists() else None
+    where = f"killed {delay:.2f} s after the first checkpoint; last whole checkpoint at step {saved}"
+    launched(cmd, out)  # the same command again
+    assert json.loads((out / "summary.json").read_text())["steps"] == steps, where
+    got, want = weights(out), weights(straight)
+    assert all(torch.equal(got[n], want[n]) for n in want), where
+    records = [json.loads(line) for line in (out / "seedlog.jsonl").read_text().splitlines()[1:]]
+    straight_records = [json.loads(line) for line in (straight / "seedlog.jsonl").read_text().splitlines()[1:]]
+    assert records == straight_records, where  # every step once, with the same projected gradients
+
+
 @pytest.mark.parametrize(("ds_config", "message"), [
     ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}, "'optimizer' section"),
     ({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 3},

@@ -1,6 +1,7 @@
 """ZOTrainer: a Hugging Face Trainer whose steps are exactly ZO steps, resumable, and refusing what ZO cannot do."""
 
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -122,4 +123,6 @@ def test_the_example_runs_under_torchrun_on_two_ranks(tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "accuracy" in result.stdout and "in 4 ZO steps" in result.stdout
+    state = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2.0  # 64 rows, 2 ranks x 16 a step: each rank took its own half of every epoch
     assert (tmp_path / "out" / "checkpoint-4" / "optimizer.pt").exists()

@@ -238,12 +238,10 @@ class FactorDirection(Direction):
 
 
 @dataclass
-class PreconditionedDirection(Direction):
-    """z = inner z / sqrt(H) elementwise, H a per-element fp32 state of the local shard (HiZOO's diagonal
-    Hessian): ``scale_of(shard)`` gives H over the shard's elements [offset, offset + numel)."""
+class WrappedDirection(Direction):
+    """A direction made from ``inner``: its seed and estimate scale are inner's."""
 
     inner: Direction
-    scale_of: Callable[[ParamShard], torch.Tensor] = field(repr=False)
 
     @property
     def seed(self) -> int:  # type: ignore[override]
@@ -251,6 +249,14 @@ class PreconditionedDirection(Direction):
 
     def estimate_scale(self, shard: ParamShard) -> float:
         return self.inner.estimate_scale(shard)
+
+
+@dataclass
+class PreconditionedDirection(WrappedDirection):
+    """z = inner z / sqrt(H) elementwise, H a per-element fp32 state of the local shard (HiZOO's diagonal
+    Hessian): ``scale_of(shard)`` gives H over the shard's elements [offset, offset + numel)."""
+
+    scale_of: Callable[[ParamShard], torch.Tensor] = field(repr=False)
 
     def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor | None:
         z = self.inner.z(shard, start, count)
@@ -273,18 +279,10 @@ class PreconditionedDirection(Direction):
 
 
 @dataclass
-class BlockDirection(Direction):
+class BlockDirection(WrappedDirection):
     """``inner`` restricted to the parameters whose streams are in ``active``; zero elsewhere."""
 
-    inner: Direction
     active: frozenset[int]
-
-    @property
-    def seed(self) -> int:  # type: ignore[override]
-        return self.inner.seed
-
-    def estimate_scale(self, shard: ParamShard) -> float:
-        return self.inner.estimate_scale(shard)
 
     def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor | None:
         return self.inner.z(shard, start, count) if shard.stream in self.active else None

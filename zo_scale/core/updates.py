@@ -37,6 +37,14 @@ from zo_scale.core.directions import Direction, FactorDirection, LowRankDirectio
 from zo_scale.core.shards import ParamShard
 
 
+def estimate(zs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """g_hat = sum_i w_i z_i, summed in this order on every path (eager chunks and the compiled kernel)."""
+    g = zs[0] * weights[0]
+    for z, w in zip(zs[1:], weights[1:], strict=True):
+        g = g + z * w
+    return g
+
+
 class UpdateRule:
     """``direction`` maps g_hat to the step direction u; ``buffers`` names its per-element state."""
 
@@ -74,11 +82,8 @@ class UpdateRule:
         scalars: Sequence[float],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """u from the update's directions (fp32 z_i of one chunk or shard) and weights w_i: by default
-        ``direction`` of g_hat = sum_i w_i z_i, summed in this order on every path."""
-        g = zs[0] * weights[0]
-        for z, w in zip(zs[1:], weights[1:], strict=True):
-            g = g + z * w
-        return self.direction(g, state, scalars)
+        ``direction`` of g_hat (:func:`estimate`)."""
+        return self.direction(estimate(zs, weights), state, scalars)
 
     def direction(
         self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
@@ -104,31 +109,6 @@ class Sign(UpdateRule):
 
 
 @dataclass
-class SignMomentum(UpdateRule):
-    r"""M-SignSGD (signum): the sign of an average,
-    :math:`m \leftarrow \beta m + (1 - \beta)\hat g,\ u = \mathrm{sign}(m)`.
-
-    For heavy-tailed gradient noise (Kornilov et al., arXiv 2502.07923, the sign methods the MIPT study
-    cites): the average shrinks the noise's tails and the sign bounds every step at lr per element,
-    where ZO-SGD-Sign (:class:`Sign`) takes the sign of one noisy estimate. ``beta`` is a tuned constant
-    here (the paper derives 1 - beta from the horizon and the noise's moments); m starts at zero.
-    """
-
-    beta: float = 0.9
-    buffers = ("momentum",)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.beta < 1.0:
-            raise ValueError(f"sign-momentum beta must be in [0, 1), got {self.beta}")
-
-    def direction(
-        self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        m = state["momentum"] * self.beta + g * (1 - self.beta)
-        return torch.sign(m), {"momentum": m}
-
-
-@dataclass
 class Momentum(UpdateRule):
     beta: float = 0.9
     buffers = ("momentum",)
@@ -142,6 +122,24 @@ class Momentum(UpdateRule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m = state["momentum"] * self.beta + g
         return m, {"momentum": m}
+
+
+@dataclass
+class SignMomentum(Momentum):
+    r"""M-SignSGD (signum): the sign of an average,
+    :math:`m \leftarrow \beta m + (1 - \beta)\hat g,\ u = \mathrm{sign}(m)`.
+
+    For heavy-tailed gradient noise (Kornilov et al., arXiv 2502.07923, the sign methods the MIPT study
+    cites): the average shrinks the noise's tails and the sign bounds every step at lr per element,
+    where ZO-SGD-Sign (:class:`Sign`) takes the sign of one noisy estimate. ``beta`` is a tuned constant
+    here (the paper derives 1 - beta from the horizon and the noise's moments); m starts at zero.
+    """
+
+    def direction(
+        self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = state["momentum"] * self.beta + g * (1 - self.beta)
+        return torch.sign(m), {"momentum": m}
 
 
 @dataclass
@@ -285,10 +283,7 @@ class DiagonalHessian(UpdateRule):
         for c, z in zip(curvatures[1:], zs[1:], strict=True):
             seen = seen + c * z * z
         h_new = h * (1 - alpha) + alpha * seen * h * h
-        g = zs[0] * weights[0]
-        for z, w in zip(zs[1:], weights[1:], strict=True):
-            g = g + z * w
-        return g * (sqrt64(h) / sqrt64(h_new)), {"hessian": h_new}
+        return estimate(zs, weights) * (sqrt64(h) / sqrt64(h_new)), {"hessian": h_new}
 
 
 RULES = {"sgd": SGD, "sign": Sign, "sign-momentum": SignMomentum, "momentum": Momentum, "adam": Adam,

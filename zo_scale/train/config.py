@@ -105,6 +105,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     tensorboard: bool = False
+    trackers: list[str] = field(default_factory=list)  # accelerate's trackers: wandb, mlflow, comet_ml, aim, ...
     progress: bool = True
 
 

@@ -39,6 +39,7 @@ from zo_scale.train.config import Config, ConfigError
 from zo_scale.train.metrics import MetricsLog, peak_memory, plot_metrics
 from zo_scale.train.run_optimizer import RunOptimizer
 from zo_scale.train.select_runtime import make_runtime
+from zo_scale.train.trackers import Trackers, check_trackers
 from zo_scale.train.trainable import load_trainable
 
 log = logging.getLogger("zo_scale")
@@ -85,6 +86,7 @@ def _check(cfg: Config) -> None:
     if cfg.task.num_eval == 0:
         raise ConfigError("task.num_eval=0: the run evaluates before and after training; give it at least 1 "
                           "example (-1: the whole eval split)")
+    check_trackers(cfg.run.trackers)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -158,8 +160,9 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config_json, sort_keys=False))
         seedlog.write_header(out / "seedlog.jsonl", config_json, keep_steps_below=start)
+        trackers = Trackers(cfg.run.trackers, out.name, out / "trackers", config_json) if cfg.run.trackers else None
         metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if cfg.run.tensorboard else None,
-                             keep_steps_upto=start)
+                             keep_steps_upto=start, trackers=trackers)
 
     def evaluate(step: int, examples: list[EncodedExample], split: str) -> float:
         optimizer.flush()

@@ -1,4 +1,5 @@
-"""Metrics: one JSON object per line in ``metrics.jsonl``, optionally TensorBoard, and a PNG at the end."""
+"""Metrics: one JSON object per line in ``metrics.jsonl``, optionally TensorBoard and experiment trackers, and a
+PNG at the end."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ from typing import Any
 
 import torch
 
+from zo_scale.train.trackers import Trackers
+
 
 class MetricsLog:
     """Appends ``{"step": t, "kind": "train"|"eval", ...}`` records; mirrors scalars to TensorBoard if asked."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, keep_steps_upto: int = 0) -> None:
-        """Starts ``path`` afresh, keeping (on resume) the records of steps <= ``keep_steps_upto``."""
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, keep_steps_upto: int = 0,
+                 trackers: Trackers | None = None) -> None:
+        """Starts ``path`` afresh, keeping (on resume) the records of steps <= ``keep_steps_upto``;
+        ``trackers`` (:mod:`zo_scale.train.trackers`) get every record too."""
+        self.trackers = trackers
         self.path = path
         resuming = keep_steps_upto > 0 and path.exists()
         kept = [r for r in read_metrics(path) if r["step"] <= keep_steps_upto] if resuming else []
@@ -35,10 +41,14 @@ class MetricsLog:
             for name, value in values.items():
                 if isinstance(value, int | float):
                     self.writer.add_scalar(f"{kind}/{name}", value, step)
+        if self.trackers is not None:
+            self.trackers.log(step, kind, values)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.trackers is not None:
+            self.trackers.finish()
 
 
 def peak_memory() -> dict[str, int | None]:

@@ -71,6 +71,18 @@ def read_deepspeed_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def check_deepspeed_config(ds: dict[str, Any], cfg: Config, world: int) -> tuple[str, dict[str, Any]]:
+    """The runtime's name and ``ds`` reconciled with the run: its sections' shapes checked first, so that
+    a misshapen config is a ConfigError naming the section, not an error from inside the checks."""
+    for section in ("zero_optimization", *DTYPE_SECTIONS.values()):
+        if section in ds and not isinstance(ds[section], dict):
+            raise ConfigError(f"DeepSpeed config: {section} must be a JSON object, got {json.dumps(ds[section])}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        raise ConfigError(f"DeepSpeed config: zero_optimization.stage must be an integer (0-3), got {stage!r}")
+    return resolve_mode(cfg, ds, world), reconcile_deepspeed_config(ds, cfg, world)
+
+
 def reconcile_deepspeed_config(ds: dict[str, Any], cfg: Config, world: int) -> dict[str, Any]:
     """``ds`` checked against the run config, with accelerate's "auto" values filled in; a new dict."""
     ds = json.loads(json.dumps(ds))
@@ -145,11 +157,12 @@ def make_runtime(cfg: Config) -> Runtime:
         ds = accelerate_deepspeed_config(cfg)
     else:
         ds = None
-    mode = resolve_mode(cfg, ds, world)
     if cfg.run.batch_size % world:
         raise ConfigError(f"run.batch_size={cfg.run.batch_size} does not split evenly over {world} ranks")
-    if ds is not None:
-        ds = reconcile_deepspeed_config(ds, cfg, world)
+    if ds is None:
+        mode = resolve_mode(cfg, ds, world)
+    else:
+        mode, ds = check_deepspeed_config(ds, cfg, world)
     if mode == "single":
         return Runtime()
     if cfg.dist.timeout_s <= 0:
