@@ -112,6 +112,8 @@ def main() -> None:
     forwards, n_eval = (8, 16) if args.quick else (args.forwards, args.eval)
     saved = common.RESULTS_DIR / f"{name}.json"
     results = json.loads(saved.read_text())["results"] if args.append and saved.exists() else []
+    settings = {"forwards_per_run": forwards, "eval_examples": n_eval, "base": BASE, "tasks": TASKS,
+                "methods": METHODS, "wall_s": "per run: model load, two evals (zero-shot and final) and the steps"}
     for task in args.tasks:
         for method in args.methods:
             for lr in [args.lr] if args.lr is not None else METHODS[method][2][: args.lrs]:
@@ -121,10 +123,7 @@ def main() -> None:
                 print(f"{task} {method} lr {lr:g}: {100 * r['zero_shot_accuracy']:.1f}% -> "
                       f"{100 * r['final_accuracy']:.1f}% in {r['steps']} steps ({r['forwards']} forwards), "
                       f"{r['wall_s']:.0f} s", flush=True)
-    settings = {"forwards_per_run": forwards, "eval_examples": n_eval, "lrs_per_method": args.lrs, "base": BASE,
-                "tasks": TASKS, "methods": METHODS,
-                "wall_s": "per run: model load, two evals (zero-shot and final) and the training steps"}
-    common.write_json(name, settings, results)
+                common.write_json(name, settings, results)  # after every run: a stopped table keeps its runs
     plot(name, results)
 
 

@@ -435,14 +435,14 @@ def test_whole_job_killed_at_a_random_moment_resumes_on_two_ranks_bit_for_bit(ba
     an evaluation, any rank's half of a checkpoint being written or committed), then the same command: the
     run ends where an uninterrupted one does, losses and weights bit for bit. The moment is drawn anew each
     run (fuzzing); the assertion messages give it."""
-    steps, every = 10, 2
+    steps, every = 8, 2
     straight = launched([*torchrun(), "--deepspeed", "ds_configs/zero3.json",
                          *overrides(base_model, tmp_path / "straight", steps=steps, save_every=every)],
                         tmp_path / "straight")
     out = tmp_path / "killed"
     cmd = [*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out, steps=steps,
                                                                            save_every=every)]
-    delay = int.from_bytes(os.urandom(2), "little") / 65536 * 6.0  # seconds after the first checkpoint
+    delay = int.from_bytes(os.urandom(2), "little") / 65536 * 4.0  # seconds after the first checkpoint
     with open(tmp_path / "killed.log", "w") as log:
         job = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -34,7 +34,6 @@ OPTIMIZERS = {
     "sparse": lambda p, k: zo_scale.SparseZO(p, lr=1e-2, sparsity=0.5, kernel=k),
     "master-adam": lambda p, k: zo_scale.ZOAdam(p, lr=1e-3, master_weights=True, lazy=True, kernel=k),
     "hizoo": lambda p, k: zo_scale.HiZOO(p, lr=1e-3, alpha=0.1, kernel=k),  # H^-1/2 z generated in the kernel
-    "sign-momentum": lambda p, k: zo_scale.ZOSignSGD(p, lr=1e-3, momentum=0.9, kernel=k),
 }
 
 
