@@ -430,18 +430,22 @@ def test_killed_rank_ends_the_job_and_the_run_resumes(base_model, tmp_path):
     assert [r["step"] for r in records] == list(range(saved + 2))  # no step lost or repeated
 
 
-def test_whole_job_killed_at_a_random_moment_resumes_on_two_ranks_bit_for_bit(base_model, tmp_path):
-    """kill -9 of every process of a 2-rank ZeRO-3 job at a random moment after its first checkpoint (a step,
-    an evaluation, any rank's half of a checkpoint being written or committed), then the same command: the
-    run ends where an uninterrupted one does, losses and weights bit for bit. The moment is drawn anew each
-    run (fuzzing); the assertion messages give it."""
+@pytest.mark.parametrize("job", ["one process", "2-rank ZeRO-3"])
+def test_job_killed_at_a_random_moment_resumes_bit_for_bit(base_model, tmp_path, job):
+    """kill -9 of every process of a job at a random moment after its first checkpoint (a step, an
+    evaluation, a checkpoint or a rank's share of it being written or committed), then the same command:
+    the run ends where an uninterrupted one does, losses and weights bit for bit. The moment is drawn anew
+    each run (fuzzing); the assertion messages give it."""
     steps, every = 8, 2
-    straight = launched([*torchrun(), "--deepspeed", "ds_configs/zero3.json",
-                         *overrides(base_model, tmp_path / "straight", steps=steps, save_every=every)],
-                        tmp_path / "straight")
+
+    def command(out: Path) -> list[str]:
+        launcher = ([sys.executable, "launch/train.py"] if job == "one process"
+                    else [*torchrun(), "--deepspeed", "ds_configs/zero3.json"])
+        return [*launcher, *overrides(base_model, out, steps=steps, save_every=every)]
+
+    straight = launched(command(tmp_path / "straight"), tmp_path / "straight")
     out = tmp_path / "killed"
-    cmd = [*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out, steps=steps,
-                                                                           save_every=every)]
+    cmd = command(out)
     delay = int.from_bytes(os.urandom(2), "little") / 65536 * 4.0  # seconds after the first checkpoint
     with open(tmp_path / "killed.log", "w") as log:
         job = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

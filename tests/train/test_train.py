@@ -118,6 +118,10 @@ def test_seed_log_records_the_sweep_arithmetic_and_an_old_log_is_flagged(tmp_pat
     log.write_text(json.dumps({"header": {"run": {"seed": 1}}}) + "\n")  # written before the version existed
     assert seedlog.read_header(log) == {"run": {"seed": 1}}
     assert "sweep arithmetic version 1" in caplog.text and "not bit for bit" in caplog.text
+    lozo = {"optim": {"sampler": "lowrank"}}
+    log.write_text(json.dumps({"header": lozo, "sweep_arithmetic": 3}) + "\n")  # LOZO's steps changed in 4
+    with pytest.raises(ValueError, match="LOZO directions take other steps since version 4"):
+        seedlog.read_header(log)
 
 
 def test_resume_refuses_a_changed_trajectory(run_cli, capsys):

@@ -48,7 +48,7 @@ def append(path: Path, record: StepRecord) -> None:
 
 def read_header(path: Path) -> dict[str, Any]:
     """The logged config; warns when the log was written with another sweep arithmetic (logs from
-    before the version was recorded are version 1)."""
+    before the version was recorded are version 1), and refuses a log whose directions have changed since."""
     with path.open() as f:
         line = f.readline()
     try:
@@ -57,13 +57,18 @@ def read_header(path: Path) -> dict[str, Any]:
         first = {}
     if not isinstance(first, dict) or "header" not in first:
         raise ValueError(f"{path}: not a zo-scale seed log (first line has no header)")
-    version = first.get("sweep_arithmetic", 1)
+    version, header = first.get("sweep_arithmetic", 1), first["header"]
+    optim = header.get("optim", {}) if isinstance(header, dict) else {}
+    changed = {3: ("sparse directions", optim.get("sampler") == "sparse"),  # other masks before version 3
+               4: ("LOZO directions", optim.get("sampler") == "lowrank")}  # other steps before version 4
+    for since, (what, applies) in changed.items():
+        if version < since and applies:
+            raise ValueError(f"{path}: written with sweep arithmetic version {version}; {what} take other steps "
+                             f"since version {since} (this zo-scale: {ARITHMETIC_VERSION}), so it cannot be replayed")
     if version != ARITHMETIC_VERSION:
         log.warning("%s was written with sweep arithmetic version %s, this zo-scale uses %s: the replayed weights "
-                    "equal the trained ones to rounding error, not bit for bit (a sparse-direction run from before "
-                    "version 3 drew other masks, and a LOZO / LOZO-M run from before version 4 took other steps: "
-                    "those do not replay)", path, version, ARITHMETIC_VERSION)
-    return first["header"]
+                    "equal the trained ones to rounding error, not bit for bit", path, version, ARITHMETIC_VERSION)
+    return header
 
 
 def read_records(path: Path) -> Iterator[StepRecord]:
