@@ -32,12 +32,14 @@ see the README) and the optim keys Trainer owns (``lr``, ``weight_decay``, ``sch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import transformers
 
+from zo_scale.backends.replicated import DistributedRuntime
 from zo_scale.core.optimizer import ZOOptimizer
 from zo_scale.train.build import build_rule, build_sampler
 from zo_scale.train.config import ConfigError, OptimConfig, apply_key
@@ -79,14 +81,12 @@ def zo_settings(zo: dict[str, Any] | None) -> OptimConfig:
     return settings
 
 
-def _mean_over_ranks(losses: torch.Tensor) -> torch.Tensor:
-    """The losses averaged over data-parallel ranks (float64, one all-reduce)."""
+def _loss_reduce() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The mean over data-parallel ranks (one all-reduce of a step's losses) where the launcher started
+    several; the process group is Trainer's (accelerate's)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return losses
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    reduced = losses.to(device)
-    dist.all_reduce(reduced)
-    return reduced.cpu() / dist.get_world_size()
+        return None
+    return DistributedRuntime(dist.get_backend()).mean
 
 
 class ZOTrainer(transformers.Trainer):
@@ -119,7 +119,7 @@ class ZOTrainer(transformers.Trainer):
                     named, self.args.learning_rate, cfg.eps, rule=build_rule(cfg), sampler=build_sampler(cfg),
                     estimator=cfg.estimator, queries=cfg.queries, weight_decay=self.args.weight_decay,
                     seed=self.args.seed, conservative=cfg.conservative, master_weights=cfg.master_weights,
-                    kernel=cfg.kernel, loss_reduce=_mean_over_ranks, model=model,
+                    kernel=cfg.kernel, loss_reduce=_loss_reduce(), model=model,
                 )
             except ValueError as e:
                 raise ConfigError(f"zo: {e}") from None
