@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/zo-scale demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check zo_scale tests benchmarks launch
+	$(BIN)/ruff check zo_scale tests benchmarks launch examples
 
 test: lint
 	$(BIN)/pytest -q -m "slow or not slow"
