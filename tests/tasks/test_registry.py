@@ -5,7 +5,8 @@ import pytest
 
 from zo_scale.tasks import BUILTIN_TASKS, DEMO_DATA_DIR, TaskDataError, find_data_dir, get_task, read_tsv
 
-BUILTIN_NAMES = ["sst2", "sst2-demo", "rte", "cb", "boolq", "wic", "wsc", "multirc", "copa", "winogrande"]
+BUILTIN_NAMES = ["sst2", "sst2-demo", "rte", "cb", "boolq", "wic", "wsc", "multirc", "copa", "winogrande",
+                 "sst5", "mnli", "trec", "squad", "squad-demo", "drop", "drop-demo"]
 
 
 def test_builtin_names_case_insensitive():
@@ -15,8 +16,8 @@ def test_builtin_names_case_insensitive():
 
 
 def test_unknown_name_lists_known_names():
-    with pytest.raises(ValueError, match="unknown task 'mnli'") as err:
-        get_task("mnli")
+    with pytest.raises(ValueError, match="unknown task 'snli'") as err:
+        get_task("snli")
     assert all(name in str(err.value) for name in BUILTIN_NAMES)
 
 

@@ -1,6 +1,14 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from zo_scale.train.cli import main
+
+ROOT = Path(__file__).parents[2]
 
 TINY = ["model.name=tiny-llama", "task.name=sst2-demo", "task.num_train=32", "task.num_eval=16",
         "run.batch_size=4", "run.eval_batch_size=16", "run.progress=false", "optim.lr=1e-3", "run.log_every=2"]
@@ -20,5 +28,26 @@ def run_cli(tmp_path):
         out_dir = tmp_path / out
         code = main([command, *flags, *TINY, f"run.output_dir={out_dir}", *args])
         return code, out_dir
+
+    return run
+
+
+@pytest.fixture
+def run_zero3_job(tmp_path):
+    """Run ``deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero3.json <overrides>`` (2 CPU
+    ranks over gloo) to completion; returns the output dir. The job's log is in the failure message."""
+
+    def run(*overrides: str, out: str = "zero3"):
+        with socket.socket() as s:  # a port free right now: fixed ones collide with other jobs
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out_dir, log = tmp_path / out, tmp_path / f"{out}.log"
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+               "launch/train.py", "--deepspeed", "ds_configs/zero3.json", *overrides, f"run.output_dir={out_dir}"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        with open(log, "w") as f:
+            result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300)
+        assert result.returncode == 0, log.read_text()[-3000:]
+        return out_dir
 
     return run

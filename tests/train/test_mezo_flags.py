@@ -39,9 +39,18 @@ def test_flags_left_out_take_mezos_defaults_and_the_other_modes_map_too():
     assert (fo.hybrid.fo_layers, fo.hybrid.fo_lr, fo.peft.method, fo.peft.num_virtual_tokens) == (-1, 1e-5, "prefix", 3)
 
 
+def test_mezos_squad_command_with_the_non_differentiable_objective_maps_to_f1():
+    """MeZO's generation runs: SQuAD/DROP, --non_diff (train on F1), --max_new_tokens."""
+    flags = ["--task_name", "SQuAD", "--trainer", "zo", "--max_steps", "5", "--non_diff", "--max_new_tokens", "30"]
+    cfg = load_config(None, mezo_overrides(flags)[0])
+    assert (cfg.task.name, cfg.task.loss, cfg.task.max_new_tokens) == ("squad", "f1", 30)
+    cfg = load_config(None, mezo_overrides(["--task_name", "DROP", "--trainer", "zo", "--max_steps", "5"])[0])
+    assert (cfg.task.name, cfg.task.loss) == ("drop", "lm")
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--sfc"], "MeZO flags zo-scale cannot honor: --sfc"),
-    (["--task_name", "SQuAD"], "generation tasks"),
+    (["--task_name", "ReCoRD"], "--task_name ReCoRD: not in zo-scale"),
     (["--task_name", "MNLI"], "--task_name MNLI: unknown"),
     (["--trainer", "none"], "only evaluates"),
     (["--prefix_tuning"], "add --no_reparam"),

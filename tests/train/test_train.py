@@ -171,9 +171,9 @@ def test_a_data_row_without_its_label_is_named(run_cli, capsys, tmp_path):
 
 
 def test_persistent_non_finite_loss_stops_with_a_clear_error(run_cli, capsys, monkeypatch):
-    from zo_scale.train import loop
+    from zo_scale.train import objectives
 
-    monkeypatch.setattr(loop, "batch_loss", lambda scores, labels, loss: torch.tensor(float("nan")))
+    monkeypatch.setattr(objectives, "batch_loss", lambda scores, labels, loss: torch.tensor(float("nan")))
     code, out = run_cli("run.steps=6", "run.max_nonfinite=2", "run.save_every=1")
     assert code == 2
     err = capsys.readouterr().err

@@ -7,7 +7,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from zo_scale.models.architectures import RANDOM_PREFIX, architecture_config, random_model
 from zo_scale.models.quantized import (
@@ -18,10 +26,19 @@ from zo_scale.models.quantized import (
     saved_quantization,
 )
 from zo_scale.models.smollm2 import SMOLLM2_NAME, smollm2_folder
-from zo_scale.models.tiny import TINY_ARCHS, build_byte_tokenizer, build_tiny_model
+from zo_scale.models.tiny import (
+    TINY_ARCHS,
+    TINY_MASKED_ARCHS,
+    build_byte_tokenizer,
+    build_masked_tokenizer,
+    build_tiny_masked_lm,
+    build_tiny_model,
+)
 
 TINY_MODELS = {f"tiny-{arch}": arch for arch in TINY_ARCHS}
-BUILTIN_MODELS = (SMOLLM2_NAME, *TINY_MODELS)
+TINY_MASKED_MODELS = {f"tiny-{arch}": arch for arch in TINY_MASKED_ARCHS}
+BUILTIN_MODELS = (SMOLLM2_NAME, *TINY_MODELS, *TINY_MASKED_MODELS)
+HEADS = ("causal", "masked")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -57,17 +74,48 @@ def _checkpoint_quantization(weights: str | Path) -> str:
         raise ModelLoadError(f"cannot load weights from {weights}: {err}") from None
 
 
+def is_masked_lm(config: PretrainedConfig) -> bool:
+    """Whether a model config is a masked LM's (RoBERTa, BERT, ...): its saved architecture is a
+    ``*ForMaskedLM`` class. RoBERTa and BERT also have causal-LM classes; a checkpoint names the one
+    it was trained as."""
+    return any(arch.endswith("ForMaskedLM") for arch in getattr(config, "architectures", None) or ())
+
+
+def model_head(name: str) -> str:
+    """'masked' or 'causal': how model `name` (as :func:`load_model` takes it) scores a prompt, read
+    from its config alone (no weights load). Raises ModelLoadError when there is no config to read."""
+    if name in TINY_MASKED_MODELS:
+        return "masked"
+    if name in TINY_MODELS or name == SMOLLM2_NAME or name.startswith(RANDOM_PREFIX):
+        return "causal"
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise _not_loadable(name, None, err) from err
+    return "masked" if is_masked_lm(config) else "causal"
+
+
+def _not_loadable(name: str, weights: str | Path | None, err: Exception) -> ModelLoadError:
+    reason = next(iter(str(err).strip().splitlines()), type(err).__name__)
+    return ModelLoadError(
+        f"cannot load model {name!r}{f' with weights from {weights}' if weights else ''}: it is not a built-in "
+        f"name ({', '.join(BUILTIN_MODELS)}) nor a loadable local folder or hub id ({reason})"
+    )
+
+
 def _from_pretrained(
-    source: str | Path, torch_dtype: torch.dtype, quantization: str, device: str, prequantized: bool = False
+    source: str | Path, torch_dtype: torch.dtype, quantization: str, device: str, prequantized: bool = False,
+    masked: bool = False,
 ) -> PreTrainedModel:
+    auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
     if quantization == "none":
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        return auto.from_pretrained(source, dtype=torch_dtype)
     # bitsandbytes quantizes while loading, onto the device named here (its layers cannot be moved by
     # .to() afterwards); `dtype` is that of the layers it leaves in float (embeddings, norms, lm_head).
     # A folder saved quantized brings its own quantization_config (transformers would ignore ours, warning;
     # an explicit quantization_config=None makes it skip the saved one and re-initialise the quantized layers).
     extra = {} if prequantized else {"quantization_config": bnb_config(quantization, torch_dtype)}
-    return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map={"": device}, **extra)
+    return auto.from_pretrained(source, dtype=torch_dtype, device_map={"": device}, **extra)
 
 
 def _random_model(arch: str, dtype: torch.dtype, seed: int, tokens: int, quantization: str) -> PreTrainedModel:
@@ -92,7 +140,8 @@ def load_model(
     weights: str | Path | None = None,
     quantization: str = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, ready for batched forward passes.
+    """Load a causal or masked LM (:func:`model_head` says which) and its tokenizer, ready for batched
+    forward passes.
 
     `name` is a built-in (see `BUILTIN_MODELS`), a local HF folder or a hub id, or ``random:<arch>``:
     the architecture of a shipped config name (``zo_scale.models.ARCHITECTURES``, e.g. ``random:llama-2-13b``),
@@ -100,7 +149,8 @@ def load_model(
     :mod:`zo_scale.models.architectures`). `seed` only affects the randomly initialised models.
     `weights`: a folder saved by ``save_pretrained`` (e.g. a checkpoint) to take the weights from
     instead; the tokenizer still comes from `name`. The model comes back in eval mode on `device`;
-    the tokenizer pads on the left and always has a pad token.
+    the tokenizer pads on the left and always has a pad token; a masked LM's tokenizer must have a mask
+    token (ModelLoadError otherwise).
 
     `quantization` ('none', 'int8' or 'nf4'; ``zo_scale.models.QUANTIZATIONS``) loads the base model
     through bitsandbytes (``pip install 'zo-scale[quant]'``) directly onto `device`: 'int8' is
@@ -128,13 +178,19 @@ def load_model(
         bnb_config(quantization, torch_dtype)  # ImportError naming the extra before any loading starts
     source = str(smollm2_folder()) if name == SMOLLM2_NAME else name
     random_arch = name.removeprefix(RANDOM_PREFIX) if name.startswith(RANDOM_PREFIX) else None
+    masked = model_head(name) == "masked"
     try:
-        byte_level = name in TINY_MODELS or random_arch is not None
-        tokenizer = build_byte_tokenizer() if byte_level else AutoTokenizer.from_pretrained(source)
+        if name in TINY_MASKED_MODELS:
+            tokenizer = build_masked_tokenizer()
+        elif name in TINY_MODELS or random_arch is not None:
+            tokenizer = build_byte_tokenizer()
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source)
         if weights is not None:
-            model = _from_pretrained(weights, torch_dtype, quantization, device, prequantized=saved != "none")
-        elif name in TINY_MODELS:
-            model = build_tiny_model(TINY_MODELS[name], seed=seed, dtype=torch_dtype)
+            model = _from_pretrained(weights, torch_dtype, quantization, device, saved != "none", masked)
+        elif name in TINY_MODELS or name in TINY_MASKED_MODELS:
+            model = (build_tiny_masked_lm(TINY_MASKED_MODELS[name], seed=seed, dtype=torch_dtype) if masked
+                     else build_tiny_model(TINY_MODELS[name], seed=seed, dtype=torch_dtype))
             if quantization != "none":
                 # bitsandbytes quantizes in from_pretrained only: go through a folder. The float tensors
                 # stay mapped copy-on-write from its safetensors file, so ZO edits never reach the file
@@ -142,19 +198,18 @@ def load_model(
                 # that refuse to delete a mapped file the folder is left behind, not an error).
                 with tempfile.TemporaryDirectory(prefix="zo_scale_tiny_", ignore_cleanup_errors=True) as folder:
                     model.save_pretrained(folder)
-                    model = _from_pretrained(folder, torch_dtype, quantization, device)
+                    model = _from_pretrained(folder, torch_dtype, quantization, device, masked=masked)
         elif random_arch is not None:
             model = _random_model(random_arch, torch_dtype, seed, len(tokenizer), quantization)
         else:
-            model = _from_pretrained(source, torch_dtype, quantization, device)
+            model = _from_pretrained(source, torch_dtype, quantization, device, masked=masked)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as err:
-        reason = next(iter(str(err).strip().splitlines()), type(err).__name__)
-        raise ModelLoadError(
-            f"cannot load model {name!r}{f' with weights from {weights}' if weights else ''}: it is not a built-in "
-            f"name ({', '.join(BUILTIN_MODELS)}) nor a loadable local folder or hub id ({reason})"
-        ) from err
+        raise _not_loadable(name, weights, err) from err
+    if masked and tokenizer.mask_token_id is None:
+        raise ModelLoadError(f"model {name!r} is a masked LM ({type(model).__name__}) but its tokenizer has no mask "
+                             "token: prompt-based fine-tuning scores the label words at the mask")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

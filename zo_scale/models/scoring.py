@@ -9,6 +9,9 @@ When all options share the context and each continuation is one token (SST-2's "
 " terrible"), one sequence per example suffices: the scores are the log-probabilities of the option
 tokens at the last position. Same numbers, half the forwards.
 
+Masked LMs score their examples (:class:`MaskedExample`) by the label word at the mask instead
+(:mod:`zo_scale.models.masked_scoring`); :func:`option_scores` and what builds on it take either.
+
 Losses (both in nats, averaged over the batch):
 - ``"ce"``: cross-entropy over the options' scores, -log softmax(scores)[label] (MeZO's classification loss);
 - ``"lm"``: -mean log p(correct continuation | context), the plain LM loss on the answer.
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from zo_scale.models.masked_scoring import MaskedExample, masked_option_scores
 from zo_scale.tasks import Example
 
 LOSSES = ("ce", "lm")
@@ -33,6 +37,10 @@ class EncodedExample:
 
     options: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
     label: int
+
+    @property
+    def length(self) -> int:
+        return max(len(ctx) + len(cont) for ctx, cont in self.options)
 
     @property
     def shared_single_token(self) -> bool:
@@ -73,9 +81,14 @@ def _left_pad(seqs: list[tuple[int, ...]], pad_id: int, device: torch.device) ->
     return ids.to(device), mask.to(device)
 
 
-def option_scores(model: torch.nn.Module, batch: Sequence[EncodedExample], pad_id: int) -> torch.Tensor:
+def option_scores(
+    model: torch.nn.Module, batch: Sequence[EncodedExample] | Sequence[MaskedExample], pad_id: int
+) -> torch.Tensor:
     """Mean log-likelihood of every option's continuation, shape (batch, max options), -inf where an
-    example has fewer options than the widest one in the batch."""
+    example has fewer options than the widest one in the batch; for masked examples, the label word's
+    log-probability at the mask."""
+    if isinstance(batch[0], MaskedExample):
+        return masked_option_scores(model, batch, pad_id)
     device = next(model.parameters()).device
     n_opt = max(len(ex.options) for ex in batch)
     scores = torch.full((len(batch), n_opt), float("-inf"), device=device)
@@ -112,18 +125,21 @@ def batch_loss(scores: torch.Tensor, labels: torch.Tensor, loss: str = "ce") -> 
     raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
 
 
-def labels_of(batch: Sequence[EncodedExample], device: torch.device | str = "cpu") -> torch.Tensor:
+def labels_of(
+    batch: Sequence[EncodedExample] | Sequence[MaskedExample], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     return torch.tensor([ex.label for ex in batch], device=device)
 
 
 @torch.no_grad()  # not inference_mode: ZeRO-3's gather hooks write parameters in place during the forward
 def correct(
-    model: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int, batch_size: int = 16
+    model: torch.nn.Module, examples: Sequence[EncodedExample] | Sequence[MaskedExample], pad_id: int,
+    batch_size: int = 16,
 ) -> list[bool]:
     """For each example, in input order: is its highest-scoring option the label?
     Runs ceil(len(examples) / batch_size) batched scorings, whatever the examples."""
     # Batches of similar length waste less compute on padding; the order does not change the result.
-    order = sorted(range(len(examples)), key=lambda i: max(len(c) + len(o) for c, o in examples[i].options))
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     hits = [False] * len(examples)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
@@ -134,7 +150,10 @@ def correct(
     return hits
 
 
-def accuracy(model: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int, batch_size: int = 16) -> float:
+def accuracy(
+    model: torch.nn.Module, examples: Sequence[EncodedExample] | Sequence[MaskedExample], pad_id: int,
+    batch_size: int = 16,
+) -> float:
     """Fraction of examples whose highest-scoring option is the label."""
     if not examples:
         raise ValueError("accuracy of an empty example list")

@@ -1,13 +1,20 @@
-"""Built-in tasks (MeZO's classification suite) and lookup by name or task-definition file.
+"""Built-in tasks (MeZO's classification suite, SQuAD and DROP) and lookup by name or task-definition file.
 
 Files are relative to the data dir (see `find_data_dir`; layout in shared/data/README.md). BoolQ, WiC
 and MultiRC have only their validation file there, so it serves as both splits and `sample_splits`
 keeps the two apart. With network access, `Task.hub_examples` reads the hub copies instead.
+SST-2 and RTE carry LM-BFF's masked-LM prompts (and SST-5, MNLI, TREC, MeZO's other medium-model tasks,
+which read from the hub only); every other task's masked prompt is its causal one
+with the mask appended (`Task.for_masked_lm`).
 
 `sst2-demo` needs no data dir: its files ship in zo_scale/demo_data. `sst2_dev.tsv` is GLUE SST-2
 dev.tsv unchanged (872 rows); `sst2_train_sample.tsv` is the header plus the 512 rows of train.tsv at
 the positions `sorted(random.Random(0).sample(range(67349), 512))` (data rows counted from 0), written
 byte for byte in file order.
+
+SQuAD (v1.1) and DROP are generation tasks, read from their official JSON files (file names as
+released, not in shared/data) or the hub. `squad-demo` and `drop-demo` ship small files of the same
+layouts (invented passages), one file serving as both splits.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from zo_scale.tasks import templates
+from zo_scale.tasks import generation, masked_templates, templates
 from zo_scale.tasks.custom import load_custom_task
 from zo_scale.tasks.example import Example
 from zo_scale.tasks.task import HubSource, Task
@@ -31,6 +38,7 @@ def _superglue(
     template: Callable[[dict], Example],
     has_train: bool = True,
     flatten: Callable[[dict], list[dict]] | None = None,
+    masked_template: Callable[[dict], Example] | None = None,
 ) -> Task:
     name = folder.lower()
     train = "train.jsonl" if has_train else "val.jsonl"
@@ -41,6 +49,7 @@ def _superglue(
         # MeZO used super_glue "wsc.fixed", which repairs span offsets of the original "wsc".
         hub=HubSource("aps/super_glue", "wsc.fixed" if name == "wsc" else name, _TRAIN_VALIDATION),
         flatten=flatten,
+        masked_template=masked_template,
     )
 
 
@@ -52,20 +61,76 @@ BUILTIN_TASKS: dict[str, Task] = {
             template=templates.sst2,
             files={"train": "glue_sst2/train.tsv", "eval": "glue_sst2/dev.tsv"},
             hub=HubSource("nyu-mll/glue", "sst2", _TRAIN_VALIDATION),
+            masked_template=masked_templates.sst2,
         ),
         Task(
             name="sst2-demo",
             template=templates.sst2,
             files={"train": "sst2_train_sample.tsv", "eval": "sst2_dev.tsv"},
             root=DEMO_DATA_DIR,
+            masked_template=masked_templates.sst2,
         ),
-        _superglue("RTE", templates.rte),
+        _superglue("RTE", templates.rte, masked_template=masked_templates.rte),
         _superglue("CB", templates.cb),
         _superglue("WSC", templates.wsc),
         _superglue("COPA", templates.copa),
         _superglue("BoolQ", templates.boolq, has_train=False),
         _superglue("WiC", templates.wic, has_train=False),
         _superglue("MultiRC", templates.multirc, has_train=False, flatten=templates.multirc_rows),
+        # MeZO's medium-model tasks that shared/data lacks: from the hub only (task.source=hub).
+        Task(
+            name="sst5",
+            template=templates.sst5,
+            files={},
+            hub=HubSource("SetFit/sst5", None, _TRAIN_VALIDATION),
+            masked_template=masked_templates.sst5,
+        ),
+        Task(
+            name="mnli",
+            template=templates.mnli,
+            files={},
+            hub=HubSource("nyu-mll/glue", "mnli", {"train": "train", "eval": "validation_matched"}),
+            masked_template=masked_templates.mnli,
+        ),
+        Task(
+            name="trec",
+            template=templates.trec,
+            files={},
+            hub=HubSource("CogComp/trec", None, {"train": "train", "eval": "test"}),
+            masked_template=masked_templates.trec,
+        ),
+        Task(
+            name="squad",
+            template=generation.squad,
+            files={"train": "squad/train-v1.1.json", "eval": "squad/dev-v1.1.json"},
+            hub=HubSource("rajpurkar/squad", None, _TRAIN_VALIDATION),
+            kind="generation",
+            reader=generation.read_squad,
+        ),
+        Task(
+            name="squad-demo",
+            template=generation.squad,
+            files={"train": "squad_demo.json", "eval": "squad_demo.json"},
+            root=DEMO_DATA_DIR,
+            kind="generation",
+            reader=generation.read_squad,
+        ),
+        Task(
+            name="drop",
+            template=generation.drop,
+            files={"train": "drop/drop_dataset_train.json", "eval": "drop/drop_dataset_dev.json"},
+            hub=HubSource("ucinlp/drop", None, _TRAIN_VALIDATION),
+            kind="generation",
+            reader=generation.read_drop,
+        ),
+        Task(
+            name="drop-demo",
+            template=generation.drop,
+            files={"train": "drop_demo.json", "eval": "drop_demo.json"},
+            root=DEMO_DATA_DIR,
+            kind="generation",
+            reader=generation.read_drop,
+        ),
         Task(
             name="winogrande",
             template=templates.winogrande,

@@ -1,17 +1,22 @@
-"""The Task type: where a task's rows live and how they become Examples."""
+"""The Task type: where a task's rows live and how they become Examples (or GenerationExamples)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from zo_scale.tasks.example import Example, TaskDataError
+from zo_scale.tasks.generation import GenerationExample
 from zo_scale.tasks.loaders import load_hub_rows, read_rows
+from zo_scale.tasks.masked_templates import mask_after
 
 DATA_ENV_VAR = "ZO_SCALE_DATA"
 SPLITS = ("train", "eval")
+KINDS = ("choice", "generation")  # multiple choice (Example) | a free-text answer (GenerationExample)
 
 
 def find_data_dir() -> Path:
@@ -42,21 +47,46 @@ class HubSource:
 
 @dataclass(frozen=True)
 class Task:
-    """A multiple-choice task: its files per split, and the template that renders a row."""
+    """A task: its files per split, how to read them, and the template that renders a row."""
 
     name: str
-    template: Callable[[dict], Example]
+    template: Callable[[dict], Example] | Callable[[dict], GenerationExample]
     files: dict[str, str]  # "train"/"eval" -> file, relative to the data dir (or to `root`)
     hub: HubSource | None = None
     # Turns one row of the official file into template rows (MultiRC nests answers in passages).
     flatten: Callable[[dict], list[dict]] | None = None
     # Fixed folder of the files (package demo data, a custom task's YAML folder); ignores data_dir.
     root: Path | None = None
+    # The prompt for masked LMs (see zo_scale.tasks.masked_templates); None: `template` with the mask appended.
+    masked_template: Callable[[dict], Example] | None = None
+    kind: str = "choice"  # one of KINDS: what the template returns
+    # Reads a file into rows; None: by its extension (read_rows). SQuAD's and DROP's nested JSON have their own.
+    reader: Callable[[Path], list[dict]] | None = None
+    from_hub: bool = False  # examples() reads `hub` through datasets instead of the files (see on_hub)
+
+    def on_hub(self) -> Task:
+        """This task read from the Hugging Face hub (``task.source=hub``): needs network or a warm cache."""
+        if self.hub is None:
+            raise ValueError(f"{self.name}: no hub dataset is known for this task; read its files (task.source=files)")
+        return dataclasses.replace(self, from_hub=True)
+
+    def for_masked_lm(self) -> Task:
+        """This task with the prompts a masked LM scores: `masked_template`, else `template` + mask slot."""
+        if self.kind != "choice":
+            raise TaskDataError(f"{self.name} is a {self.kind} task: a masked LM scores label words at a mask, it "
+                                "does not generate answers; use a causal LM")
+        template = self.masked_template or functools.partial(_mask_after_template, self.template, self.name)
+        return dataclasses.replace(self, template=template, masked_template=None)
 
     def path(self, split: str, data_dir: str | Path | None = None) -> Path:
         """The file holding `split`."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if self.from_hub:  # a name for messages; two splits are one "file" when they are one hub split
+            return Path(f"hub:{self.hub.path}/{self.hub.name or ''}[{self.hub.splits[split]}]")
+        if split not in self.files:
+            raise FileNotFoundError(f"{self.name} has no data files here, only a hub dataset "
+                                    f"({self.hub.path if self.hub else 'none'}): set task.source=hub")
         if self.root is not None:
             base = self.root
         elif data_dir is not None:
@@ -65,17 +95,19 @@ class Task:
             base = find_data_dir()
         return base / self.files[split]
 
-    def examples(self, split: str, data_dir: str | Path | None = None) -> list[Example]:
-        """All Examples of `split`, read from the task's file."""
+    def examples(self, split: str, data_dir: str | Path | None = None) -> list[Example] | list[GenerationExample]:
+        """All Examples of `split`, read from the task's file (or the hub, see `on_hub`)."""
+        if self.from_hub:
+            return self.hub_examples(split)
         path = self.path(split, data_dir)
         if not path.is_file():
             hint = (f"a custom task's files are relative to the folder of its definition ({self.root}); "
                     "task.data_dir does not apply to them" if self.root is not None else
                     f"set task.data_dir (or {DATA_ENV_VAR}) to the folder holding {self.files[split]}")
             raise FileNotFoundError(f"{self.name}: data file {path} not found; {hint}")
-        return self._render(read_rows(path), str(path), self.flatten)
+        return self._render((self.reader or read_rows)(path), str(path), self.flatten)
 
-    def hub_examples(self, split: str) -> list[Example]:
+    def hub_examples(self, split: str) -> list[Example] | list[GenerationExample]:
         """All Examples of `split`, downloaded from the hub (rows there are already flat)."""
         if self.hub is None:
             raise ValueError(f"{self.name}: no hub dataset is known for this task")
@@ -87,7 +119,7 @@ class Task:
 
     def _render(
         self, rows: list[dict], source: str, flatten: Callable[[dict], list[dict]] | None
-    ) -> list[Example]:
+    ) -> list[Example] | list[GenerationExample]:
         examples = []
         for row_no, row in enumerate(rows, start=1):
             try:
@@ -98,3 +130,7 @@ class Task:
                 what = err if isinstance(err, TaskDataError) else f"{self.name}: {err}"
                 raise TaskDataError(f"{source}, data row {row_no}: {what}") from err
         return examples
+
+
+def _mask_after_template(template: Callable[[dict], Example], task: str, row: dict) -> Example:
+    return mask_after(template(row), task)

@@ -180,3 +180,27 @@ def winogrande(row: dict) -> Example:
         continuations=(rest, rest),
         label=_label_index("WinoGrande", row, [("1",), ("2",)], key="answer"),
     )
+
+
+# MeZO's medium-model tasks beyond our data (hub only; LM-BFF's label words, its masked prompts in
+# masked_templates). MeZO has no causal prompts for them: these follow its SST-2 and CB prompts.
+SST5_WORDS = ("terrible", "bad", "okay", "good", "great")
+NLI_WORDS = ("Yes", "Maybe", "No")  # entailment, neutral, contradiction: the hub's label order
+TREC_WORDS = ("Expression", "Entity", "Description", "Human", "Location", "Number")  # ABBR ENTY DESC HUM LOC NUM
+
+
+def sst5(row: dict) -> Example:
+    sentence = _text("SST-5", row, "text").strip()
+    return _verbalized("SST-5", row, f"{sentence} It was", SST5_WORDS, tuple(range(5)))
+
+
+def mnli(row: dict) -> Example:
+    premise, hypothesis = _text("MNLI", row, "premise"), _text("MNLI", row, "hypothesis")
+    context = f'Suppose {premise} Can we infer that "{hypothesis}"? Yes, No, or Maybe?\n'
+    return _verbalized("MNLI", row, context, NLI_WORDS, tuple(range(3)))
+
+
+def trec(row: dict) -> Example:
+    question = _text("TREC", row, "text").strip()
+    row = {**row, "label": _field("TREC", row, "coarse_label")}
+    return _verbalized("TREC", row, f"{question}\nThe answer is a", TREC_WORDS, tuple(range(6)))

@@ -18,6 +18,7 @@ from zo_scale.core.directions import (
 from zo_scale.core.optimizer import ZOOptimizer
 from zo_scale.core.schedules import lr_multiplier
 from zo_scale.core.updates import SGD, Adam, DiagonalHessian, LozoMomentum, Momentum, Sign, SignMomentum, UpdateRule
+from zo_scale.models import model_head
 from zo_scale.train.config import Config, ConfigError, OptimConfig
 
 SAMPLERS = ("normal", "rademacher", "sparse", "lowrank", "block", "lezo")
@@ -75,6 +76,11 @@ def in_forward_unsupported(cfg: Config) -> str | None:
             cfg.model.quantization != "none" and cfg.peft.method == "none",
         "optim.estimator=jvp evaluates no perturbed points": cfg.optim.estimator == "jvp",
         "optim.conservative evaluates its trial points after the estimate": cfg.optim.conservative,
+        # BERT's learned positions are one row of ids for the whole batch, and the scoring projects onto
+        # the vocabulary at the mask positions of the whole batch: neither splits into row groups.
+        "task.loss=f1 decodes with a KV cache, which row groups cannot share": cfg.task.loss == "f1",
+        "a masked LM: its position embeddings and mask-position scoring see the whole batch, not row groups":
+            model_head(cfg.model.name) == "masked",
     }
     return next((reason for reason, applies in reasons.items() if applies), None)
 

@@ -116,9 +116,10 @@ def _mezo(flags: list[str], dry_run: bool) -> int:
 
 
 def _report(summary: dict) -> None:
-    zero = summary["zero_shot_accuracy"]
-    print(f"\nzero-shot accuracy: {'n/a (resumed run)' if zero is None else f'{100 * zero:.1f}%'}"
-          f"   fine-tuned accuracy: {100 * summary['final_accuracy']:.1f}%"
+    metric = summary["metric"]
+    zero = summary[f"zero_shot_{metric}"]
+    print(f"\nzero-shot {metric}: {'n/a (resumed run)' if zero is None else f'{100 * zero:.1f}%'}"
+          f"   fine-tuned {metric}: {100 * summary[f'final_{metric}']:.1f}%"
           f"   ({summary['eval_examples']} eval examples, {summary['steps']} ZO steps)")
     print(f"outputs in {summary['output_dir']}: metrics.jsonl, loss_curve.png, seedlog.jsonl, checkpoint/")
 

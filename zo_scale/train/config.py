@@ -35,11 +35,16 @@ class ModelConfig:
 class TaskConfig:
     name: str = "sst2-demo"  # built-in task or a task YAML/JSON file
     data_dir: str | None = None  # default: $ZO_SCALE_DATA, else a shared/data folder above the working dir
+    source: str = "files"  # files (official files in data_dir) | hub (the Hugging Face hub, through datasets)
     num_train: int = 1000  # MeZO's protocol: train and dev sampled from the train split, eval from the eval split
     num_dev: int = 0
     num_eval: int = 1000
+    k_shot: int = 0  # > 0: LM-BFF's few-shot protocol, k train + k dev examples per class (replaces num_train/num_dev)
     max_length: int = 256  # tokens of context + continuation; contexts are cut from the left
-    loss: str = "ce"  # ce: cross-entropy over the options; lm: LM loss on the correct continuation
+    # auto: ce for multiple choice, lm for generation | ce: cross-entropy over the options | lm: LM loss on the
+    # correct continuation (the answer) | f1: generation only, 1 - token F1 of the greedy answer (not differentiable)
+    loss: str = "auto"
+    max_new_tokens: int = 50  # generation tasks: greedy decoding length (MeZO's); every evaluation runs this many
 
 
 @dataclass

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from zo_scale.backends.runtime import Runtime, quiet_unless_main
 from zo_scale.core import noise
-from zo_scale.models.scoring import LOSSES, EncodedExample, batch_loss, correct, encode, labels_of, option_scores
+from zo_scale.models import model_head
 from zo_scale.models.sharded_safetensors import parse_size
-from zo_scale.tasks import get_task, sample_splits
+from zo_scale.tasks import get_task, sample_k_shot, sample_splits
 from zo_scale.train import seedlog
 from zo_scale.train.build import in_forward_unsupported
 from zo_scale.train.checkpoint import (
@@ -37,6 +37,7 @@ from zo_scale.train.checkpoint import (
 )
 from zo_scale.train.config import Config, ConfigError
 from zo_scale.train.metrics import MetricsLog, peak_memory, plot_metrics
+from zo_scale.train.objectives import Objective, make_objective, task_loss
 from zo_scale.train.run_optimizer import RunOptimizer
 from zo_scale.train.select_runtime import make_runtime
 from zo_scale.train.trackers import Trackers, check_trackers
@@ -75,18 +76,30 @@ TRAJECTORY: dict[str, tuple[str, ...] | None] = {
 
 
 def _check(cfg: Config) -> None:
-    if cfg.task.loss not in LOSSES:
-        raise ConfigError(f"task.loss: unknown {cfg.task.loss!r}; choose one of {LOSSES}")
     for key in ("steps", "batch_size", "eval_batch_size", "log_every", "max_nonfinite"):
         if getattr(cfg.run, key) < 1:
             raise ConfigError(f"run.{key} must be >= 1, got {getattr(cfg.run, key)}")
     for key in ("save_every", "eval_every"):  # 0: only at the end (before and after, for eval)
         if getattr(cfg.run, key) < 0:
             raise ConfigError(f"run.{key} must be >= 0 (0: only at the end), got {getattr(cfg.run, key)}")
+    if cfg.task.source not in ("files", "hub"):
+        raise ConfigError(f"task.source: unknown {cfg.task.source!r}; choose files or hub")
+    if cfg.task.k_shot < 0:
+        raise ConfigError(f"task.k_shot must be >= 0 (0: num_train/num_dev instead), got {cfg.task.k_shot}")
     if cfg.task.num_eval == 0:
         raise ConfigError("task.num_eval=0: the run evaluates before and after training; give it at least 1 "
                           "example (-1: the whole eval split)")
     check_trackers(cfg.run.trackers)
+
+
+def _check_task(cfg: Config, kind: str) -> None:
+    try:
+        cfg.task.loss = task_loss(kind, cfg.task.loss)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.task.loss == "f1" and (cfg.optim.estimator == "jvp" or cfg.hybrid.fo_layers):
+        raise ConfigError("task.loss=f1 has no gradient: it cannot train by " +
+                          ("optim.estimator=jvp" if cfg.optim.estimator == "jvp" else "backprop (hybrid.fo_layers)"))
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -114,11 +127,19 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         log.warning("optim.perturb=in_forward cannot run here (%s): taking the in-place step", reason)
         cfg.optim.perturb = "in_place"
 
-    # data: MeZO's protocol, tokenized once
+    # data: MeZO's protocol (or LM-BFF's k per class), in the prompts the model's head reads, tokenized once
+    head = model_head(cfg.model.name)
     task = get_task(cfg.task.name)
-    train_ex, dev_ex, eval_ex = sample_splits(
-        task, cfg.task.num_train, cfg.task.num_dev, cfg.task.num_eval, cfg.run.seed, cfg.task.data_dir
-    )
+    task = task.on_hub() if cfg.task.source == "hub" else task
+    task = task.for_masked_lm() if head == "masked" else task
+    _check_task(cfg, task.kind)  # and task.loss=auto becomes the loss it means, as config.yaml records it
+    if cfg.task.k_shot:
+        train_ex, dev_ex, eval_ex = sample_k_shot(task, cfg.task.k_shot, cfg.task.num_eval, cfg.run.seed,
+                                                  cfg.task.data_dir)
+    else:
+        train_ex, dev_ex, eval_ex = sample_splits(
+            task, cfg.task.num_train, cfg.task.num_dev, cfg.task.num_eval, cfg.run.seed, cfg.task.data_dir
+        )
     if not eval_ex:
         raise ConfigError(f"task {cfg.task.name}: its eval split has no examples to evaluate on")
     if cfg.run.batch_size > len(train_ex):
@@ -139,15 +160,16 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         if changed:
             raise ConfigError(f"{checkpoint} was written with other values of {changed}; resuming would not continue "
                               f"that run (use a new run.output_dir)")
-        start, nonfinite_in_a_row, zero_shot = state["step"], state["nonfinite_in_a_row"], state["zero_shot_accuracy"]
+        start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
+        zero_shot = state.get("zero_shot", state.get("zero_shot_accuracy"))  # the key's name until generation tasks
         log.info("resuming from %s at step %d", checkpoint, start)
 
     trainable = load_trainable(cfg, runtime, checkpoint)
     model, tokenizer = trainable.model, trainable.tokenizer
-    train_enc = encode(tokenizer, train_ex, cfg.task.max_length)
-    eval_enc = encode(tokenizer, eval_ex, cfg.task.max_length)
-    dev_enc = encode(tokenizer, dev_ex, cfg.task.max_length) if dev_ex else eval_enc
-    pad = tokenizer.pad_token_id
+    objective = make_objective(task.kind, tokenizer, head, cfg.task.loss, cfg.task.max_length, cfg.task.max_new_tokens)
+    train_enc, eval_enc = objective.encode(train_ex), objective.encode(eval_ex)
+    dev_enc = objective.encode(dev_ex) if dev_ex else eval_enc
+    headline = objective.metrics[0]
     batches = BatchOrder(len(train_enc), cfg.run.batch_size, cfg.run.seed)
     rows = cfg.run.batch_size // runtime.world_size  # select_runtime checked that it divides
 
@@ -164,12 +186,13 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if cfg.run.tensorboard else None,
                              keep_steps_upto=start, trackers=trackers)
 
-    def evaluate(step: int, examples: list[EncodedExample], split: str) -> float:
+    def evaluate(step: int, examples: list[Any], split: str) -> dict[str, float]:
+        """Every metric of the objective (accuracy; or F1 and exact match for generation), logged."""
         optimizer.flush()
-        acc = distributed_accuracy(model, examples, pad, cfg.run.eval_batch_size, runtime)
+        values = distributed_metrics(objective, model, examples, cfg.run.eval_batch_size, runtime)
         if metrics is not None:
-            metrics.log(step, "eval", accuracy=acc, split=split, examples=len(examples))
-        return acc
+            metrics.log(step, "eval", **values, split=split, examples=len(examples))
+        return values
 
     def save(step: int) -> None:
         with writing_checkpoint(checkpoint_dir, step):
@@ -183,7 +206,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             optimizer.save(staged)
             runtime.barrier()
             if main:
-                state = {"step": step, "nonfinite_in_a_row": nonfinite_in_a_row, "zero_shot_accuracy": zero_shot,
+                state = {"step": step, "nonfinite_in_a_row": nonfinite_in_a_row, "zero_shot": zero_shot,
                          "config": config_json, "world_size": runtime.world_size, "runtime": runtime.name}
                 commit_checkpoint(checkpoint_dir, tokenizer, state, trainable.folder,
                                   adapter_model=model if trainable.kind == "adapter" else None)
@@ -195,8 +218,8 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
              "%d rank(s)", cfg.model.name, cfg.model.dtype, f"{n_params:,}", trainable.kind, cfg.task.name,
              len(train_enc), len(dev_ex), len(eval_enc), runtime.name, runtime.world_size)
     if start == 0:
-        zero_shot = evaluate(0, eval_enc, "eval")
-        log.info("zero-shot eval accuracy: %.1f%% (%d examples)", 100 * zero_shot, len(eval_enc))
+        zero_shot = evaluate(0, eval_enc, "eval")[headline]
+        log.info("zero-shot eval %s: %.1f%% (%d examples)", headline, 100 * zero_shot, len(eval_enc))
 
     window: list[float] = []
     tick, steps, moved = time.perf_counter(), 0, [0, 0, 0]  # since the last train log line
@@ -204,17 +227,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                disable=not (cfg.run.progress and main), dynamic_ncols=True)
     for t in bar:
         mine = batches.indices(t)[runtime.rank * rows : (runtime.rank + 1) * rows]
-        batch = [train_enc[i] for i in mine]
-        labels = labels_of(batch, next(model.parameters()).device)
-
-        def closure(groups: int | None = None, batch: list[EncodedExample] = batch,
-                    labels: torch.Tensor = labels) -> torch.Tensor:
-            """The batch's loss; with ``groups`` = K (optim.perturb=in_forward) the batch stacked K times
-            and each copy's loss, shape (K,)."""
-            if groups is None:
-                return batch_loss(option_scores(model, batch, pad), labels, cfg.task.loss)
-            scores = option_scores(model, batch * groups, pad).chunk(groups)
-            return torch.stack([batch_loss(s, labels, cfg.task.loss) for s in scores])
+        closure = functools.partial(objective.loss, model, [train_enc[i] for i in mine])  # closure(groups=None)
 
         before = _bytes_moved(runtime)
         loss = optimizer.step(closure)  # the loss is averaged over ranks: every branch below agrees
@@ -252,9 +265,9 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             bar.set_postfix(loss=f"{mean_loss:.4f}", **{k: f"{v:.2e}" for k, v in optimizer.lrs().items()})
             window, tick, steps, moved = [], time.perf_counter(), 0, [0, 0, 0]
         if cfg.run.eval_every and (t + 1) % cfg.run.eval_every == 0 and t + 1 < cfg.run.steps:
-            acc = evaluate(t + 1, dev_enc, "dev" if dev_ex else "eval")
+            value = evaluate(t + 1, dev_enc, "dev" if dev_ex else "eval")[headline]
             if main:
-                bar.write(f"step {t + 1}: {'dev' if dev_ex else 'eval'} accuracy {100 * acc:.1f}%")
+                bar.write(f"step {t + 1}: {'dev' if dev_ex else 'eval'} {headline} {100 * value:.1f}%")
         if cfg.run.save_every and (t + 1) % cfg.run.save_every == 0:
             save(t + 1)
     bar.close()
@@ -263,7 +276,8 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     save(cfg.run.steps)
     peaks = runtime.gather(peak_memory())  # a collective: every rank's high-water marks, on rank 0
     summary = {
-        "zero_shot_accuracy": zero_shot, "final_accuracy": final, "steps": cfg.run.steps,
+        "metric": headline, f"zero_shot_{headline}": zero_shot, **{f"final_{m}": v for m, v in final.items()},
+        "steps": cfg.run.steps,
         "eval_examples": len(eval_enc), "skipped_steps": optimizer.skipped_steps,
         "skipped_updates": optimizer.skipped_by_part() or {"zo": optimizer.skipped_steps},
         "output_dir": str(out), "model": str(checkpoint_dir / trainable.folder),
@@ -272,7 +286,8 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     if metrics is not None:
         metrics.close()
         plot_metrics(out / "metrics.jsonl", out / "loss_curve.png",
-                     f"ZO fine-tuning: {cfg.model.name} on {cfg.task.name} ({cfg.optim.rule}, {cfg.optim.sampler})")
+                     f"ZO fine-tuning: {cfg.model.name} on {cfg.task.name} ({cfg.optim.rule}, {cfg.optim.sampler})",
+                     headline)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -286,15 +301,18 @@ def _bytes_moved(runtime: Runtime) -> tuple[int, int, int]:
     return runtime.comm_bytes, runtime.gathered_bytes, runtime.swapped_bytes
 
 
-def distributed_accuracy(
-    model: torch.nn.Module, examples: list[EncodedExample], pad_id: int, batch_size: int, runtime: Runtime
-) -> float:
-    """Accuracy over ``examples``, rank r scoring examples r, r+W, r+2W, ...; a collective.
+def distributed_metrics(
+    objective: Objective, model: torch.nn.Module, examples: list[Any], batch_size: int, runtime: Runtime
+) -> dict[str, float]:
+    """Every metric of ``objective``, averaged over ``examples``, rank r scoring examples r, r+W, r+2W, ...;
+    a collective.
 
     Every rank runs the same number of forwards (ZeRO-3's gathers are collectives): ranks with one
-    example fewer score a repeat of their first one and leave it out of the count.
+    example fewer score a repeat of their first one and leave it out of the sums.
     """
     mine = examples[runtime.rank :: runtime.world_size]
     share = -(-len(examples) // runtime.world_size)
-    hits = correct(model, mine + mine[:1] * (share - len(mine)), pad_id, batch_size)[: len(mine)]
-    return runtime.sum([float(sum(hits))])[0] / len(examples)
+    values = objective.per_example(model, mine + mine[:1] * (share - len(mine)), batch_size)
+    names = list(values)
+    sums = runtime.sum([float(sum(values[name][: len(mine)])) for name in names])
+    return {name: total / len(examples) for name, total in zip(names, sums, strict=True)}

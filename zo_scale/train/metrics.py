@@ -66,8 +66,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_metrics(metrics_path: Path, png_path: Path, title: str) -> Path:
-    """Training loss (per logged window) and eval accuracy against the step, in one figure."""
+def plot_metrics(metrics_path: Path, png_path: Path, title: str, metric: str = "accuracy") -> Path:
+    """Training loss (per logged window) and the eval `metric` (accuracy, f1) against the step, in one figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,9 +82,9 @@ def plot_metrics(metrics_path: Path, png_path: Path, title: str) -> Path:
     ax_loss.set_ylabel("train loss (nats, mean over the logging window)", color="tab:blue")
     if evals:
         ax_acc = ax_loss.twinx()
-        ax_acc.plot([r["step"] for r in evals], [100 * r["accuracy"] for r in evals], "o-", color="tab:orange",
-                    label="eval accuracy")
-        ax_acc.set_ylabel("eval accuracy (%)", color="tab:orange")
+        ax_acc.plot([r["step"] for r in evals], [100 * r[metric] for r in evals], "o-", color="tab:orange",
+                    label=f"eval {metric}")
+        ax_acc.set_ylabel(f"eval {metric} (%)", color="tab:orange")
     ax_loss.set_title(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)

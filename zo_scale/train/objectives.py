@@ -1,0 +1,165 @@
+"""What a run scores its examples by: the loss of a training batch and the metrics of an evaluation.
+
+- :class:`ChoiceObjective`, multiple choice: a causal LM scores each option's continuation, a masked
+  LM the option's label word at the mask (:mod:`zo_scale.models.scoring`); loss ``ce`` or ``lm``,
+  metric accuracy.
+- :class:`GenerationObjective`, a free-text answer (SQuAD, DROP): loss ``lm`` on the first gold
+  answer, or ``f1``, 1 - token F1 of the greedy answer (MeZO's non-differentiable objective);
+  metrics token F1 and exact match of the greedy answer against every gold answer.
+
+The recipe sees only ``encode``, ``loss`` and ``per_example``; :func:`make_objective` picks one
+from the task's kind, the model's head and ``task.loss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zo_scale.models.greedy import greedy_decode
+from zo_scale.models.masked_scoring import encode_masked
+from zo_scale.models.scoring import LOSSES, EncodedExample, batch_loss, correct, encode, labels_of, option_scores
+from zo_scale.tasks import Example
+from zo_scale.tasks.answer_metrics import answer_text, exact_match, token_f1
+from zo_scale.tasks.generation import GenerationExample
+
+GENERATION_LOSSES = ("lm", "f1")
+
+
+class ChoiceObjective:
+    """Multiple choice: the loss of :func:`~zo_scale.models.scoring.batch_loss`, metric accuracy."""
+
+    metrics = ("accuracy",)  # the first is the headline: the summary's zero_shot_/final_<metric>
+
+    def __init__(self, tokenizer: Any, head: str, loss: str, max_length: int) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"task.loss: unknown {loss!r} for a multiple-choice task; choose one of {LOSSES}")
+        self.tokenizer, self.loss_name, self.max_length = tokenizer, loss, max_length
+        self._encode = encode_masked if head == "masked" else encode
+
+    def encode(self, examples: Sequence[Example]) -> list[Any]:
+        """Token ids of every example, once, up front."""
+        return self._encode(self.tokenizer, examples, self.max_length)
+
+    def loss(self, model: torch.nn.Module, batch: list[Any], groups: int | None = None) -> torch.Tensor:
+        """The batch's loss, a 0-dim tensor; with ``groups`` = K (optim.perturb=in_forward) the batch
+        stacked K times and each copy's loss, shape (K,)."""
+        pad = self.tokenizer.pad_token_id
+        labels = labels_of(batch, next(model.parameters()).device)
+        if groups is None:
+            return batch_loss(option_scores(model, batch, pad), labels, self.loss_name)
+        scores = option_scores(model, batch * groups, pad).chunk(groups)
+        return torch.stack([batch_loss(s, labels, self.loss_name) for s in scores])
+
+    def per_example(self, model: torch.nn.Module, examples: list[Any], batch_size: int) -> dict[str, list[float]]:
+        """Each metric's value on each example, in input order (1.0 / 0.0 for accuracy)."""
+        hits = correct(model, examples, self.tokenizer.pad_token_id, batch_size)
+        return {"accuracy": [float(h) for h in hits]}
+
+
+@dataclass(frozen=True)
+class EncodedGeneration:
+    """Token ids of one generation example: the prompt greedy decoding continues, the prompt and target
+    the LM loss scores (as a one-option :class:`EncodedExample`), and the gold answers."""
+
+    prompt: tuple[int, ...]
+    scored: EncodedExample
+    answers: tuple[str, ...]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt)
+
+
+class GenerationObjective:
+    """A free-text answer: trained by ``lm`` (the mean log-likelihood of the first gold answer's tokens,
+    then a newline, after the prompt; averaged over the batch) or by ``f1``; evaluated by greedy decoding.
+
+    The answer is the decoded text up to its first newline (MeZO stops generating there); the newline
+    the LM loss also scores teaches the model to stop, where MeZO scores the answer's tokens alone. A
+    prompt keeps its last ``max_length - max_new_tokens`` tokens, so that prompt and answer fit in
+    ``max_length`` (a target longer than ``max_new_tokens`` tokens is cut too: decoding could not
+    produce more). Greedy decoding runs ``max_new_tokens`` forwards per batch, whatever it generates.
+    """
+
+    metrics = ("f1", "em")
+
+    def __init__(self, tokenizer: Any, loss: str, max_length: int, max_new_tokens: int) -> None:
+        if loss not in GENERATION_LOSSES:
+            raise ValueError(f"task.loss: unknown {loss!r} for a generation task; choose one of {GENERATION_LOSSES}")
+        if not 0 < max_new_tokens < max_length:
+            raise ValueError(f"task.max_new_tokens must be in [1, task.max_length={max_length}), got {max_new_tokens}")
+        self.tokenizer, self.loss_name = tokenizer, loss
+        self.max_length, self.max_new_tokens = max_length, max_new_tokens
+
+    def encode(self, examples: Sequence[GenerationExample]) -> list[EncodedGeneration]:
+        """Token ids of every example, once, up front."""
+        out = []
+        for ex in examples:
+            prompt = self.tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+            prompt = tuple(prompt[-(self.max_length - self.max_new_tokens) :])
+            target = self.tokenizer(ex.target + "\n", add_special_tokens=False)["input_ids"]
+            out.append(EncodedGeneration(prompt, EncodedExample(((prompt, tuple(target[: self.max_new_tokens])),), 0),
+                                         ex.answers))
+        return out
+
+    def answers(self, model: torch.nn.Module, batch: Sequence[EncodedGeneration]) -> list[str]:
+        """The greedy answer to each example of ``batch``: its decoded text up to the first newline."""
+        eos = self.tokenizer.eos_token_id
+        generated = greedy_decode(model, [ex.prompt for ex in batch], self.tokenizer.pad_token_id,
+                                  self.max_new_tokens, stop_ids=() if eos is None else (eos,))
+        return [answer_text(self.tokenizer.decode(ids, skip_special_tokens=True)) for ids in generated]
+
+    def loss(self, model: torch.nn.Module, batch: list[EncodedGeneration], groups: int | None = None) -> torch.Tensor:
+        """The batch's loss, a 0-dim tensor; with ``groups`` = K (optim.perturb=in_forward, ``lm`` only)
+        the batch stacked K times and each copy's loss, shape (K,)."""
+        if self.loss_name == "f1":
+            if groups is not None:
+                raise ValueError("task.loss=f1 decodes with a KV cache, which row groups cannot share: use "
+                                 "optim.perturb=in_place")
+            f1 = [token_f1(answer, ex.answers) for answer, ex in zip(self.answers(model, batch), batch, strict=True)]
+            return torch.tensor(1.0 - sum(f1) / len(f1), dtype=torch.float64)
+        scored = [ex.scored for ex in batch] * (groups or 1)
+        device = next(model.parameters()).device
+        scores = option_scores(model, scored, self.tokenizer.pad_token_id).chunk(groups or 1)
+        labels = torch.zeros(len(batch), dtype=torch.long, device=device)
+        losses = torch.stack([batch_loss(s, labels, "lm") for s in scores])
+        return losses if groups is not None else losses[0]
+
+    def per_example(
+        self, model: torch.nn.Module, examples: list[EncodedGeneration], batch_size: int
+    ) -> dict[str, list[float]]:
+        """Token F1 and exact match of each example's greedy answer (best over its gold answers), in input order."""
+        order = sorted(range(len(examples)), key=lambda i: examples[i].length)  # less padding; same results
+        f1, em = [0.0] * len(examples), [0.0] * len(examples)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, answer in zip(chunk, self.answers(model, [examples[i] for i in chunk]), strict=True):
+                f1[i], em[i] = token_f1(answer, examples[i].answers), exact_match(answer, examples[i].answers)
+        return {"f1": f1, "em": em}
+
+
+Objective = ChoiceObjective | GenerationObjective
+
+
+def task_loss(kind: str, loss: str) -> str:
+    """``task.loss`` for a task of `kind`, checked; ``auto`` is ce for multiple choice, lm for generation."""
+    losses = LOSSES if kind == "choice" else GENERATION_LOSSES
+    if loss == "auto":
+        return losses[0]
+    if loss not in losses:
+        raise ValueError(f"task.loss={loss!r} does not apply to a {kind} task; choose one of {('auto', *losses)}")
+    return loss
+
+
+def make_objective(
+    kind: str, tokenizer: Any, head: str, loss: str, max_length: int, max_new_tokens: int
+) -> Objective:
+    """The objective of a run on a task of `kind` ('choice' or 'generation'), whose model has `head`
+    ('causal' or 'masked') and whose task.loss is `loss` (resolved: not 'auto')."""
+    if kind == "generation":
+        return GenerationObjective(tokenizer, loss, max_length, max_new_tokens)
+    return ChoiceObjective(tokenizer, head, loss, max_length)
