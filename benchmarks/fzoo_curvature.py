@@ -21,6 +21,14 @@ This measures s_i and h_i at the start of the quality table's runs (SmolLM2-135M
 (the two parts of the step are near-orthogonal in 135M dimensions, so their lengths compare this way).
 A ratio well above 1 means the step is mostly a random direction.
 
+It also reports how long FZOO's step is against ZO-SGD's at the same lr, both with Rademacher directions
+of length sqrt(d): ZO-SGD moves lr |s_i / eps| sqrt(d) per direction, FZOO lr sqrt(sum_i a_i^2) / N sqrt(d)
+with a_i = d_i / sigma (the N directions near-orthogonal), so
+
+    ZO-SGD step / FZOO step = rms_i(s_i / eps) / (sqrt(sum_i a_i^2) / N),
+
+the factor by which FZOO's lr must exceed ZO-SGD's for steps of the same length.
+
     python benchmarks/fzoo_curvature.py            # SmolLM2 on SST-2 (about 3 minutes on 2 CPU cores)
     python benchmarks/fzoo_curvature.py --quick    # tiny-llama on the SST-2 sample: smoke
 """
@@ -86,15 +94,20 @@ def main() -> None:
             mean_plus = sum(x + l0 for x in d) / n_dirs
             sigma = math.sqrt(sum((x + l0 - mean_plus) ** 2 for x in d) / n_dirs)
             ratio = math.sqrt(sum(x * x for x in h)) / max(math.sqrt(sum(x * x for x in s)), 1e-30)
+            zo_sgd = math.sqrt(sum((x / eps) ** 2 for x in s) / n_dirs)
+            fzoo = math.sqrt(sum((x / sigma) ** 2 for x in d)) / n_dirs if sigma else float("nan")
             results.append({"eps": eps, "batch": b, "loss": l0, "signal": s, "curvature": h, "sigma": sigma,
                             "mean_curvature_over_sigma": (sum(h) / n_dirs) / sigma if sigma else None,
-                            "curvature_over_signal": ratio,
+                            "curvature_over_signal": ratio, "zo_sgd_step_over_fzoo_step": zo_sgd / fzoo,
                             # eps^2 tr(H) / 2 is the mean of h_i: tr(H) estimated, per dimension
                             "trace_h_per_dim": 2 * (sum(h) / n_dirs) / eps**2 / dims})
             print(f"eps {eps:g} batch {b}: loss {l0:.4f}, sigma {sigma:.3g}, mean h / sigma "
-                  f"{results[-1]['mean_curvature_over_sigma']:.3g}, curvature / signal {ratio:.3g}")
-    summary = {f"{eps:g}": {"median_curvature_over_signal": sorted(r["curvature_over_signal"] for r in results
-                                                                   if r["eps"] == eps)[n_batches // 2]}
+                  f"{results[-1]['mean_curvature_over_sigma']:.3g}, curvature / signal {ratio:.3g}, "
+                  f"ZO-SGD step / FZOO step at one lr {zo_sgd / fzoo:.3g}")
+    def median(key: str, eps: float) -> float:
+        return sorted(r[key] for r in results if r["eps"] == eps)[n_batches // 2]
+
+    summary = {f"{eps:g}": {k: median(k, eps) for k in ("curvature_over_signal", "zo_sgd_step_over_fzoo_step")}
                for eps in (1e-3, 1e-4)}
     path = common.write_json("fzoo_curvature" + ("_quick" if args.quick else ""),
                              {"model": model_name, "task": task, "directions": n_dirs, "batches": n_batches,

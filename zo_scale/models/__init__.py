@@ -2,7 +2,7 @@
 bitsandbytes int8/NF4 base models and their scales as ZO-trainable tensors (bitsandbytes imported lazily)."""
 
 from zo_scale.models.architectures import ARCHITECTURES, RANDOM_PREFIX, architecture_config, meta_model
-from zo_scale.models.loading import BUILTIN_MODELS, HEADS, ModelLoadError, load_model, model_head, resolve_dtype
+from zo_scale.models.loading import BUILTIN_MODELS, ModelLoadError, load_model, model_head, resolve_dtype
 from zo_scale.models.quantized import QUANTIZATIONS, keep_4bit_layout, quantized_scales
 from zo_scale.models.smollm2 import cache_dir, smollm2_folder
 from zo_scale.models.tiny import (
@@ -17,7 +17,6 @@ from zo_scale.models.tiny import (
 __all__ = [
     "ARCHITECTURES",
     "BUILTIN_MODELS",
-    "HEADS",
     "QUANTIZATIONS",
     "RANDOM_PREFIX",
     "TINY_ARCHS",

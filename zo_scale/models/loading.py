@@ -38,7 +38,6 @@ from zo_scale.models.tiny import (
 TINY_MODELS = {f"tiny-{arch}": arch for arch in TINY_ARCHS}
 TINY_MASKED_MODELS = {f"tiny-{arch}": arch for arch in TINY_MASKED_ARCHS}
 BUILTIN_MODELS = (SMOLLM2_NAME, *TINY_MODELS, *TINY_MASKED_MODELS)
-HEADS = ("causal", "masked")
 
 _DTYPES = {
     "float32": torch.float32,

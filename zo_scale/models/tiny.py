@@ -93,6 +93,13 @@ def build_byte_tokenizer(label_words: Sequence[str] = (), mask: bool = False) ->
     return tokenizer
 
 
+def _tiny_settings(tokenizer: PreTrainedTokenizerFast) -> dict[str, object]:
+    """The config fields every tiny model shares: its size, and the tokenizer's vocabulary and special ids."""
+    return {"vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+
+
 def build_tiny_model(
     arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: object
 ) -> PreTrainedModel:
@@ -106,18 +113,7 @@ def build_tiny_model(
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
     config_cls, arch_defaults = _ARCHS[arch]
     tokenizer = build_byte_tokenizer()
-    settings = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": MAX_POSITIONS,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        **arch_defaults,
-        **overrides,
-    }
+    settings = {**_tiny_settings(tokenizer), "max_position_embeddings": MAX_POSITIONS, **arch_defaults, **overrides}
     if arch == "opt":
         settings.setdefault("word_embed_proj_dim", settings["hidden_size"])
     config = config_cls(**settings)
@@ -157,16 +153,10 @@ def build_tiny_masked_lm(
         raise ValueError(f"unknown tiny masked-LM architecture {arch!r}; choose one of {', '.join(TINY_MASKED_ARCHS)}")
     tokenizer = build_masked_tokenizer()
     settings = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
+        **_tiny_settings(tokenizer),
         "intermediate_size": 128,
         # RoBERTa's first position is pad_token_id + 1 (positions are offset past the padding index).
         "max_position_embeddings": MAX_POSITIONS + tokenizer.pad_token_id + 2,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         **overrides,

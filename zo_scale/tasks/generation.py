@@ -19,7 +19,7 @@ from typing import Any
 
 from zo_scale.tasks.example import TaskDataError
 from zo_scale.tasks.loaders import open_utf8
-from zo_scale.tasks.templates import continuation
+from zo_scale.tasks.templates import _field, _row_ref, _text, _typed, continuation
 
 
 @dataclass(frozen=True)
@@ -54,37 +54,13 @@ class GenerationExample:
 # ---- field access; messages name the task, the row's id and the field ----
 
 
-def _ref(row: dict) -> str:
-    idx = row.get("id", row.get("query_id"))
-    return "row" if idx is None else f"row id={idx}"
-
-
-def _field(task: str, row: Any, key: str) -> Any:
-    if not isinstance(row, dict):
-        raise TaskDataError(f"{task}: expected a row object, got {type(row).__name__}")
-    if row.get(key) is None:
-        raise TaskDataError(f"{task} {_ref(row)}: missing field {key!r} (row has {sorted(row)})")
-    return row[key]
-
-
-def _typed(task: str, row: dict, key: str, kind: type, what: str) -> Any:
-    value = _field(task, row, key)
-    if not isinstance(value, kind):
-        raise TaskDataError(f"{task} {_ref(row)}: field {key!r} should be {what}, got {value!r}")
-    return value
-
-
-def _text(task: str, row: dict, key: str) -> str:
-    return _typed(task, row, key, str, "text")
-
-
 def _gold(task: str, row: dict, texts: Any, key: str) -> tuple[str, ...]:
     """The distinct non-empty answer texts, stripped, in their first-seen order."""
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise TaskDataError(f"{task} {_ref(row)}: {key} should be a list of texts, got {texts!r}")
+        raise TaskDataError(f"{task} {_row_ref(row)}: {key} should be a list of texts, got {texts!r}")
     golds = tuple(dict.fromkeys(t.strip() for t in texts if t.strip()))
     if not golds:
-        raise TaskDataError(f"{task} {_ref(row)}: no non-empty answer in {key} {texts!r}")
+        raise TaskDataError(f"{task} {_row_ref(row)}: no non-empty answer in {key} {texts!r}")
     return golds
 
 
@@ -119,7 +95,7 @@ def squad_rows(doc: dict, source: str = "SQuAD") -> list[dict]:
                     "title": title,
                     "context": context,
                     "question": _text(where, qa, "question"),
-                    "answers": [_text(f"{where}, qa {_ref(qa)} answer", ans, "text") for ans in answers],
+                    "answers": [_text(f"{where}, qa {_row_ref(qa)} answer", ans, "text") for ans in answers],
                 })
     return rows
 

@@ -21,7 +21,7 @@ Two sources of such Examples:
 from __future__ import annotations
 
 from zo_scale.tasks.example import Example, TaskDataError
-from zo_scale.tasks.templates import NLI_WORDS, SST5_WORDS, TREC_WORDS, _field, _text, _verbalized
+from zo_scale.tasks.templates import NLI_WORDS, SST5_WORDS, _text, _verbalized, trec_with
 
 # Where the tokenizer's mask token goes; text, so that templates stay tokenizer-independent.
 MASK_SLOT = "{mask}"
@@ -51,11 +51,16 @@ def sst2(row: dict) -> Example:
     return _verbalized("SST-2", row, f"{sentence} It was{MASK_SLOT}.", (" terrible", " great"), ("0", "1"))
 
 
-def rte(row: dict) -> Example:
-    premise = _strip_final_punctuation(_text("RTE", row, "premise"))
-    hypothesis = _text("RTE", row, "hypothesis").strip()
+def _nli(task: str, row: dict, words: tuple[str, ...], names: tuple) -> Example:
+    """LM-BFF's entailment prompt: premise (its final punctuation dropped) ? <mask> , hypothesis."""
+    premise = _strip_final_punctuation(_text(task, row, "premise"))
+    hypothesis = _text(task, row, "hypothesis").strip()
     context = f"{premise}?{MASK_SLOT}, {hypothesis[:1].lower()}{hypothesis[1:]}"
-    return _verbalized("RTE", row, context, (" Yes", " No"), ("entailment", "not_entailment"))
+    return _verbalized(task, row, context, words, names)
+
+
+def rte(row: dict) -> Example:
+    return _nli("RTE", row, ("Yes", "No"), ("entailment", "not_entailment"))
 
 
 def sst5(row: dict) -> Example:
@@ -64,13 +69,8 @@ def sst5(row: dict) -> Example:
 
 
 def mnli(row: dict) -> Example:
-    premise = _strip_final_punctuation(_text("MNLI", row, "premise"))
-    hypothesis = _text("MNLI", row, "hypothesis").strip()
-    context = f"{premise}?{MASK_SLOT}, {hypothesis[:1].lower()}{hypothesis[1:]}"
-    return _verbalized("MNLI", row, context, NLI_WORDS, tuple(range(3)))
+    return _nli("MNLI", row, NLI_WORDS, tuple(range(3)))
 
 
 def trec(row: dict) -> Example:
-    question = _text("TREC", row, "text").strip()
-    row = {**row, "label": _field("TREC", row, "coarse_label")}
-    return _verbalized("TREC", row, f"{MASK_SLOT}: {question}", TREC_WORDS, tuple(range(6)))
+    return trec_with(row, lambda question: f"{MASK_SLOT}: {question}")

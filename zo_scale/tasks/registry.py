@@ -25,6 +25,7 @@ from pathlib import Path
 from zo_scale.tasks import generation, masked_templates, templates
 from zo_scale.tasks.custom import load_custom_task
 from zo_scale.tasks.example import Example
+from zo_scale.tasks.generation import GenerationExample
 from zo_scale.tasks.task import HubSource, Task
 
 __all__ = ["BUILTIN_TASKS", "DEMO_DATA_DIR", "Task", "get_task"]
@@ -51,6 +52,17 @@ def _superglue(
         flatten=flatten,
         masked_template=masked_template,
     )
+
+
+def _generation(
+    name: str, template: Callable[[dict], GenerationExample], reader: Callable[[Path], list[dict]], train: str,
+    eval_file: str, hub: HubSource,
+) -> tuple[Task, Task]:
+    """A generation task from its official files, and `<name>-demo` from the package's `<name>_demo.json`."""
+    common = {"template": template, "kind": "generation", "reader": reader}
+    return (Task(name=name, files={"train": train, "eval": eval_file}, hub=hub, **common),
+            Task(name=f"{name}-demo", files=dict.fromkeys(("train", "eval"), f"{name}_demo.json"), root=DEMO_DATA_DIR,
+                 **common))
 
 
 BUILTIN_TASKS: dict[str, Task] = {
@@ -99,38 +111,10 @@ BUILTIN_TASKS: dict[str, Task] = {
             hub=HubSource("CogComp/trec", None, {"train": "train", "eval": "test"}),
             masked_template=masked_templates.trec,
         ),
-        Task(
-            name="squad",
-            template=generation.squad,
-            files={"train": "squad/train-v1.1.json", "eval": "squad/dev-v1.1.json"},
-            hub=HubSource("rajpurkar/squad", None, _TRAIN_VALIDATION),
-            kind="generation",
-            reader=generation.read_squad,
-        ),
-        Task(
-            name="squad-demo",
-            template=generation.squad,
-            files={"train": "squad_demo.json", "eval": "squad_demo.json"},
-            root=DEMO_DATA_DIR,
-            kind="generation",
-            reader=generation.read_squad,
-        ),
-        Task(
-            name="drop",
-            template=generation.drop,
-            files={"train": "drop/drop_dataset_train.json", "eval": "drop/drop_dataset_dev.json"},
-            hub=HubSource("ucinlp/drop", None, _TRAIN_VALIDATION),
-            kind="generation",
-            reader=generation.read_drop,
-        ),
-        Task(
-            name="drop-demo",
-            template=generation.drop,
-            files={"train": "drop_demo.json", "eval": "drop_demo.json"},
-            root=DEMO_DATA_DIR,
-            kind="generation",
-            reader=generation.read_drop,
-        ),
+        *_generation("squad", generation.squad, generation.read_squad, "squad/train-v1.1.json",
+                     "squad/dev-v1.1.json", HubSource("rajpurkar/squad", None, _TRAIN_VALIDATION)),
+        *_generation("drop", generation.drop, generation.read_drop, "drop/drop_dataset_train.json",
+                     "drop/drop_dataset_dev.json", HubSource("ucinlp/drop", None, _TRAIN_VALIDATION)),
         Task(
             name="winogrande",
             template=templates.winogrande,

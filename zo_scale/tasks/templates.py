@@ -10,7 +10,7 @@ MultiRC passages are kept as they are: the copy in shared/data has no HTML, and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from zo_scale.tasks.example import Example, TaskDataError
@@ -26,8 +26,10 @@ def continuation(context: str, text: str) -> str:
 
 
 def _row_ref(row: dict) -> str:
-    idx = row.get("idx", row.get("qID"))
-    return "row" if idx is None else f"row idx={idx}"
+    """How an error names a row: by its id field (SuperGLUE's idx, WinoGrande's qID, SQuAD's id, DROP's
+    query_id), else just "row"."""
+    key = next((k for k in ("idx", "qID", "id", "query_id") if row.get(k) is not None), None)
+    return "row" if key is None else f"row {'idx' if key in ('idx', 'qID') else 'id'}={row[key]}"
 
 
 def _field(task: str, row: dict, key: str) -> Any:
@@ -38,11 +40,15 @@ def _field(task: str, row: dict, key: str) -> Any:
     return row[key]
 
 
-def _text(task: str, row: dict, key: str) -> str:
+def _typed(task: str, row: dict, key: str, kind: type, what: str) -> Any:
     value = _field(task, row, key)
-    if not isinstance(value, str):
-        raise TaskDataError(f"{task} {_row_ref(row)}: field {key!r} should be text, got {value!r}")
+    if not isinstance(value, kind):
+        raise TaskDataError(f"{task} {_row_ref(row)}: field {key!r} should be {what}, got {value!r}")
     return value
+
+
+def _text(task: str, row: dict, key: str) -> str:
+    return _typed(task, row, key, str, "text")
 
 
 def _label_index(task: str, row: dict, accepted: Sequence[Sequence[Any]], key: str = "label") -> int:
@@ -201,6 +207,11 @@ def mnli(row: dict) -> Example:
 
 
 def trec(row: dict) -> Example:
+    return trec_with(row, lambda question: f"{question}\nThe answer is a")
+
+
+def trec_with(row: dict, prompt: Callable[[str], str]) -> Example:
+    """A TREC row (the hub's: text, coarse_label) as the Example of ``prompt(question)``."""
     question = _text("TREC", row, "text").strip()
     row = {**row, "label": _field("TREC", row, "coarse_label")}
-    return _verbalized("TREC", row, f"{question}\nThe answer is a", TREC_WORDS, tuple(range(6)))
+    return _verbalized("TREC", row, prompt(question), TREC_WORDS, tuple(range(6)))
