@@ -29,6 +29,19 @@ from zo_scale.tasks.generation import GenerationExample
 GENERATION_LOSSES = ("lm", "f1")
 
 
+def stacked_loss(
+    model: torch.nn.Module, batch: list[Any], pad_id: int, loss: str, groups: int | None = None
+) -> torch.Tensor:
+    """:func:`~zo_scale.models.scoring.batch_loss` of the batch's option scores, a 0-dim tensor; with
+    ``groups`` = K (optim.perturb=in_forward) one forward over the batch stacked K times and each copy's
+    loss, shape (K,)."""
+    labels = labels_of(batch, next(model.parameters()).device)
+    if groups is None:
+        return batch_loss(option_scores(model, batch, pad_id), labels, loss)
+    scores = option_scores(model, batch * groups, pad_id).chunk(groups)
+    return torch.stack([batch_loss(s, labels, loss) for s in scores])
+
+
 class ChoiceObjective:
     """Multiple choice: the loss of :func:`~zo_scale.models.scoring.batch_loss`, metric accuracy."""
 
@@ -47,12 +60,7 @@ class ChoiceObjective:
     def loss(self, model: torch.nn.Module, batch: list[Any], groups: int | None = None) -> torch.Tensor:
         """The batch's loss, a 0-dim tensor; with ``groups`` = K (optim.perturb=in_forward) the batch
         stacked K times and each copy's loss, shape (K,)."""
-        pad = self.tokenizer.pad_token_id
-        labels = labels_of(batch, next(model.parameters()).device)
-        if groups is None:
-            return batch_loss(option_scores(model, batch, pad), labels, self.loss_name)
-        scores = option_scores(model, batch * groups, pad).chunk(groups)
-        return torch.stack([batch_loss(s, labels, self.loss_name) for s in scores])
+        return stacked_loss(model, batch, self.tokenizer.pad_token_id, self.loss_name, groups)
 
     def per_example(self, model: torch.nn.Module, examples: list[Any], batch_size: int) -> dict[str, list[float]]:
         """Each metric's value on each example, in input order (1.0 / 0.0 for accuracy)."""
@@ -122,12 +130,7 @@ class GenerationObjective:
                                  "optim.perturb=in_place")
             f1 = [token_f1(answer, ex.answers) for answer, ex in zip(self.answers(model, batch), batch, strict=True)]
             return torch.tensor(1.0 - sum(f1) / len(f1), dtype=torch.float64)
-        scored = [ex.scored for ex in batch] * (groups or 1)
-        device = next(model.parameters()).device
-        scores = option_scores(model, scored, self.tokenizer.pad_token_id).chunk(groups or 1)
-        labels = torch.zeros(len(batch), dtype=torch.long, device=device)
-        losses = torch.stack([batch_loss(s, labels, "lm") for s in scores])
-        return losses if groups is not None else losses[0]
+        return stacked_loss(model, [ex.scored for ex in batch], self.tokenizer.pad_token_id, "lm", groups)
 
     def per_example(
         self, model: torch.nn.Module, examples: list[EncodedGeneration], batch_size: int
