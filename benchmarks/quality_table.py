@@ -67,7 +67,7 @@ BASE = ["model.name=smollm2-135m", "model.dtype=float32", "task.num_dev=0", "run
 def run_one(task: str, method: str, lr: float, forwards: int, n_eval: int) -> dict:
     overrides, per_step, _ = METHODS[method]
     steps = max(1, forwards // per_step)
-    slug = "".join(c if c.isalnum() else "-" for c in f"{task}-{method}-{lr:g}".lower()).strip("-")
+    slug = "".join(c if c.isalnum() else "-" for c in f"{task}-{method}-{lr:g}-{forwards}".lower()).strip("-")
     out_dir = common.RESULTS_DIR / "runs" / f"quality-{slug}"
     shutil.rmtree(out_dir, ignore_errors=True)  # a checkpoint left there would resume instead of training
     lr_key = "hybrid.fo_lr" if "hybrid.fo_layers=-1" in overrides else "optim.lr"
@@ -78,7 +78,8 @@ def run_one(task: str, method: str, lr: float, forwards: int, n_eval: int) -> di
     wall = time.perf_counter() - start
     train_loss = [(r["step"], r["loss"]) for r in read_metrics(out_dir / "metrics.jsonl") if r["kind"] == "train"]
     shutil.rmtree(summary["model"], ignore_errors=True)  # the saved weights: 540 MB a run, not needed here
-    return {"task": task, "method": method, "lr": lr, "steps": steps, "forwards": forwards_taken(cfg, per_step),
+    return {"task": task, "method": method, "lr": lr, "budget": forwards, "steps": steps,
+            "forwards": forwards_taken(cfg, per_step),
             "eval_examples": summary["eval_examples"],
             "zero_shot_accuracy": summary["zero_shot_accuracy"], "final_accuracy": summary["final_accuracy"],
             "wall_s": wall, "train_loss": train_loss}
@@ -102,7 +103,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD")
     parser.add_argument("--eval", type=int, default=300, help="eval examples per task")
     parser.add_argument("--append", action="store_true",
-                        help="add these runs to the saved JSON (a run of the same task, method and lr is replaced)")
+                        help="add these runs to the saved JSON (a run of the same task, method, lr and budget is "
+                             "replaced)")
     parser.add_argument("--lr", type=float, help="run this lr only (instead of the grid's first --lrs values)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
@@ -119,7 +121,8 @@ def main() -> None:
     for task in args.tasks:
         for method in args.methods:
             for lr in [args.lr] if args.lr is not None else METHODS[method][2][: args.lrs]:
-                results = [r for r in results if (r["task"], r["method"], r["lr"]) != (task, method, lr)]
+                results = [r for r in results
+                           if (r["task"], r["method"], r["lr"], r["budget"]) != (task, method, lr, forwards)]
                 r = run_one(task, method, lr, forwards, n_eval)
                 results.append(r)
                 print(f"{task} {method} lr {lr:g}: {100 * r['zero_shot_accuracy']:.1f}% -> "
@@ -130,10 +133,13 @@ def main() -> None:
 
 
 def best(results: list[dict]) -> dict[tuple[str, str], dict]:
-    """The best run (final accuracy) of each (task, method) over its lr grid."""
+    """The best run (final accuracy) of each (task, method) over its lr grid; a method run at another
+    budget than the task's most common one is its own row, named with its budget."""
     out: dict[tuple[str, str], dict] = {}
+    budgets = [(r["task"], r["budget"]) for r in results]
     for r in results:
-        key = (r["task"], r["method"])
+        usual = max(set(budgets), key=lambda tb: (tb[0] == r["task"], budgets.count(tb)))[1]
+        key = (r["task"], r["method"] if r["budget"] == usual else f"{r['method']}, {r['budget']} forwards")
         if key not in out or r["final_accuracy"] > out[key]["final_accuracy"]:
             out[key] = r
     return out
