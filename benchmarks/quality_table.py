@@ -54,6 +54,9 @@ METHODS: dict[str, tuple[list[str], int, list[float]]] = {
     "LOZO-M (r=2, nu=50, beta=0.9)": (["optim.sampler=lowrank", "optim.rule=lozo-m", "optim.nu=50"], 2,
                                       [3e-5, 1e-5]),
     "LeZO (1/4 of the layers)": (["optim.sampler=lezo", "optim.layer_fraction=0.25"], 2, [1e-4, 3e-5]),
+    # the magnitude mask reads theta: its points live inside the forward (one batched forward a step)
+    "Sparse-MeZO (small 1/4 of each tensor)": (["optim.sampler=magnitude", "optim.sparsity=0.75",
+                                                "optim.perturb=in_forward"], 2, [1e-4, 3e-5]),
     # sign and Adam steps move each element by about lr: 1e-4 is near ZO-SGD's per-element step at 3e-5 here
     "M-SignSGD (beta=0.9)": (["optim.sampler=rademacher", "optim.rule=sign-momentum"], 2, [1e-4, 1e-5]),
     "ZO-Adam": (["optim.sampler=rademacher", "optim.rule=adam"], 2, [1e-4, 1e-5]),

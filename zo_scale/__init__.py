@@ -12,12 +12,20 @@ from zo_scale.core.aliases import (
     BlockZO,
     HiZOO,
     LeZO,
+    SparseMeZO,
     SparseZO,
     ZOAdam,
     ZOConservative,
     ZOSignSGD,
 )
-from zo_scale.core.directions import BlockSampler, DenseSampler, LayerSubsetSampler, LowRankSampler, SparseSampler
+from zo_scale.core.directions import (
+    BlockSampler,
+    DenseSampler,
+    LayerSubsetSampler,
+    LowRankSampler,
+    MagnitudeSampler,
+    SparseSampler,
+)
 from zo_scale.core.estimators import Central, CentralCurvature, Forward, ForwardGradient, NormalizedForward, Unbiased
 from zo_scale.core.optimizer import StepRecord, ZOOptimizer
 from zo_scale.core.updates import SGD, Adam, DiagonalHessian, LozoMomentum, Momentum, Sign, SignMomentum
@@ -25,6 +33,7 @@ from zo_scale.core.updates import SGD, Adam, DiagonalHessian, LozoMomentum, Mome
 __all__ = [
     "Adam", "BlockSampler", "BlockZO", "Central", "CentralCurvature", "DenseSampler", "DiagonalHessian", "FZOO",
     "Forward", "ForwardGradient", "HiZOO", "LOZO", "LOZOM", "LayerSubsetSampler", "LeZO", "LowRankSampler",
-    "LozoMomentum", "Momentum", "NormalizedForward", "SGD", "Sign", "SignMomentum", "SparseSampler", "SparseZO",
-    "StepRecord", "Unbiased", "ZOAdam", "ZOConservative", "ZOOptimizer", "ZOSGD", "ZOSignSGD", "noise",
+    "LozoMomentum", "MagnitudeSampler", "Momentum", "NormalizedForward", "SGD", "Sign", "SignMomentum", "SparseMeZO",
+    "SparseSampler", "SparseZO", "StepRecord", "Unbiased", "ZOAdam", "ZOConservative", "ZOOptimizer", "ZOSGD",
+    "ZOSignSGD", "noise",
 ]

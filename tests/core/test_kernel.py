@@ -93,6 +93,7 @@ def test_every_direction_takes_the_compiled_path(monkeypatch):
         DenseDirection,
         FactorDirection,
         LowRankDirection,
+        MagnitudeSampler,
         SparseDirection,
     )
     from zo_scale.core.shards import whole_param_shard
@@ -110,10 +111,12 @@ def test_every_direction_takes_the_compiled_path(monkeypatch):
         "factor": FactorDirection(torch.randn(9, 2), low_rank.v(shard), shard.stream),
         "block": BlockDirection(DenseDirection(4), frozenset({shard.stream})),
         "sparse": SparseDirection(5, 6, 0.5),
+        "magnitude": MagnitudeSampler(0.5).directions(7, 0, 1)[0],
     }
     for d in directions.values():
         sweep_shard(shard, after=[(d, 1e-3)], kernel_mode="compiled")
-    assert calls == [(("rademacher",),), (("lowrank", 2),), (("factor", 2),), (("normal",),), (("sparse", "normal"),)]
+    assert calls == [(("rademacher",),), (("lowrank", 2),), (("factor", 2),), (("normal",),), (("sparse", "normal"),),
+                     (("magnitude", ("normal",)),)]
 
 
 def test_no_recompiles_across_shapes_steps_and_seeds():

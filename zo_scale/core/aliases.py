@@ -10,6 +10,7 @@ ZOConservative     SGD, conservative=True                dense normal
 LOZO               SGD                                   low-rank U V^T, V lazy
 LOZOM              LozoMomentum (momentum in factor)     low-rank U V^T, V lazy
 SparseZO           SGD                                   sparse Bernoulli mask
+SparseMeZO         SGD, perturb='in_forward'             mask of the small weights, |theta| <= h
 BlockZO            SGD                                   one block (layer) per query
 LeZO               SGD                                   a random subset of layers per step
 FZOO               SGD, estimator 'fzoo' (N one-sided)   dense Rademacher
@@ -24,7 +25,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from zo_scale.core.directions import BlockSampler, DenseSampler, LayerSubsetSampler, LowRankSampler, SparseSampler
+import torch
+
+from zo_scale.core.directions import (
+    BlockSampler,
+    DenseSampler,
+    LayerSubsetSampler,
+    LowRankSampler,
+    MagnitudeSampler,
+    SparseSampler,
+)
 from zo_scale.core.optimizer import ZOOptimizer
 from zo_scale.core.updates import SGD, Adam, DiagonalHessian, LozoMomentum, Momentum, Sign, SignMomentum
 
@@ -82,6 +92,18 @@ class SparseZO(ZOOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, sparsity: float = 0.75,
                  resample_every: int = 1, **kwargs: Any) -> None:
         super().__init__(params, lr, eps, sampler=SparseSampler(sparsity, resample_every), **kwargs)
+
+
+class SparseMeZO(ZOOptimizer):
+    """Sparse-MeZO: perturb and update only the weights with |theta| <= h, h the (1 - sparsity) quantile of each
+    parameter's |theta| at the first step (:class:`~zo_scale.core.directions.MagnitudeSampler`). The mask
+    reads theta, so the points live inside the forward: ``closure(K)`` over K stacked row groups, and
+    ``model`` is the module it calls."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, sparsity: float = 0.75,
+                 *, model: torch.nn.Module, **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, sampler=MagnitudeSampler(sparsity), model=model, perturb="in_forward",
+                         **kwargs)
 
 
 class BlockZO(ZOOptimizer):

@@ -15,6 +15,9 @@ Samplers (the estimators' "what to perturb" half; :mod:`zo_scale.core.estimators
   Its estimate carries LOZO's 1/r on matrices (:meth:`Direction.estimate_scale`).
 - :class:`BlockSampler`: perturb one block (a transformer layer, or "the rest") per query, cycling.
 - :class:`LayerSubsetSampler` (LeZO): perturb a random fraction of the layers per step, and the rest.
+- :class:`MagnitudeSampler` (Sparse-MeZO): perturb only the elements of small magnitude, |theta| <= a
+  per-parameter threshold. The one sampler whose z depends on theta, not on seeds alone: it needs the
+  perturbation inside the forward, where theta itself is at hand at every point of a step.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -74,6 +77,9 @@ def z_at(spec: tuple[Any, ...], index: torch.Tensor, inputs: tuple[Any, ...], dt
     if spec[0] == "preconditioned":  # (preconditioned, inner spec), inputs (inner inputs, H, shard offset)
         inner, scale, offset = inputs
         return (z_at(spec[1], index, inner, dtype) / sqrt64(scale[index - offset])).to(dtype).float()
+    if spec[0] == "magnitude":  # (magnitude, inner spec), inputs (inner inputs, theta, shard offset, threshold)
+        inner, theta, offset, threshold = inputs
+        return z_at(spec[1], index, inner, dtype) * (theta[index - offset].float().abs() <= threshold)
     if spec[0] in noise.KINDS:  # dense: (kind,), inputs (table, key)
         table, key = inputs
         return noise.at(spec[0], index, key, table).float()
@@ -292,10 +298,21 @@ class BlockDirection(WrappedDirection):
 
 
 class DirectionSampler:
-    """Chooses the q directions of one step. ``bind`` sees the parameters once, before the first step."""
+    """Chooses the q directions of one step. ``bind`` sees the parameters once, before the first step.
+    ``reads_weights``: its z depends on theta itself, so theta must be what the shard holds whenever z is
+    generated (the perturbation inside the forward; the in-place sweep moves theta between points)."""
+
+    reads_weights: ClassVar[bool] = False
 
     def bind(self, shards: Sequence[ParamShard]) -> None:
         del shards  # most samplers need nothing from the parameters
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs beyond (seed, step): nothing, for a sampler of seeds alone."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
 
     def directions(self, seed: int, step: int, q: int) -> list[Direction]:
         return [self.direction(noise.derive_seed(seed, step, i), seed, step, i) for i in range(q)]
@@ -426,3 +443,88 @@ class LayerSubsetSampler(DirectionSampler):
             raise RuntimeError("LayerSubsetSampler.bind(shards) must run before the first step")
         active = self.rest.union(*(self.layer_streams[i] for i in self.chosen(seed, step)))
         return [BlockDirection(d, active) for d in self.inner.directions(seed, step, q)]
+
+
+@dataclass
+class MagnitudeDirection(WrappedDirection):
+    """``inner`` z where |theta| <= the parameter's threshold (``sampler.threshold``), zero elsewhere; theta
+    is what the shard holds when z is generated, so it must be the unperturbed weights (see
+    :class:`MagnitudeSampler`)."""
+
+    sampler: MagnitudeSampler = field(repr=False)
+
+    def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor | None:
+        z = self.inner.z(shard, start, count)
+        if z is None:
+            return None
+        local = start - shard.offset
+        return z * (shard.flat[local : local + count].float().abs() <= self.sampler.threshold(shard))
+
+    def on(self, shard: ParamShard) -> Direction | None:
+        inner = self.inner.on(shard)
+        if inner is None:
+            return None
+        return self if inner is self.inner else MagnitudeDirection(inner, self.sampler)
+
+    def fused(self, shard: ParamShard) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+        inner = self.inner.fused(shard)
+        if inner is None:
+            return None
+        return ("magnitude", inner[0]), (inner[1], shard.flat, shard.offset, self.sampler.threshold(shard))
+
+
+@dataclass
+class MagnitudeSampler(DirectionSampler):
+    r"""Sparse-MeZO (Liu et al. 2024, arXiv 2402.15751): perturb, and so update, only the weights of small
+    magnitude, z = m * n with m = 1[|theta_t| <= h] and n ``inner``'s (dense normal, as the paper): the
+    paper finds the ZO estimate's error hurts large weights more.
+
+    h is one threshold per parameter tensor (the paper: per layer), the (1 - sparsity) quantile of |theta|
+    at the run's first step, fixed after, as the paper fixes its thresholds before training; the mask itself
+    follows theta_t every step. ``sparsity`` is the fraction left unperturbed, as for :class:`SparseSampler`
+    (ties at h are perturbed too, so in bf16 a little more than 1 - sparsity may be).
+
+    Where zo-scale departs from the paper: the paper's memory-efficient implementation computes the mask in
+    each layer's forward; here every direction does, at every generation of z (the perturbed copies inside
+    the forward, the update pass), from the weights the shard holds, so no mask is ever stored. That holds
+    only if those weights are theta_t at every point: the in-place step holds theta_t + eps z at its second
+    point, so this sampler needs ``perturb='in_forward'`` (:class:`~zo_scale.core.optimizer.ZOOptimizer`
+    refuses it otherwise). Cost: a kthvalue over each parameter once per run (a host sync per parameter,
+    a transient fp32 copy of its magnitudes), then a compare per element per pass, inside the sweep kernel.
+    h needs the whole parameter: under ZeRO-3 it is taken from the gathered copy in the first forward;
+    the thresholds are saved with the optimizer's state, so a resumed run keeps the first run's.
+    """
+
+    sparsity: float = 0.75
+    inner: DirectionSampler = field(default_factory=DenseSampler)
+    thresholds: dict[int, float] = field(default_factory=dict)  # h by noise stream, once measured
+    reads_weights: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity is the fraction of elements left unperturbed, in [0, 1); got {self.sparsity}")
+
+    def bind(self, shards: Sequence[ParamShard]) -> None:
+        self.inner.bind(shards)
+
+    def threshold(self, shard: ParamShard) -> float:
+        """h for this parameter: measured on its first use, from the whole parameter the shard must then hold."""
+        h = self.thresholds.get(shard.stream)
+        if h is None:
+            if shard.flat.numel() != shard.full_numel:
+                raise RuntimeError(f"the magnitude mask's threshold of {shard.name!r} is measured on the whole "
+                                   "parameter, at its first use inside the forward; this shard holds part of it")
+            magnitudes = shard.flat.float().abs()
+            k = max(1, round((1.0 - self.sparsity) * magnitudes.numel()))
+            h = float(magnitudes.kthvalue(k).values)
+            self.thresholds[shard.stream] = h
+        return h
+
+    def directions(self, seed: int, step: int, q: int) -> list[Direction]:
+        return [MagnitudeDirection(d, self) for d in self.inner.directions(seed, step, q)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"thresholds": dict(self.thresholds)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.thresholds = {int(k): float(v) for k, v in state.get("thresholds", {}).items()}

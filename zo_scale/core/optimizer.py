@@ -175,6 +175,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                                  "use perturb='in_place'")
             if model is None:
                 raise ValueError("perturb='in_forward' needs model=<the module the closure calls>")
+        if sampler is not None and sampler.reads_weights and perturb != "in_forward":
+            raise ValueError(f"{type(sampler).__name__} masks z by theta itself, and the in-place step holds "
+                             "theta + eps z at its second point: use perturb='in_forward'")
         self.kernel = sweep_kernel.resolve(kernel)
         self.rule = make_rule(rule) if isinstance(rule, str) else rule
         if isinstance(self.rule, DiagonalHessian) and not isinstance(estimator, CentralCurvature):
@@ -469,7 +472,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """torch.optim's state dict plus the ZO counters. Flushes a pending lazy update first."""
         self.flush()
         out = super().state_dict()
-        out["zo"] = {"step_count": self.step_count, "skipped_steps": self.skipped_steps, "seed": self.seed}
+        out["zo"] = {"step_count": self.step_count, "skipped_steps": self.skipped_steps, "seed": self.seed,
+                     "sampler": self.sampler.state_dict()}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -495,5 +499,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         if zo["seed"] != self.seed:
             raise ValueError(f"checkpoint was written with seed {zo['seed']}, this optimizer has seed {self.seed}")
         self.step_count, self.skipped_steps = zo["step_count"], zo["skipped_steps"]
+        self.sampler.load_state_dict(zo.get("sampler", {}))
         self._pending = None
         self._offsets = {}

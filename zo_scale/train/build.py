@@ -13,6 +13,7 @@ from zo_scale.core.directions import (
     DirectionSampler,
     LayerSubsetSampler,
     LowRankSampler,
+    MagnitudeSampler,
     SparseSampler,
 )
 from zo_scale.core.optimizer import ZOOptimizer
@@ -21,7 +22,7 @@ from zo_scale.core.updates import SGD, Adam, DiagonalHessian, LozoMomentum, Mome
 from zo_scale.models import model_head
 from zo_scale.train.config import Config, ConfigError, OptimConfig
 
-SAMPLERS = ("normal", "rademacher", "sparse", "lowrank", "block", "lezo")
+SAMPLERS = ("normal", "rademacher", "sparse", "magnitude", "lowrank", "block", "lezo")
 
 
 def build_sampler(cfg: OptimConfig) -> DirectionSampler:
@@ -29,6 +30,11 @@ def build_sampler(cfg: OptimConfig) -> DirectionSampler:
         return DenseSampler(cfg.sampler)
     if cfg.sampler == "sparse":
         return SparseSampler(cfg.sparsity, cfg.resample_every)
+    if cfg.sampler == "magnitude":
+        if cfg.resample_every != 1:
+            raise ConfigError("optim.resample_every is the random mask's period; sampler=magnitude's mask follows "
+                              f"the weights every step (got resample_every={cfg.resample_every})")
+        return MagnitudeSampler(cfg.sparsity)
     if cfg.sampler == "lowrank":
         if cfg.nu < 1:
             raise ConfigError(f"optim.nu (LOZO's period of V, in steps) must be >= 1, got {cfg.nu}")
@@ -64,7 +70,11 @@ def build_rule(cfg: OptimConfig) -> UpdateRule:
 
 
 def in_forward_unsupported(cfg: Config) -> str | None:
-    """Why ``optim.perturb=in_forward`` cannot run this config (then the run takes the in-place step), or None."""
+    """Why ``optim.perturb=in_forward`` cannot run this config (then the run takes the in-place step), or None.
+    A ConfigError where the run needs it: ``optim.sampler=magnitude`` has no in-place step."""
+    if cfg.optim.sampler == "magnitude" and cfg.optim.perturb != "in_forward":
+        raise ConfigError("optim.sampler=magnitude (Sparse-MeZO) masks z by the weights themselves, which the "
+                          "in-place step moves between its points: set optim.perturb=in_forward")
     if cfg.optim.perturb != "in_forward":
         return None
     reasons = {
@@ -82,7 +92,11 @@ def in_forward_unsupported(cfg: Config) -> str | None:
         "a masked LM: its position embeddings and mask-position scoring see the whole batch, not row groups":
             model_head(cfg.model.name) == "masked",
     }
-    return next((reason for reason, applies in reasons.items() if applies), None)
+    reason = next((reason for reason, applies in reasons.items() if applies), None)
+    if reason is not None and cfg.optim.sampler == "magnitude":
+        raise ConfigError(f"optim.sampler=magnitude (Sparse-MeZO) needs optim.perturb=in_forward, which cannot run "
+                          f"here: {reason}")
+    return reason
 
 
 def build_optimizer(

@@ -50,7 +50,7 @@ class TaskConfig:
 @dataclass
 class OptimConfig:
     rule: str = "sgd"  # sgd | sign | sign-momentum | momentum | adam | lozo-m (sampler=lowrank) | hizoo
-    sampler: str = "normal"  # normal | rademacher | sparse | lowrank | block | lezo
+    sampler: str = "normal"  # normal | rademacher | sparse | magnitude (perturb=in_forward) | lowrank | block | lezo
     # central (2 forwards a query) | forward (1 a query, + 1 at theta) | fzoo | hizoo | unbiased | jvp
     estimator: str = "central"
     lr: float = 1e-5
@@ -62,7 +62,7 @@ class OptimConfig:
     conservative: bool = False  # ZO-SGD-Cons (rule=sgd)
     lazy: bool = True  # fold each update into the next step's first pass (2 passes a step)
     master_weights: bool = False  # fp32 copy of the (local) weights: no bf16/fp16 drift from the +/- eps round trip
-    sparsity: float = 0.75  # sampler=sparse
+    sparsity: float = 0.75  # sampler=sparse, magnitude: the fraction of elements left unperturbed
     resample_every: int = 1  # sampler=sparse: the mask is redrawn every this many steps
     rank: int = 2  # sampler=lowrank: LOZO's r
     nu: int = 50  # sampler=lowrank: LOZO's nu, V is redrawn every this many steps (the lazy sampling)
