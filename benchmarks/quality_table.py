@@ -60,6 +60,8 @@ METHODS: dict[str, tuple[list[str], int, list[float]]] = {
     # sign and Adam steps move each element by about lr: 1e-4 is near ZO-SGD's per-element step at 3e-5 here
     "M-SignSGD (beta=0.9)": (["optim.sampler=rademacher", "optim.rule=sign-momentum"], 2, [1e-4, 1e-5]),
     "ZO-Adam": (["optim.sampler=rademacher", "optim.rule=adam"], 2, [1e-4, 1e-5]),
+    # ARDD's lr is its gradient step 1/(2 L n); n = the trained elements, so its mirror step is ~0 here
+    "ARDD": (["optim.rule=ardd"], 2, [3e-5, 1e-5]),
     "FO AdamW (the ceiling)": (["hybrid.fo_layers=-1", "hybrid.fo_optimizer=adamw"], 3, [1e-5, 3e-5]),
 }
 BASE = ["model.name=smollm2-135m", "model.dtype=float32", "task.num_dev=0", "run.batch_size=16",

@@ -5,6 +5,7 @@ The core (``zo_scale.core``) depends on torch alone; models, tasks and the train
 
 from zo_scale.core import noise
 from zo_scale.core.aliases import (
+    ARDD,
     FZOO,
     LOZO,
     LOZOM,
@@ -28,12 +29,21 @@ from zo_scale.core.directions import (
 )
 from zo_scale.core.estimators import Central, CentralCurvature, Forward, ForwardGradient, NormalizedForward, Unbiased
 from zo_scale.core.optimizer import StepRecord, ZOOptimizer
-from zo_scale.core.updates import SGD, Adam, DiagonalHessian, LozoMomentum, Momentum, Sign, SignMomentum
+from zo_scale.core.updates import (
+    SGD,
+    AcceleratedDirectional,
+    Adam,
+    DiagonalHessian,
+    LozoMomentum,
+    Momentum,
+    Sign,
+    SignMomentum,
+)
 
 __all__ = [
-    "Adam", "BlockSampler", "BlockZO", "Central", "CentralCurvature", "DenseSampler", "DiagonalHessian", "FZOO",
-    "Forward", "ForwardGradient", "HiZOO", "LOZO", "LOZOM", "LayerSubsetSampler", "LeZO", "LowRankSampler",
-    "LozoMomentum", "MagnitudeSampler", "Momentum", "NormalizedForward", "SGD", "Sign", "SignMomentum", "SparseMeZO",
-    "SparseSampler", "SparseZO", "StepRecord", "Unbiased", "ZOAdam", "ZOConservative", "ZOOptimizer", "ZOSGD",
-    "ZOSignSGD", "noise",
+    "ARDD", "AcceleratedDirectional", "Adam", "BlockSampler", "BlockZO", "Central", "CentralCurvature",
+    "DenseSampler", "DiagonalHessian", "FZOO", "Forward", "ForwardGradient", "HiZOO", "LOZO", "LOZOM",
+    "LayerSubsetSampler", "LeZO", "LowRankSampler", "LozoMomentum", "MagnitudeSampler", "Momentum",
+    "NormalizedForward", "SGD", "Sign", "SignMomentum", "SparseMeZO", "SparseSampler", "SparseZO", "StepRecord",
+    "Unbiased", "ZOAdam", "ZOConservative", "ZOOptimizer", "ZOSGD", "ZOSignSGD", "noise",
 ]

@@ -35,6 +35,7 @@ OPTIMIZERS = {
     "lezo": lambda p: zo_scale.LeZO(p, lr=0.02),
     "hizoo": lambda p: zo_scale.HiZOO(p, lr=0.02, alpha=0.01),
     "unbiased": lambda p: ZOOptimizer(p, lr=0.02, estimator="unbiased"),
+    "ardd": lambda p: zo_scale.ARDD(p, lr=0.02),
 }
 # The forward gradient needs the module: bound per test below.
 JVP = "forward-gradient"
@@ -107,7 +108,7 @@ def test_non_finite_loss_skips_the_step_and_restores_theta():
 
 
 @pytest.mark.parametrize("name", ["zo-sgd", "zo-adam", "adam-lazy-wd", "zo-cons", "lozo", "lozo-m", "sign-momentum",
-                                  "fzoo", "hizoo", "unbiased"])
+                                  "fzoo", "hizoo", "unbiased", "ardd"])
 def test_resume_from_state_dict_continues_the_same_trajectory_bitwise(name):
     straight, straight_loss = regression()
     opt = OPTIMIZERS[name](straight.named_parameters())

@@ -15,6 +15,7 @@ BlockZO            SGD                                   one block (layer) per q
 LeZO               SGD                                   a random subset of layers per step
 FZOO               SGD, estimator 'fzoo' (N one-sided)   dense Rademacher
 HiZOO              DiagonalHessian, estimator 'hizoo'    dense normal, scaled by H^-1/2
+ARDD               AcceleratedDirectional                dense normal
 =================  ====================================  =====================================
 
 Any other combination is ``ZOOptimizer(params, rule=..., sampler=...)``.
@@ -36,7 +37,16 @@ from zo_scale.core.directions import (
     SparseSampler,
 )
 from zo_scale.core.optimizer import ZOOptimizer
-from zo_scale.core.updates import SGD, Adam, DiagonalHessian, LozoMomentum, Momentum, Sign, SignMomentum
+from zo_scale.core.updates import (
+    SGD,
+    AcceleratedDirectional,
+    Adam,
+    DiagonalHessian,
+    LozoMomentum,
+    Momentum,
+    Sign,
+    SignMomentum,
+)
 
 
 class ZOSGD(ZOOptimizer):
@@ -138,3 +148,13 @@ class HiZOO(ZOOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, alpha: float = 1e-6,
                  **kwargs: Any) -> None:
         super().__init__(params, lr, eps, rule=DiagonalHessian(alpha), estimator="hizoo", **kwargs)
+
+
+class ARDD(ZOOptimizer):
+    """ARDD: the accelerated random directional derivative method, a gradient step and a mirror step
+    linearly coupled (:class:`~zo_scale.core.updates.AcceleratedDirectional`); ``lr`` is its 1/(2 L n).
+    ``dimension``: the paper's n (None: the number of trained elements)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, dimension: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, rule=AcceleratedDirectional(dimension), **kwargs)

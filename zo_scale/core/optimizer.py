@@ -221,6 +221,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         # NVMe offload local_shards() reads and writes every partition)
         self.shard_spans: list[ShardSpan] = [s.span for s in shards]
         self.sampler.bind(shards)
+        self.rule.bind(shards)
         for device in {s.flat.device for s in shards}:
             sweep_kernel.announce(self.kernel, device)
 

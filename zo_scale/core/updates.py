@@ -17,6 +17,7 @@ as pure tensor expressions in fp32 so both see the same operations:
 - :class:`Momentum` (ZO-SGD-MMT): :math:`m \leftarrow \beta m + \hat g,\ u = m`
 - :class:`LozoMomentum` (LOZO-M): :math:`m \leftarrow \beta m + (1-\beta)\hat g`, kept low-rank
 - :class:`DiagonalHessian` (HiZOO): a diagonal Hessian from one more forward, :math:`u = H^{-1/2} z\,g` (see the class)
+- :class:`AcceleratedDirectional` (ARDD): linear coupling of a gradient step and a mirror step (see the class)
 - :class:`Adam` (ZO-Adam): :math:`m \leftarrow \beta_1 m + (1-\beta_1)\hat g,\
   v \leftarrow \beta_2 v + (1-\beta_2)\hat g^2,\
   u = \hat m / (\sqrt{\hat v} + \epsilon_{adam})` with bias-corrected
@@ -49,6 +50,10 @@ class UpdateRule:
     """``direction`` maps g_hat to the step direction u; ``buffers`` names its per-element state."""
 
     buffers: tuple[str, ...] = ()
+
+    def bind(self, shards: Sequence[ParamShard]) -> None:
+        """Sees every local shard once, before the first step (the dimension, for a rule whose constants need it)."""
+        del shards
 
     def init_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:
         """Fresh state for one shard: a 0-dim step count and an fp32 zero buffer per name in ``buffers``."""
@@ -286,8 +291,67 @@ class DiagonalHessian(UpdateRule):
         return estimate(zs, weights) * (sqrt64(h) / sqrt64(h_new)), {"hessian": h_new}
 
 
+@dataclass
+class AcceleratedDirectional(UpdateRule):
+    r"""ARDD, the accelerated random directional derivative method (Dvurechensky, Gorbunov, Gasnikov, "An
+    accelerated directional derivative method for smooth stochastic convex optimization", EJOR 2021,
+    arXiv 1804.02394), Euclidean prox. The paper's three sequences, with e uniform on the unit sphere and
+    t = <grad f(x_{k+1}), e> (here from the finite difference):
+
+    .. math::
+        x_{k+1} = \tau_k w_k + (1 - \tau_k) y_k, \qquad
+        y_{k+1} = x_{k+1} - \tfrac{1}{2L} t e, \qquad
+        w_{k+1} = w_k - \alpha_{k+1} n t e, \\
+        \alpha_{k+1} = \frac{k + 2}{96 n^2 L}, \qquad \tau_k = \frac{2}{k + 2}, \qquad x_0 = y_0 = w_0.
+
+    The loss is evaluated at x (the stored weights). With z = sqrt(n) e the estimate g_hat = g z is
+    n t e, so with lr = 1/(2 L n) the gradient step is lr g_hat and the mirror step alpha g_hat =
+    a lr g_hat, a = (k + 2) / (48 n). y is never stored: only v = (w - x) / lr, per element (4 bytes),
+    zero at the start, and one ZO step is
+
+    .. math::
+        \theta \leftarrow \theta - \eta\,u, \quad u = -\tau v + (\tau a + 1 - \tau)\,\hat g, \qquad
+        v \leftarrow (1 - \tau)\,(v + (1 - a)\,\hat g), \qquad \tau = \tau_{k+1} = \frac{2}{k + 3}
+
+    (substitute y_{k+1} and w_{k+1} into x_{k+2}), k the parameter's step count (per parameter, as Adam's).
+
+    Where this departs from the paper: z is the sampler's (Gaussian or Rademacher: sqrt(n) e only on
+    average or in norm, not uniform on the sphere); the weights are x_k, the paper returns y_N
+    (one more gradient step from x_N); v is kept in units of lr, so an lr schedule also rescales it.
+    ``dimension``: the paper's n, by default the number of trained elements (:meth:`bind`). With it, at
+    n = 1e8 the mirror step a lr is ~1e-10 of the gradient step for a thousand steps: w stays at the
+    start and the coupling draws x back toward it by tau_k (2/3, 1/2, 2/5, ...), a fading anchor; a
+    smaller ``dimension`` lets the mirror move.
+    """
+
+    dimension: int | None = None
+    buffers = ("mirror_offset",)
+
+    def __post_init__(self) -> None:
+        if self.dimension is not None and self.dimension < 1:
+            raise ValueError(f"ARDD's dimension n must be >= 1, got {self.dimension}")
+
+    def bind(self, shards: Sequence[ParamShard]) -> None:
+        if self.dimension is None:
+            self.dimension = sum(shard.full_numel for shard in shards)
+
+    def scalars(self, step: int, measured: Sequence[float] = ()) -> tuple[float, ...]:
+        if self.dimension is None:
+            raise RuntimeError("AcceleratedDirectional.bind(shards) must run before the first step")
+        k = step - 1  # the paper's k: this update makes y_{k+1}, w_{k+1} and x_{k+2}
+        return 2.0 / (k + 3), (k + 2) / (48.0 * self.dimension)
+
+    def direction(
+        self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tau, a = scalars
+        v = state["mirror_offset"]
+        u = g * (tau * a + 1 - tau) - v * tau
+        return u, {"mirror_offset": (v + g * (1 - a)) * (1 - tau)}
+
+
 RULES = {"sgd": SGD, "sign": Sign, "sign-momentum": SignMomentum, "momentum": Momentum, "adam": Adam,
-         "lozo-m": LozoMomentum, "hizoo": DiagonalHessian}
+         "lozo-m": LozoMomentum, "hizoo": DiagonalHessian, "ardd": AcceleratedDirectional}
 
 
 def make_rule(name: str, **kwargs: float) -> UpdateRule:

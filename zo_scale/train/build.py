@@ -18,7 +18,17 @@ from zo_scale.core.directions import (
 )
 from zo_scale.core.optimizer import ZOOptimizer
 from zo_scale.core.schedules import lr_multiplier
-from zo_scale.core.updates import SGD, Adam, DiagonalHessian, LozoMomentum, Momentum, Sign, SignMomentum, UpdateRule
+from zo_scale.core.updates import (
+    SGD,
+    AcceleratedDirectional,
+    Adam,
+    DiagonalHessian,
+    LozoMomentum,
+    Momentum,
+    Sign,
+    SignMomentum,
+    UpdateRule,
+)
 from zo_scale.models import model_head
 from zo_scale.train.config import Config, ConfigError, OptimConfig
 
@@ -57,7 +67,11 @@ def build_rule(cfg: OptimConfig) -> UpdateRule:
         "sgd": SGD, "sign": Sign, "sign-momentum": lambda: SignMomentum(cfg.momentum),
         "momentum": lambda: Momentum(cfg.momentum), "adam": lambda: Adam(*cfg.betas),
         "lozo-m": lambda: LozoMomentum(cfg.momentum), "hizoo": lambda: DiagonalHessian(cfg.hessian_smoothing),
+        "ardd": lambda: AcceleratedDirectional(cfg.ardd_dimension or None),
     }
+    if cfg.ardd_dimension < 0:
+        raise ConfigError(f"optim.ardd_dimension (ARDD's n; 0: the number of trained elements) must be >= 0, "
+                          f"got {cfg.ardd_dimension}")
     if cfg.rule not in rules:
         raise ConfigError(f"optim.rule: unknown {cfg.rule!r}; choose one of {tuple(rules)}")
     if (cfg.rule == "hizoo") != (cfg.estimator == "hizoo"):

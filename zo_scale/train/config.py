@@ -49,7 +49,7 @@ class TaskConfig:
 
 @dataclass
 class OptimConfig:
-    rule: str = "sgd"  # sgd | sign | sign-momentum | momentum | adam | lozo-m (sampler=lowrank) | hizoo
+    rule: str = "sgd"  # sgd | sign | sign-momentum | momentum | adam | lozo-m (sampler=lowrank) | hizoo | ardd
     sampler: str = "normal"  # normal | rademacher | sparse | magnitude (perturb=in_forward) | lowrank | block | lezo
     # central (2 forwards a query) | forward (1 a query, + 1 at theta) | fzoo | hizoo | unbiased | jvp
     estimator: str = "central"
@@ -68,6 +68,7 @@ class OptimConfig:
     nu: int = 50  # sampler=lowrank: LOZO's nu, V is redrawn every this many steps (the lazy sampling)
     layer_fraction: float = 0.25  # sampler=lezo: the fraction of transformer layers perturbed per step
     hessian_smoothing: float = 1e-6  # rule=hizoo: alpha, the weight of each step's curvature in the Hessian
+    ardd_dimension: int = 0  # rule=ardd: the paper's n in its step constants; 0: the number of trained elements
     schedule: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
     kernel: str | None = None  # what runs each sweep: auto | compiled | eager; None: $ZO_SCALE_KERNEL, else auto
