@@ -98,6 +98,7 @@ def test_resume_from_a_trainer_checkpoint_continues_the_same_steps(tmp_path):
         ({"gradient_accumulation_steps": 2}, None, "gradient_accumulation_steps=2: a ZO step estimates"),
         ({}, {"lr": 1e-3}, r"zo\['lr'\]: set it in TrainingArguments \(learning_rate\)"),
         ({}, {"perturb": "in_forward"}, "perturb='in_forward' needs the K row groups"),
+        ({}, {"sampler": "magnitude"}, r"zo\['sampler'\]='magnitude' \(Sparse-MeZO\)"),
         ({}, {"epss": 1e-3}, "unknown key zo.epss"),
         ({}, {"estimator": "fzoo"}, "queries must be >= 2 for the 'fzoo' estimator"),
     ],

@@ -78,6 +78,9 @@ def zo_settings(zo: dict[str, Any] | None) -> OptimConfig:
     if settings.perturb != "in_place":
         raise ConfigError("zo['perturb']: Trainer's compute_loss gives one loss per batch; perturb='in_forward' "
                           "needs the K row groups' losses (zo-scale's own trainer runs it)")
+    if settings.sampler == "magnitude":
+        raise ConfigError("zo['sampler']='magnitude' (Sparse-MeZO) masks z by the weights, which the in-place step "
+                          "moves between its points: it needs perturb='in_forward' (zo-scale's own trainer runs it)")
     return settings
 
 
