@@ -42,7 +42,7 @@ def test_the_steps_follow_the_papers_three_sequences():
 def test_n_is_the_number_of_trained_elements_by_default():
     model = torch.nn.Linear(5, 3)
     opt = zo_scale.ARDD(model.named_parameters(), lr=1e-3)
-    assert opt.rule.dimension == 5 * 3 + 3
+    assert opt.rule.n == 5 * 3 + 3
     with pytest.raises(ValueError, match="dimension"):
         zo_scale.ARDD(model.named_parameters(), dimension=0)
 

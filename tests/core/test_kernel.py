@@ -33,8 +33,8 @@ OPTIMIZERS = {
     "lozo-lazy": lambda p, k: zo_scale.LOZO(p, lr=1e-2, rank=3, nu=2, lazy=True, kernel=k),
     "sparse": lambda p, k: zo_scale.SparseZO(p, lr=1e-2, sparsity=0.5, kernel=k),
     "master-adam": lambda p, k: zo_scale.ZOAdam(p, lr=1e-3, master_weights=True, lazy=True, kernel=k),
-    "hizoo": lambda p, k: zo_scale.HiZOO(p, lr=1e-3, alpha=0.1, kernel=k),
-    "ardd": lambda p, k: zo_scale.ARDD(p, lr=1e-2, dimension=8, kernel=k),  # H^-1/2 z generated in the kernel
+    "hizoo": lambda p, k: zo_scale.HiZOO(p, lr=1e-3, alpha=0.1, kernel=k),  # H^-1/2 z generated in the kernel
+    "ardd": lambda p, k: zo_scale.ARDD(p, lr=1e-2, dimension=8, kernel=k),
 }
 
 

@@ -128,3 +128,6 @@ def test_a_resumed_run_keeps_the_first_runs_thresholds_bitwise():
     resumed, _ = tiny_llama_run("eager", steps=2, state=state, model=half)
     for (n, p), q in zip(resumed.named_parameters(), straight.parameters(), strict=True):
         assert torch.equal(p, q), n
+    other = MagnitudeSampler(0.5)
+    with pytest.raises(ValueError, match="sparsity 0.75"):
+        other.load_state_dict(state["zo"]["sampler"])

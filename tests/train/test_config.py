@@ -65,5 +65,5 @@ def test_the_methods_build_from_their_keys():
     assert isinstance(lezo.sampler, zo_scale.LayerSubsetSampler) and len(lezo.sampler.chosen(0, 0)) == 1  # of 2
     assert isinstance(build("optim.rule=sign-momentum").rule, zo_scale.SignMomentum)
     ardd = build("optim.rule=ardd", "optim.ardd_dimension=1000")
-    assert isinstance(ardd.rule, zo_scale.AcceleratedDirectional) and ardd.rule.dimension == 1000
-    assert build("optim.rule=ardd").rule.dimension > 1000  # 0: the trained elements
+    assert isinstance(ardd.rule, zo_scale.AcceleratedDirectional) and ardd.rule.n == 1000
+    assert build("optim.rule=ardd").rule.n > 1000  # 0: the trained elements

@@ -482,7 +482,10 @@ class MagnitudeSampler(DirectionSampler):
     h is one threshold per parameter tensor (the paper: per layer), the (1 - sparsity) quantile of |theta|
     at the run's first step, fixed after, as the paper fixes its thresholds before training; the mask itself
     follows theta_t every step. ``sparsity`` is the fraction left unperturbed, as for :class:`SparseSampler`
-    (ties at h are perturbed too, so in bf16 a little more than 1 - sparsity may be).
+    (ties at h are perturbed too, so in bf16 a little more than 1 - sparsity may be). A tensor whose
+    elements start equal gets h = that value: a zero-initialized one (LoRA's B) is perturbed at the first
+    step only, since no element is back at 0 after it (the trainer refuses adapters with this sampler).
+    Weight decay, when set, still shrinks every element of a matrix, the large ones too.
 
     Where zo-scale departs from the paper: the paper's memory-efficient implementation computes the mask in
     each layer's forward; here every direction does, at every generation of z (the perturbed copies inside
@@ -524,7 +527,10 @@ class MagnitudeSampler(DirectionSampler):
         return [MagnitudeDirection(d, self) for d in self.inner.directions(seed, step, q)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"thresholds": dict(self.thresholds)}
+        return {"thresholds": dict(self.thresholds), "sparsity": self.sparsity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("sparsity", self.sparsity) != self.sparsity:
+            raise ValueError(f"the saved magnitude thresholds are quantiles at sparsity {state['sparsity']}; this "
+                             f"sampler has sparsity {self.sparsity}")
         self.thresholds = {int(k): float(v) for k, v in state.get("thresholds", {}).items()}

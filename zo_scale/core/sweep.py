@@ -24,8 +24,9 @@ Two implementations run this, with equal results (``tests/core/test_kernel.py``)
 - compiled (:mod:`zo_scale.core.kernel`): the whole shard as one elementwise kernel in which z is
   generated per element (:func:`zo_scale.core.noise.at`): one launch per shard, no temporaries.
   It takes every direction: dense (normal, Rademacher), sparse (the mask drawn per element in the
-  kernel), low-rank (LOZO's U V^T, U generated in the kernel), LOZO-M factor directions and HiZOO's
-  H^-1/2-scaled ones, also inside block directions. No host sync either way.
+  kernel), low-rank (LOZO's U V^T, U generated in the kernel), LOZO-M factor directions, HiZOO's
+  H^-1/2-scaled ones and Sparse-MeZO's magnitude-masked ones (the mask read from theta in the kernel),
+  also inside block directions. No host sync either way.
 
 With an fp32 master copy (for bf16/fp16 weights) the shard is never moved by increments: the update
 goes into the master, and the shard is set to the master plus the perturbation it should carry

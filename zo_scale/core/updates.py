@@ -318,13 +318,14 @@ class AcceleratedDirectional(UpdateRule):
     Where this departs from the paper: z is the sampler's (Gaussian or Rademacher: sqrt(n) e only on
     average or in norm, not uniform on the sphere); the weights are x_k, the paper returns y_N
     (one more gradient step from x_N); v is kept in units of lr, so an lr schedule also rescales it.
-    ``dimension``: the paper's n, by default the number of trained elements (:meth:`bind`). With it, at
-    n = 1e8 the mirror step a lr is ~1e-10 of the gradient step for a thousand steps: w stays at the
-    start and the coupling draws x back toward it by tau_k (2/3, 1/2, 2/5, ...), a fading anchor; a
-    smaller ``dimension`` lets the mirror move.
+    Weight decay (decoupled) shrinks x only, not w. ``dimension``: the paper's n, by default the number of
+    trained elements (:meth:`bind`). With it, at n = 1e8 the mirror step a lr is 4e-10 (k = 0) to 2e-7
+    (k = 1000) of the gradient step: w stays at the start and the coupling draws x back toward it by
+    tau_k (2/3, 1/2, 2/5, ...), a fading anchor; a smaller ``dimension`` lets the mirror move.
     """
 
     dimension: int | None = None
+    n: int | None = None  # the n in use: ``dimension``, or the trained elements once bound
     buffers = ("mirror_offset",)
 
     def __post_init__(self) -> None:
@@ -332,14 +333,13 @@ class AcceleratedDirectional(UpdateRule):
             raise ValueError(f"ARDD's dimension n must be >= 1, got {self.dimension}")
 
     def bind(self, shards: Sequence[ParamShard]) -> None:
-        if self.dimension is None:
-            self.dimension = sum(shard.full_numel for shard in shards)
+        self.n = self.dimension or sum(shard.full_numel for shard in shards)
 
     def scalars(self, step: int, measured: Sequence[float] = ()) -> tuple[float, ...]:
-        if self.dimension is None:
+        if self.n is None:
             raise RuntimeError("AcceleratedDirectional.bind(shards) must run before the first step")
         k = step - 1  # the paper's k: this update makes y_{k+1}, w_{k+1} and x_{k+2}
-        return 2.0 / (k + 3), (k + 2) / (48.0 * self.dimension)
+        return 2.0 / (k + 3), (k + 2) / (48.0 * self.n)
 
     def direction(
         self, g: torch.Tensor, state: dict[str, torch.Tensor], scalars: Sequence[float]

@@ -89,6 +89,10 @@ def in_forward_unsupported(cfg: Config) -> str | None:
     if cfg.optim.sampler == "magnitude" and cfg.optim.perturb != "in_forward":
         raise ConfigError("optim.sampler=magnitude (Sparse-MeZO) masks z by the weights themselves, which the "
                           "in-place step moves between its points: set optim.perturb=in_forward")
+    if cfg.optim.sampler == "magnitude" and cfg.peft.method != "none":
+        raise ConfigError(f"optim.sampler=magnitude with peft.method={cfg.peft.method}: an adapter starts at zero "
+                          "(LoRA's B) or constant, where a threshold fixed at the first step masks out every element "
+                          "after it; Sparse-MeZO is for full-parameter tuning")
     if cfg.optim.perturb != "in_forward":
         return None
     reasons = {
