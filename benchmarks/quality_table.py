@@ -161,8 +161,9 @@ def plot(name: str, results: list[dict]) -> None:
                 xerr=[100 * (r["final_accuracy"] * (1 - r["final_accuracy"]) / r["eval_examples"]) ** 0.5
                       for _, r in rows])
         ax.axvline(100 * rows[0][1]["zero_shot_accuracy"], color="k", ls="--", label="zero-shot")
-        ax.set_xlabel(f"{task} accuracy (%), best lr of the grid; bars: +-1 binomial s.e.")
-        ax.set_title(f"{task}: {rows[0][1]['forwards']}-forward budget")
+        budgets = [r["budget"] for _, r in rows]
+        ax.set_xlabel("accuracy (%), best lr of its grid\nbars: +-1 binomial s.e.")
+        ax.set_title(f"{task}: {max(budgets, key=budgets.count)} training forwards (or as marked)", fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
         ax.legend(loc="lower right")
     fig.suptitle(common.machine_label(), fontsize=8)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from zo_scale.train.cli import main
 
@@ -51,3 +52,20 @@ def run_zero3_job(tmp_path):
         return out_dir
 
     return run
+
+
+@pytest.fixture(scope="session")
+def zero3_weights_follow():
+    """``check(z3_dir, one_dir, base)``: every parameter of a ZeRO-3 run's sharded checkpoint lies within 1% of
+    its move (from ``base``) of the one-process run's; returns (sharded, single) weights by name."""
+
+    def check(z3: Path, one: Path, base: dict) -> tuple[dict, dict]:
+        shards = sorted((z3 / "checkpoint" / "model").glob("*.safetensors"))
+        sharded = {k: v for f in shards for k, v in load_file(f).items()}
+        single = load_file(one / "checkpoint" / "model" / "model.safetensors")
+        for name, want in single.items():
+            moved = (want - base[name]).abs().max()
+            assert (sharded[name] - want).abs().max() <= 0.01 * moved + 1e-7, name
+        return sharded, single
+
+    return check

@@ -22,6 +22,7 @@ Samplers (the estimators' "what to perturb" half; :mod:`zo_scale.core.estimators
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -256,6 +257,19 @@ class WrappedDirection(Direction):
     def estimate_scale(self, shard: ParamShard) -> float:
         return self.inner.estimate_scale(shard)
 
+    def on(self, shard: ParamShard) -> Direction | None:
+        """The same wrapping of inner's simpler form on this parameter (None where inner's z is zero there)."""
+        inner = self.inner.on(shard)
+        if inner is None:
+            return None
+        return self if inner is self.inner else dataclasses.replace(self, inner=inner)
+
+    def _fused_with(self, shard: ParamShard, kind: str, inputs: Callable[[], tuple[Any, ...]]
+                    ) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+        """The fused spec (kind, inner's spec) with inputs (inner's inputs, *inputs()); None where inner has none."""
+        inner = self.inner.fused(shard)
+        return None if inner is None else ((kind, inner[0]), (inner[1], *inputs()))
+
 
 @dataclass
 class PreconditionedDirection(WrappedDirection):
@@ -271,17 +285,8 @@ class PreconditionedDirection(WrappedDirection):
         local = start - shard.offset
         return (z.float() / sqrt64(self.scale_of(shard)[local : local + count])).to(shard.flat.dtype)
 
-    def on(self, shard: ParamShard) -> Direction | None:
-        inner = self.inner.on(shard)
-        if inner is None:
-            return None
-        return self if inner is self.inner else PreconditionedDirection(inner, self.scale_of)
-
     def fused(self, shard: ParamShard) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
-        inner = self.inner.fused(shard)
-        if inner is None:
-            return None
-        return ("preconditioned", inner[0]), (inner[1], self.scale_of(shard), shard.offset)
+        return self._fused_with(shard, "preconditioned", lambda: (self.scale_of(shard), shard.offset))
 
 
 @dataclass
@@ -460,17 +465,8 @@ class MagnitudeDirection(WrappedDirection):
         local = start - shard.offset
         return z * (shard.flat[local : local + count].float().abs() <= self.sampler.threshold(shard))
 
-    def on(self, shard: ParamShard) -> Direction | None:
-        inner = self.inner.on(shard)
-        if inner is None:
-            return None
-        return self if inner is self.inner else MagnitudeDirection(inner, self.sampler)
-
     def fused(self, shard: ParamShard) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
-        inner = self.inner.fused(shard)
-        if inner is None:
-            return None
-        return ("magnitude", inner[0]), (inner[1], shard.flat, shard.offset, self.sampler.threshold(shard))
+        return self._fused_with(shard, "magnitude", lambda: (shard.flat, shard.offset, self.sampler.threshold(shard)))
 
 
 @dataclass
