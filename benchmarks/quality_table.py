@@ -3,7 +3,8 @@
 SmolLM2-135M (full parameters, fp32) on SST-2 (1,000 training sentences and 300 dev sentences, each
 sampled with the run seed, MeZO's template, batch 16) and on RTE (1,000 training pairs, 277 validation
 pairs: all of them), from ../shared/data, each method run by the real trainer
-(``zo_scale.train.loop.train``) with the same seed.
+(``zo_scale.train.loop.train``) with the same seed; "the published MeZO step" is that trainer with its
+ZO step replaced by mezo_reference.py's (the same data, batches, lr and evaluation).
 Every method gets the same number of forwards over training batches (``--forwards``): a method taking
 k forwards a step gets forwards // k steps (central ZO: 2; FZOO with N perturbations: N + 1; HiZOO: 3; the
 unbiased estimator: 5 on average, the forwards it took recorded; first-order AdamW: counted as 3, a forward
@@ -23,11 +24,13 @@ than ~5 points are not an ordering. Nothing here is tuned on the eval set beyond
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
 
 import common
+from mezo_reference import trainer_with_mezo_step
 
 from zo_scale.core import noise
 from zo_scale.core.estimators import make_estimator
@@ -43,6 +46,8 @@ TASKS = {  # MeZO's protocol: train sampled from the train split, eval from the 
 # name: (overrides, forwards per step, lr grid). lr is optim.lr, or hybrid.fo_lr for first-order AdamW.
 METHODS: dict[str, tuple[list[str], int, list[float]]] = {
     "ZO-SGD (MeZO: Gaussian, central)": (["optim.sampler=normal"], 2, [3e-5, 1e-5]),
+    # the same update by the published step's four passes (mezo_reference.py) in the same trainer
+    (MEZO_PUBLISHED := "MeZO, the published step (4 passes)"): (["optim.sampler=normal"], 2, [3e-5, 1e-5]),
     "ZO-SGD (Rademacher)": (["optim.sampler=rademacher"], 2, [3e-5, 1e-5]),
     # FZOO's step is normalized: at one lr it is ~30x shorter than ZO-SGD's here (fzoo_curvature.py)
     "FZOO (N=4, Rademacher)": (["optim.sampler=rademacher", "optim.estimator=fzoo", "optim.queries=4"], 5,
@@ -79,7 +84,8 @@ def run_one(task: str, method: str, lr: float, forwards: int, n_eval: int) -> di
     cfg = load_config(None, [*BASE, *TASKS[task], *overrides, f"{lr_key}={lr}", f"run.steps={steps}",
                              f"task.num_eval={n_eval}", f"run.output_dir={out_dir}"])
     start = time.perf_counter()
-    summary = train(cfg)
+    with trainer_with_mezo_step() if method == MEZO_PUBLISHED else contextlib.nullcontext():
+        summary = train(cfg)
     wall = time.perf_counter() - start
     train_loss = [(r["step"], r["loss"]) for r in read_metrics(out_dir / "metrics.jsonl") if r["kind"] == "train"]
     shutil.rmtree(summary["model"], ignore_errors=True)  # the saved weights: 540 MB a run, not needed here

@@ -11,7 +11,7 @@ warmup; the variants are timed round-robin, each on its own copy of the model):
     (b') ZO eager, eager kernel  the same with kernel="eager": the chunked tensor-op reference sweep
     (c) ZO lazy          the same as (b) with lazy=True; the warmup step makes the timed ones steady state
     (d) ZO lazy rad.     ZOOptimizer(..., sampler=DenseSampler("rademacher"), lazy=True)
-    (e) MeZO reference   the published MeZO step, written below: 4 passes over the named parameters
+    (e) MeZO reference   the published MeZO step (mezo_reference.py): 4 passes over the named parameters
                          (+eps z, -2 eps z, +eps z, update), each regenerating z with torch.normal from a
                          torch.Generator reseeded with the step's seed, applied with p.data.add_(z, alpha=...)
     (f) ZO in_forward    ZOSGD(..., perturb="in_forward", model=m, lazy=True): one forward over the batch
@@ -45,6 +45,7 @@ from collections.abc import Callable
 
 import common
 import torch
+from mezo_reference import MeZOReference
 
 import zo_scale
 from zo_scale.core import noise
@@ -74,39 +75,6 @@ print(f"OPT-125m shape, {numel / 1e6:.1f}M params, {args.dtype}, batch {args.bat
 
 def lm_loss(m: torch.nn.Module) -> torch.Tensor:
     return m(input_ids=ids, labels=ids).loss
-
-
-# -----------------------------------------------------------------------------
-# (e) the published MeZO step, as in the MeZO paper's trainer (Malladi et al., 2023)
-
-
-class MeZOReference:
-    """MeZO-SGD: z regenerated in each of 4 passes from a generator reseeded with the step's seed."""
-
-    def __init__(self, m: torch.nn.Module, lr: float, eps: float) -> None:
-        self.params = [p for _, p in m.named_parameters() if p.requires_grad]
-        self.lr, self.eps = lr, eps
-        self.generator = torch.Generator()
-        self.step_count = 0
-
-    def perturb(self, seed: int, scale: float) -> None:
-        self.generator.manual_seed(seed)
-        for p in self.params:
-            z = torch.normal(0.0, 1.0, size=p.shape, generator=self.generator, dtype=p.dtype)
-            p.data.add_(z, alpha=scale)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor]) -> float:
-        seed = noise.derive_seed(SEED, self.step_count)
-        self.perturb(seed, +self.eps)
-        loss_plus = float(closure())
-        self.perturb(seed, -2 * self.eps)
-        loss_minus = float(closure())
-        self.perturb(seed, +self.eps)
-        projected_grad = (loss_plus - loss_minus) / (2 * self.eps)
-        self.perturb(seed, -self.lr * projected_grad)
-        self.step_count += 1
-        return (loss_plus + loss_minus) / 2
 
 
 # -----------------------------------------------------------------------------

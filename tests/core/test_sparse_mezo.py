@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import zo_scale
-from zo_scale.core.directions import DenseDirection, MagnitudeSampler
+from zo_scale.core.directions import BlockSampler, DenseDirection, LayerSubsetSampler, MagnitudeSampler
 from zo_scale.core.shards import whole_param_shard
 from zo_scale.models.tiny import build_tiny_model, learnable_token_batch
 
@@ -95,8 +95,20 @@ def test_the_in_place_step_is_refused():
     model = Quadratic()
     with pytest.raises(ValueError, match="perturb='in_forward'"):
         zo_scale.ZOOptimizer(model.named_parameters(), sampler=MagnitudeSampler(0.5))
+    with pytest.raises(ValueError, match="perturb='in_forward'"):  # a sampler over it inherits what z reads
+        zo_scale.ZOOptimizer(model.named_parameters(), sampler=LayerSubsetSampler(inner=MagnitudeSampler(0.5)))
     with pytest.raises(ValueError, match="sparsity"):
         MagnitudeSampler(1.0)
+
+
+def test_a_sampler_over_the_mask_saves_and_checks_its_thresholds():
+    saved = BlockSampler(inner=MagnitudeSampler(0.5, thresholds={7: 0.25})).state_dict()
+    resumed = BlockSampler(inner=MagnitudeSampler(0.5))
+    resumed.load_state_dict(saved)
+    assert resumed.inner.thresholds == {7: 0.25}
+    with pytest.raises(ValueError, match="sparsity 0.5"):
+        BlockSampler(inner=MagnitudeSampler(0.75)).load_state_dict(saved)
+    BlockSampler().load_state_dict({})  # a state saved before samplers kept their inner's
 
 
 def tiny_llama_run(kernel, steps=3, state=None, model=None):

@@ -28,7 +28,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -304,20 +304,29 @@ class BlockDirection(WrappedDirection):
 
 class DirectionSampler:
     """Chooses the q directions of one step. ``bind`` sees the parameters once, before the first step.
-    ``reads_weights``: its z depends on theta itself, so theta must be what the shard holds whenever z is
-    generated (the perturbation inside the forward; the in-place sweep moves theta between points)."""
+    A sampler that restricts another (an ``inner`` attribute: blocks, LeZO's layers) inherits what that
+    one reads and keeps."""
 
-    reads_weights: ClassVar[bool] = False
+    @property
+    def reads_weights(self) -> bool:
+        """Whether z depends on theta itself, so theta must be what the shard holds whenever z is generated
+        (the perturbation inside the forward; the in-place sweep moves theta between points)."""
+        inner = getattr(self, "inner", None)
+        return inner is not None and inner.reads_weights
 
     def bind(self, shards: Sequence[ParamShard]) -> None:
         del shards  # most samplers need nothing from the parameters
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs beyond (seed, step): nothing, for a sampler of seeds alone."""
-        return {}
+        """What a resumed run needs beyond (seed, step): nothing for a sampler of seeds alone; an inner
+        sampler's state for one that restricts another."""
+        inner = getattr(self, "inner", None)
+        return {"inner": inner.state_dict()} if inner is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        del state
+        inner = getattr(self, "inner", None)
+        if inner is not None:
+            inner.load_state_dict(state.get("inner", {}))  # saved before samplers kept their inner's: nothing
 
     def directions(self, seed: int, step: int, q: int) -> list[Direction]:
         return [self.direction(noise.derive_seed(seed, step, i), seed, step, i) for i in range(q)]
@@ -497,7 +506,10 @@ class MagnitudeSampler(DirectionSampler):
     sparsity: float = 0.75
     inner: DirectionSampler = field(default_factory=DenseSampler)
     thresholds: dict[int, float] = field(default_factory=dict)  # h by noise stream, once measured
-    reads_weights: ClassVar[bool] = True
+
+    @property
+    def reads_weights(self) -> bool:
+        return True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:

@@ -176,8 +176,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             if model is None:
                 raise ValueError("perturb='in_forward' needs model=<the module the closure calls>")
         if sampler is not None and sampler.reads_weights and perturb != "in_forward":
-            raise ValueError(f"{type(sampler).__name__} masks z by theta itself, and the in-place step holds "
-                             "theta + eps z at its second point: use perturb='in_forward'")
+            raise ValueError(f"{type(sampler).__name__}'s z depends on theta itself (a magnitude mask), and the "
+                             "in-place step holds theta + eps z at its second point: use perturb='in_forward'")
         self.kernel = sweep_kernel.resolve(kernel)
         self.rule = make_rule(rule) if isinstance(rule, str) else rule
         if isinstance(self.rule, DiagonalHessian) and not isinstance(estimator, CentralCurvature):
