@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check zo_scale tests benchmarks launch examples
 
 test: lint
-	$(BIN)/pytest -q -m "slow or not slow"
+	$(BIN)/pytest -q -m "slow or not slow" --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q

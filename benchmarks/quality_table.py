@@ -16,6 +16,7 @@ Zero-shot is measured in every run (the same number each time: the same model an
     python benchmarks/quality_table.py --forwards 200 --lrs 1 --tasks sst2
     python benchmarks/quality_table.py --append --methods "ZO-Adam" --lr 1e-5   # one more run into the table
     python benchmarks/quality_table.py --quick                           # 8 forwards, 16 examples: smoke
+    python benchmarks/quality_table.py --learn-scales 60                 # ZO Fine-tuner's scales, once (COPA)
 
 Accuracy on 300 examples has a binomial standard error of about 2.7 points at 70%: differences smaller
 than ~5 points are not an ordering. Nothing here is tuned on the eval set beyond the grids below.
@@ -36,6 +37,7 @@ from zo_scale.core import noise
 from zo_scale.core.estimators import make_estimator
 from zo_scale.core.optimizer import ESTIMATOR_DRAW
 from zo_scale.train.config import Config, load_config
+from zo_scale.train.learn_scales import learn_scales
 from zo_scale.train.loop import train
 from zo_scale.train.metrics import read_metrics
 
@@ -43,11 +45,17 @@ TASKS = {  # MeZO's protocol: train sampled from the train split, eval from the 
     "sst2": ["task.name=sst2", "task.num_train=1000", "task.num_eval=300"],
     "rte": ["task.name=rte", "task.num_train=1000", "task.num_eval=300"],
 }
+SCALES = common.RESULTS_DIR / "smollm2-135m_copa_scales.json"  # ZO Fine-tuner's, from --learn-scales
+# the paper's meta-training: COPA's training split, batch 8, the ZO step of ZO-SGD's lr here; restarts every 5 epochs
+LEARN_SCALES = ["model.name=smollm2-135m", "model.dtype=float32", "task.name=copa", "task.num_train=400",
+                "run.batch_size=8", "run.log_every=5", "run.progress=false", "run.seed=0", "optim.lr=3e-5",
+                "optim.eps=1e-3", "meta.restart_every=250", f"meta.output={SCALES}"]
 # name: (overrides, forwards per step, lr grid). lr is optim.lr, or hybrid.fo_lr for first-order AdamW.
 METHODS: dict[str, tuple[list[str], int, list[float]]] = {
-    "ZO-SGD (MeZO: Gaussian, central)": (["optim.sampler=normal"], 2, [3e-5, 1e-5]),
+    "ZO-SGD (MeZO: Gaussian, central)": (["optim.sampler=normal"], 2, [3e-5, 1e-5, 1e-4]),
     # the same update by the published step's four passes (mezo_reference.py) in the same trainer
-    (MEZO_PUBLISHED := "MeZO, the published step (4 passes)"): (["optim.sampler=normal"], 2, [3e-5, 1e-5]),
+    (MEZO_PUBLISHED := "MeZO, the published step (4 passes)"): (["optim.sampler=normal"], 2,
+                                                           [3e-5, 1e-5, 1e-4]),
     "ZO-SGD (Rademacher)": (["optim.sampler=rademacher"], 2, [3e-5, 1e-5]),
     # FZOO's step is normalized: at one lr it is ~30x shorter than ZO-SGD's here (fzoo_curvature.py)
     "FZOO (N=4, Rademacher)": (["optim.sampler=rademacher", "optim.estimator=fzoo", "optim.queries=4"], 5,
@@ -64,9 +72,12 @@ METHODS: dict[str, tuple[list[str], int, list[float]]] = {
                                                 "optim.perturb=in_forward"], 2, [1e-4, 3e-5]),
     # sign and Adam steps move each element by about lr: 1e-4 is near ZO-SGD's per-element step at 3e-5 here
     "M-SignSGD (beta=0.9)": (["optim.sampler=rademacher", "optim.rule=sign-momentum"], 2, [1e-4, 1e-5]),
-    "ZO-Adam": (["optim.sampler=rademacher", "optim.rule=adam"], 2, [1e-4, 1e-5]),
+    "ZO-Adam": (["optim.sampler=rademacher", "optim.rule=adam"], 2, [1e-4, 1e-5, 3e-4]),
     # ARDD's lr is its gradient step 1/(2 L n); n = the trained elements, so its mirror step is ~0 here
-    "ARDD": (["optim.rule=ardd"], 2, [3e-5, 1e-5]),
+    "ARDD": (["optim.rule=ardd"], 2, [3e-5, 1e-4]),
+    # the scales learned once for SmolLM2 on COPA (--learn-scales), reused here as the paper reuses them
+    (ZO_FINE_TUNER := "ZO Fine-tuner (scales learned on COPA)"): (["optim.sampler=normal", f"optim.scales={SCALES}"],
+                                                                  2, [3e-5, 1e-5]),
     "FO AdamW (the ceiling)": (["hybrid.fo_layers=-1", "hybrid.fo_optimizer=adamw"], 3, [1e-5, 3e-5]),
 }
 BASE = ["model.name=smollm2-135m", "model.dtype=float32", "task.num_dev=0", "run.batch_size=16",
@@ -80,6 +91,8 @@ def run_one(task: str, method: str, lr: float, forwards: int, n_eval: int) -> di
     slug = "".join(c if c.isalnum() else "-" for c in f"{task}-{method}-{lr:g}-{forwards}".lower()).strip("-")
     out_dir = common.RESULTS_DIR / "runs" / f"quality-{slug}"
     shutil.rmtree(out_dir, ignore_errors=True)  # a checkpoint left there would resume instead of training
+    if method == ZO_FINE_TUNER and not SCALES.exists():
+        raise SystemExit(f"{method} needs {SCALES}: run quality_table.py --learn-scales 60 first")
     lr_key = "hybrid.fo_lr" if "hybrid.fo_layers=-1" in overrides else "optim.lr"
     cfg = load_config(None, [*BASE, *TASKS[task], *overrides, f"{lr_key}={lr}", f"run.steps={steps}",
                              f"task.num_eval={n_eval}", f"run.output_dir={out_dir}"])
@@ -119,7 +132,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="run this lr only (instead of the grid's first --lrs values)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
+    parser.add_argument("--learn-scales", type=int, metavar="STEPS",
+                        help=f"meta-train ZO Fine-tuner's scales for SmolLM2 on COPA (STEPS steps) into {SCALES.name}")
     args = parser.parse_args()
+    if args.learn_scales:
+        start = time.perf_counter()
+        out = common.RESULTS_DIR / "runs" / "learn-scales-copa"
+        learned = learn_scales(load_config(None, [*LEARN_SCALES, f"run.steps={args.learn_scales}",
+                                                  f"run.output_dir={out}"]))
+        print(f"scales of {learned['tensors']} tensors in {learned['scale_range']}, meta-loss "
+              f"{learned['first_meta_loss']:.4f} -> {learned['last_meta_loss']:.4f}, "
+              f"{time.perf_counter() - start:.0f} s: {SCALES}", flush=True)
+        return
     name = "quality_table" + ("_quick" if args.quick else "")
     if args.plot_only:
         plot(name, json.loads((common.RESULTS_DIR / f"{name}.json").read_text())["results"])

@@ -17,6 +17,7 @@ from zo_scale.core.aliases import (
     SparseZO,
     ZOAdam,
     ZOConservative,
+    ZOFineTuner,
     ZOSignSGD,
 )
 from zo_scale.core.directions import (
@@ -25,9 +26,11 @@ from zo_scale.core.directions import (
     LayerSubsetSampler,
     LowRankSampler,
     MagnitudeSampler,
+    ScaledSampler,
     SparseSampler,
 )
 from zo_scale.core.estimators import Central, CentralCurvature, Forward, ForwardGradient, NormalizedForward, Unbiased
+from zo_scale.core.learned_scales import ScaleLearner
 from zo_scale.core.optimizer import StepRecord, ZOOptimizer
 from zo_scale.core.updates import (
     SGD,
@@ -44,6 +47,7 @@ __all__ = [
     "ARDD", "AcceleratedDirectional", "Adam", "BlockSampler", "BlockZO", "Central", "CentralCurvature",
     "DenseSampler", "DiagonalHessian", "FZOO", "Forward", "ForwardGradient", "HiZOO", "LOZO", "LOZOM",
     "LayerSubsetSampler", "LeZO", "LowRankSampler", "LozoMomentum", "MagnitudeSampler", "Momentum",
-    "NormalizedForward", "SGD", "Sign", "SignMomentum", "SparseMeZO", "SparseSampler", "SparseZO", "StepRecord",
-    "Unbiased", "ZOAdam", "ZOConservative", "ZOOptimizer", "ZOSGD", "ZOSignSGD", "noise",
+    "NormalizedForward", "SGD", "ScaleLearner", "ScaledSampler", "Sign", "SignMomentum", "SparseMeZO",
+    "SparseSampler", "SparseZO", "StepRecord", "Unbiased", "ZOAdam", "ZOConservative", "ZOFineTuner", "ZOOptimizer",
+    "ZOSGD", "ZOSignSGD", "noise",
 ]

@@ -35,6 +35,8 @@ OPTIMIZERS = {
     "master-adam": lambda p, k: zo_scale.ZOAdam(p, lr=1e-3, master_weights=True, lazy=True, kernel=k),
     "hizoo": lambda p, k: zo_scale.HiZOO(p, lr=1e-3, alpha=0.1, kernel=k),  # H^-1/2 z generated in the kernel
     "ardd": lambda p, k: zo_scale.ARDD(p, lr=1e-2, dimension=8, kernel=k),
+    "zo-fine-tuner": lambda p, k: zo_scale.ZOFineTuner(p, {"0.weight": 2.0, "0.bias": 0.3, "2.weight": 0.7,
+                                                           "2.bias": 1.5}, lr=1e-2, kernel=k),
 }
 
 
@@ -95,6 +97,7 @@ def test_every_direction_takes_the_compiled_path(monkeypatch):
         FactorDirection,
         LowRankDirection,
         MagnitudeSampler,
+        ScaledSampler,
         SparseDirection,
     )
     from zo_scale.core.shards import whole_param_shard
@@ -106,6 +109,8 @@ def test_every_direction_takes_the_compiled_path(monkeypatch):
     w = torch.randn(9, 7)
     shard = whole_param_shard(w, "w")
     low_rank = LowRankDirection(1, 2, 2)
+    scaled = ScaledSampler({"w": 0.5})
+    scaled.bind([shard])
     directions = {
         "dense": DenseDirection(3, "rademacher"),
         "lowrank": low_rank,
@@ -113,11 +118,12 @@ def test_every_direction_takes_the_compiled_path(monkeypatch):
         "block": BlockDirection(DenseDirection(4), frozenset({shard.stream})),
         "sparse": SparseDirection(5, 6, 0.5),
         "magnitude": MagnitudeSampler(0.5).directions(7, 0, 1)[0],
+        "scaled": scaled.directions(8, 0, 1)[0],
     }
     for d in directions.values():
         sweep_shard(shard, after=[(d, 1e-3)], kernel_mode="compiled")
     assert calls == [(("rademacher",),), (("lowrank", 2),), (("factor", 2),), (("normal",),), (("sparse", "normal"),),
-                     (("magnitude", ("normal",)),)]
+                     (("magnitude", ("normal",)),), (("scaled", ("normal",)),)]
 
 
 def test_no_recompiles_across_shapes_steps_and_seeds():

@@ -34,6 +34,7 @@ from zo_scale.core.directions import (
     LayerSubsetSampler,
     LowRankSampler,
     MagnitudeSampler,
+    ScaledSampler,
     SparseSampler,
 )
 from zo_scale.core.optimizer import ZOOptimizer
@@ -158,3 +159,13 @@ class ARDD(ZOOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, dimension: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(params, lr, eps, rule=AcceleratedDirectional(dimension), **kwargs)
+
+
+class ZOFineTuner(ZOOptimizer):
+    """ZO Fine-tuner: ZO-SGD along z_p = c s_p u_p, one learned scale s_p per parameter tensor
+    (:class:`~zo_scale.core.directions.ScaledSampler`; the scales from
+    :class:`~zo_scale.core.learned_scales.ScaleLearner`, by parameter name)."""
+
+    def __init__(self, params: Iterable[Any], scales: dict[str, float], lr: float = 1e-6, eps: float = 1e-3,
+                 **kwargs: Any) -> None:
+        super().__init__(params, lr, eps, sampler=ScaledSampler(scales), **kwargs)

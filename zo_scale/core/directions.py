@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from zo_scale.core import noise
-from zo_scale.core.shards import ParamShard
+from zo_scale.core.shards import ParamShard, canonical_name
 
 
 class Direction:
@@ -78,6 +78,9 @@ def z_at(spec: tuple[Any, ...], index: torch.Tensor, inputs: tuple[Any, ...], dt
     if spec[0] == "preconditioned":  # (preconditioned, inner spec), inputs (inner inputs, H, shard offset)
         inner, scale, offset = inputs
         return (z_at(spec[1], index, inner, dtype) / sqrt64(scale[index - offset])).to(dtype).float()
+    if spec[0] == "scaled":  # (scaled, inner spec), inputs (inner inputs, the parameter's scale)
+        inner, scale = inputs
+        return (z_at(spec[1], index, inner, dtype) * scale).to(dtype).float()
     if spec[0] == "magnitude":  # (magnitude, inner spec), inputs (inner inputs, theta, shard offset, threshold)
         inner, theta, offset, threshold = inputs
         return z_at(spec[1], index, inner, dtype) * (theta[index - offset].float().abs() <= threshold)
@@ -287,6 +290,20 @@ class PreconditionedDirection(WrappedDirection):
 
     def fused(self, shard: ParamShard) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
         return self._fused_with(shard, "preconditioned", lambda: (self.scale_of(shard), shard.offset))
+
+
+@dataclass
+class ScaledDirection(WrappedDirection):
+    """z = s_p * inner z on parameter p, s_p one fp32 number per parameter tensor (``scales`` by stream)."""
+
+    scales: dict[int, float] = field(repr=False)
+
+    def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor | None:
+        z = self.inner.z(shard, start, count)
+        return None if z is None else (z.float() * self.scales[shard.stream]).to(shard.flat.dtype)
+
+    def fused(self, shard: ParamShard) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+        return self._fused_with(shard, "scaled", lambda: (self.scales[shard.stream],))
 
 
 @dataclass
@@ -542,3 +559,57 @@ class MagnitudeSampler(DirectionSampler):
             raise ValueError(f"the saved magnitude thresholds are quantiles at sparsity {state['sparsity']}; this "
                              f"sampler has sparsity {self.sparsity}")
         self.thresholds = {int(k): float(v) for k, v in state.get("thresholds", {}).items()}
+
+
+@dataclass
+class ScaledSampler(DirectionSampler):
+    r"""ZO Fine-tuner's perturbation (Zhang et al. 2025, arXiv 2510.00419): z_p = c s_p u_p on each parameter
+    tensor p, u ``inner``'s noise (dense normal, as the paper) and s_p a scale learned once per base model
+    (:class:`~zo_scale.core.learned_scales.ScaleLearner`); the update moves along the same z. c fixes the
+    size of z, :math:`\sum_p d_p (c s_p)^2 = \sum_p d_p` (d_p the elements of p), as the paper's normalization:
+    only the ratios of the scales matter, and E||z||^2 = d as for plain Gaussian noise.
+
+    ``scales`` are keyed by parameter name (:func:`~zo_scale.core.shards.canonical_name`); every trained
+    tensor needs one (a name missing is refused: scales learned on another model), names not trained are
+    ignored. Where zo-scale departs from the paper: s_p is one learned number per tensor, where the paper has
+    a small network per tensor that maps the tensor's weight statistics and the last step's two losses to
+    s_p each step; and d_p is the tensor's size for the embedding too (the paper counts the rows a batch
+    touches). Cost: one multiply per element, inside the sweep kernel; no state beyond the scales.
+    """
+
+    scales: dict[str, float]
+    inner: DirectionSampler = field(default_factory=DenseSampler)
+    by_stream: dict[int, float] = field(default_factory=dict)  # c s_p, rounded to fp32, once bound
+
+    def bind(self, shards: Sequence[ParamShard]) -> None:
+        self.inner.bind(shards)
+        sizes = {canonical_name(sh.name): (sh.stream, sh.full_numel) for sh in shards}
+        missing = sorted(set(sizes) - set(self.scales))
+        if missing:
+            raise ValueError(f"the perturbation scales have none for {len(missing)} trained tensor(s), e.g. "
+                             f"{missing[0]!r}: they were learned on another model (or another set of tensors)")
+        bad = {name: self.scales[name] for name in sizes if not (math.isfinite(self.scales[name]) and
+                                                                self.scales[name] > 0)}
+        if bad:
+            raise ValueError(f"perturbation scales must be positive and finite; got {bad}")
+        total = sum(d for _, d in sizes.values())
+        c = math.sqrt(total / sum(d * self.scales[name] ** 2 for name, (_, d) in sizes.items()))
+        # fp32 values: the eager multiply (fp32) and the compiled one (the scalar in fp64) round alike
+        self.by_stream = {stream: float(torch.tensor(c * self.scales[name], dtype=torch.float32))
+                          for name, (stream, _) in sizes.items()}
+
+    def directions(self, seed: int, step: int, q: int) -> list[Direction]:
+        if not self.by_stream:
+            raise RuntimeError("ScaledSampler.bind(shards) must run before the first step")
+        return [ScaledDirection(d, self.by_stream) for d in self.inner.directions(seed, step, q)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scales": dict(self.scales), "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("scales")
+        if saved is not None and saved != self.scales:
+            changed = sorted(k for k in set(saved) | set(self.scales) if saved.get(k) != self.scales.get(k))
+            raise ValueError(f"the checkpoint was trained with other perturbation scales ({len(changed)} differ, "
+                             f"e.g. {changed[0]!r}); resuming would not continue that run")
+        self.inner.load_state_dict(state.get("inner", {}))

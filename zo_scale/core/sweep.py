@@ -143,9 +143,9 @@ def _eager_chunks(shard: ParamShard, directions: Sequence[Direction]) -> Iterato
 
 
 def _exact_casts(specs: Sequence[tuple[Any, ...] | None]) -> bool:
-    """Whether a kernel must keep its explicit roundings: low-rank z is formed in fp32 and rounded to the
-    weights' dtype mid-kernel, and that rounding must stay."""
-    return any(spec[0] in ("lowrank", "factor", "preconditioned") for spec in specs if spec is not None)
+    """Whether a kernel must keep its explicit roundings: low-rank z (and a preconditioned or scaled one) is
+    formed in fp32 and rounded to the weights' dtype mid-kernel, and that rounding must stay."""
+    return any(spec[0] in ("lowrank", "factor", "preconditioned", "scaled") for spec in specs if spec is not None)
 
 
 def _resolve(shard: ParamShard, phases: Sequence[Moves]) -> tuple[list[Direction], list[tuple[tuple[int, ...],

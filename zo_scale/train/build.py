@@ -14,6 +14,7 @@ from zo_scale.core.directions import (
     LayerSubsetSampler,
     LowRankSampler,
     MagnitudeSampler,
+    ScaledSampler,
     SparseSampler,
 )
 from zo_scale.core.optimizer import ZOOptimizer
@@ -31,11 +32,17 @@ from zo_scale.core.updates import (
 )
 from zo_scale.models import model_head
 from zo_scale.train.config import Config, ConfigError, OptimConfig
+from zo_scale.train.scales_file import read_scales
 
 SAMPLERS = ("normal", "rademacher", "sparse", "magnitude", "lowrank", "block", "lezo")
 
 
 def build_sampler(cfg: OptimConfig) -> DirectionSampler:
+    if cfg.scales is not None:
+        if cfg.sampler not in ("normal", "rademacher"):
+            raise ConfigError(f"optim.scales (ZO Fine-tuner's perturbation scales) scales dense noise per tensor: it "
+                              f"needs optim.sampler=normal or rademacher (got {cfg.sampler!r})")
+        return ScaledSampler(read_scales(cfg.scales)[0], DenseSampler(cfg.sampler))
     if cfg.sampler in ("normal", "rademacher"):
         return DenseSampler(cfg.sampler)
     if cfg.sampler == "sparse":

@@ -1,4 +1,4 @@
-"""The ``zo-scale`` command: ``train``, ``demo``, ``replay``, ``plan`` and ``mezo``.
+"""The ``zo-scale`` command: ``train``, ``demo``, ``replay``, ``plan``, ``mezo`` and ``learn-scales``.
 
     zo-scale train --config my.yaml optim.lr=1e-6 run.steps=1000
     zo-scale train --config my.yaml --fo-layers 2 hybrid.fo_lr=1e-5   # last 2 blocks by backprop
@@ -6,6 +6,7 @@
     zo-scale replay runs/x/seedlog.jsonl runs/x/replayed   # rebuild the weights from the seed log
     zo-scale plan --model llama-2-70b --mode zero3 --offload cpu --gpus 8 --gpu-memory 80   # memory per GPU
     zo-scale mezo --task_name SST2 --trainer zo --learning_rate 1e-6 ...   # MeZO's run.py flags (--dry-run: map only)
+    zo-scale learn-scales task.name=copa run.steps=300   # ZO Fine-tuner's scales, then train optim.scales=<file>
 
 Under a launcher, ``launch/train.py`` is ``zo-scale train``; it also takes the flags launchers add:
 
@@ -31,6 +32,7 @@ from zo_scale.plan.report import run as run_plan
 from zo_scale.tasks import TaskDataError
 from zo_scale.train.checkpoint import CheckpointWriteError
 from zo_scale.train.config import ConfigError, load_config
+from zo_scale.train.learn_scales import learn_scales
 from zo_scale.train.loop import TrainingError, train
 from zo_scale.train.mezo_flags import describe, mezo_overrides
 from zo_scale.train.seedlog import replay
@@ -51,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="hybrid ZO-FO: the last K blocks train by backprop, -1 all (same as hybrid.fo_layers=K)")
     p_train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
     p_train.add_argument("overrides", nargs="*", help="e.g. optim.lr=1e-6 run.steps=500")
+    p_learn = sub.add_parser("learn-scales", help="meta-train ZO Fine-tuner's per-tensor perturbation scales for a "
+                             "base model (then: zo-scale train optim.scales=<the file>)")
+    p_learn.add_argument("--config", type=Path, help="YAML with sections model, task, optim, meta, run")
+    p_learn.add_argument("overrides", nargs="*", help="e.g. task.name=copa run.steps=300 meta.lr=1e-2")
     p_demo = sub.add_parser("demo", help="ZO fine-tune SmolLM2-135M on an SST-2 sample (~10 min on 2 CPU cores)")
     p_demo.add_argument("overrides", nargs="*")
     p_replay = sub.add_parser("replay", help="rebuild fine-tuned weights from the base model and a seed log")
@@ -79,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "mezo":
             return _mezo(extra, args.dry_run)
+        if args.command == "learn-scales":
+            learned = learn_scales(load_config(args.config, args.overrides))
+            low, high = learned["scale_range"]
+            print(f"perturbation scales of {learned['tensors']} tensors ({low:.3g} to {high:.3g}) written to "
+                  f"{learned['scales_file']}; meta-loss {learned['first_meta_loss']:.4f} -> "
+                  f"{learned['last_meta_loss']:.4f} over {learned['steps']} steps")
+            return 0
         config_path = DEMO_CONFIG if args.command == "demo" else args.config
         overrides = list(args.overrides)
         if getattr(args, "deepspeed", None):

@@ -73,6 +73,7 @@ class OptimConfig:
     warmup_steps: int = 0
     kernel: str | None = None  # what runs each sweep: auto | compiled | eager; None: $ZO_SCALE_KERNEL, else auto
     perturb: str = "in_place"  # in_place: move the weights, a forward per point | in_forward: one forward, K row groups
+    scales: str | None = None  # ZO Fine-tuner: a perturbation-scales file (zo-scale learn-scales) scaling z per tensor
 
 
 @dataclass
@@ -96,6 +97,19 @@ class HybridConfig:
     fo_lr: float = 1e-5
     fo_weight_decay: float = 0.0
     fo_betas: tuple[float, float] = (0.9, 0.999)  # adamw
+
+
+@dataclass
+class MetaConfig:
+    """``meta.*``: ``zo-scale learn-scales``, the meta-training of ZO Fine-tuner's perturbation scales
+    (:mod:`zo_scale.core.learned_scales`); optim.eps and optim.lr are the ZO step's it judges the scales by."""
+
+    lr: float = 1e-2  # Adam's lr on the log scales
+    base_lr: float = 1e-2  # the first-order trajectory the scales are learned along (SGD); 0: stay at the start
+    base_momentum: float = 0.8
+    max_grad_norm: float = 1.0
+    restart_every: int = 190  # steps between resets of the weights to the start (0: never); the paper's 5 epochs
+    output: str | None = None  # the scales file; None: <run.output_dir>/perturbation_scales.json
 
 
 @dataclass
@@ -131,6 +145,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
