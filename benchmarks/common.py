@@ -29,7 +29,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = ("fp32", "bf16")
 
 
-def _cpu_seconds() -> tuple[float, float, float]:
+def cpu_snapshot() -> tuple[float, float, float]:
     """(busy, total) CPU seconds of the whole machine since boot (/proc/stat), and this process's own
     (children included): the difference of two snapshots says how much CPU others took meanwhile."""
     ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -40,17 +40,18 @@ def _cpu_seconds() -> tuple[float, float, float]:
     return busy, busy + (idle + iowait) / hz, t.user + t.system + t.children_user + t.children_system
 
 
-CPU_AT_START = _cpu_seconds()
+CPU_AT_START = cpu_snapshot()
 LOAD_AT_START = os.getloadavg()  # 1/5/15-minute load averages when the script started
 
 
-def cpu_taken_by_others() -> float:
-    """Fraction of the machine's CPU capacity used by other processes since this script started.
+def cpu_taken_by_others(since: tuple[float, float, float] = CPU_AT_START) -> float:
+    """Fraction of the machine's CPU capacity used by other processes since ``since`` (a
+    :func:`cpu_snapshot`; default: when this script started).
 
     Near 0 on a quiet machine; on a shared one, timings from a run with a large value are suspect.
     """
-    busy, total, own = _cpu_seconds()
-    busy0, total0, own0 = CPU_AT_START
+    busy, total, own = cpu_snapshot()
+    busy0, total0, own0 = since
     return max(0.0, (busy - busy0) - (own - own0)) / max(total - total0, 1e-9)
 
 

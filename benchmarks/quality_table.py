@@ -96,7 +96,7 @@ def run_one(task: str, method: str, lr: float, forwards: int, n_eval: int) -> di
     lr_key = "hybrid.fo_lr" if "hybrid.fo_layers=-1" in overrides else "optim.lr"
     cfg = load_config(None, [*BASE, *TASKS[task], *overrides, f"{lr_key}={lr}", f"run.steps={steps}",
                              f"task.num_eval={n_eval}", f"run.output_dir={out_dir}"])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), common.cpu_snapshot()
     with trainer_with_mezo_step() if method == MEZO_PUBLISHED else contextlib.nullcontext():
         summary = train(cfg)
     wall = time.perf_counter() - start
@@ -106,7 +106,7 @@ def run_one(task: str, method: str, lr: float, forwards: int, n_eval: int) -> di
             "forwards": forwards_taken(cfg, per_step),
             "eval_examples": summary["eval_examples"],
             "zero_shot_accuracy": summary["zero_shot_accuracy"], "final_accuracy": summary["final_accuracy"],
-            "wall_s": wall, "train_loss": train_loss}
+            "wall_s": wall, "cpu_taken_by_others": common.cpu_taken_by_others(cpu), "train_loss": train_loss}
 
 
 def forwards_taken(cfg: Config, per_step: int) -> int:
