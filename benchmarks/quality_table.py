@@ -1,10 +1,11 @@
 """The quality table: which method wins at the same forward budget, on real data and a real model.
 
 SmolLM2-135M (full parameters, fp32) on SST-2 (1,000 training sentences and 300 dev sentences, each
-sampled with the run seed, MeZO's template, batch 16) and on RTE (1,000 training pairs, 277 validation
-pairs: all of them), from ../shared/data, each method run by the real trainer
-(``zo_scale.train.loop.train``) with the same seed; "the published MeZO step" is that trainer with its
-ZO step replaced by mezo_reference.py's (the same data, batches, lr and evaluation).
+sampled with the run seed, MeZO's template, batch 16), on RTE (1,000 training pairs, 277 validation
+pairs: all of them) and on COPA (all 400 training and 100 validation examples), from ../shared/data,
+each method run by the real trainer (``zo_scale.train.loop.train``) with the same seed; "the published
+MeZO step" is that trainer with its ZO step replaced by mezo_reference.py's (the same data, batches, lr
+and evaluation). ZO Fine-tuner's scales were meta-trained on COPA's training split: on COPA it is in-domain.
 Every method gets the same number of forwards over training batches (``--forwards``): a method taking
 k forwards a step gets forwards // k steps (central ZO: 2; FZOO with N perturbations: N + 1; HiZOO: 3; the
 unbiased estimator: 5 on average, the forwards it took recorded; first-order AdamW: counted as 3, a forward
@@ -16,7 +17,7 @@ Zero-shot is measured in every run (the same number each time: the same model an
     python benchmarks/quality_table.py --forwards 200 --lrs 1 --tasks sst2
     python benchmarks/quality_table.py --append --methods "ZO-Adam" --lr 1e-5   # one more run into the table
     python benchmarks/quality_table.py --quick                           # 8 forwards, 16 examples: smoke
-    python benchmarks/quality_table.py --learn-scales 60                 # ZO Fine-tuner's scales, once (COPA)
+    python benchmarks/quality_table.py --learn-scales 250                # ZO Fine-tuner's scales, once (COPA)
 
 Accuracy on 300 examples has a binomial standard error of about 2.7 points at 70%: differences smaller
 than ~5 points are not an ordering. Nothing here is tuned on the eval set beyond the grids below.
@@ -43,7 +44,9 @@ from zo_scale.train.metrics import read_metrics
 
 TASKS = {  # MeZO's protocol: train sampled from the train split, eval from the eval split
     "sst2": ["task.name=sst2", "task.num_train=1000", "task.num_eval=300"],
-    "rte": ["task.name=rte", "task.num_train=1000", "task.num_eval=300"],
+    "rte": ["task.name=rte", "task.num_train=1000", "task.num_eval=277"],  # all of RTE's validation pairs
+    # COPA has 400 training and 100 validation examples: all of them (+-5 points at 70%)
+    "copa": ["task.name=copa", "task.num_train=400", "task.num_eval=100"],
 }
 SCALES = common.RESULTS_DIR / "smollm2-135m_copa_scales.json"  # ZO Fine-tuner's, from --learn-scales
 # the paper's meta-training: COPA's training split, batch 8, the ZO step of ZO-SGD's lr here; restarts every 5 epochs
@@ -85,17 +88,17 @@ BASE = ["model.name=smollm2-135m", "model.dtype=float32", "task.num_dev=0", "run
         "optim.lazy=true", "optim.eps=1e-3"]
 
 
-def run_one(task: str, method: str, lr: float, forwards: int, n_eval: int) -> dict:
+def run_one(task: str, method: str, lr: float, forwards: int, n_eval: int | None) -> dict:
     overrides, per_step, _ = METHODS[method]
     steps = max(1, forwards // per_step)
     slug = "".join(c if c.isalnum() else "-" for c in f"{task}-{method}-{lr:g}-{forwards}".lower()).strip("-")
     out_dir = common.RESULTS_DIR / "runs" / f"quality-{slug}"
     shutil.rmtree(out_dir, ignore_errors=True)  # a checkpoint left there would resume instead of training
     if method == ZO_FINE_TUNER and not SCALES.exists():
-        raise SystemExit(f"{method} needs {SCALES}: run quality_table.py --learn-scales 60 first")
+        raise SystemExit(f"{method} needs {SCALES}: run quality_table.py --learn-scales 250 first")
     lr_key = "hybrid.fo_lr" if "hybrid.fo_layers=-1" in overrides else "optim.lr"
     cfg = load_config(None, [*BASE, *TASKS[task], *overrides, f"{lr_key}={lr}", f"run.steps={steps}",
-                             f"task.num_eval={n_eval}", f"run.output_dir={out_dir}"])
+                             *([f"task.num_eval={n_eval}"] if n_eval else []), f"run.output_dir={out_dir}"])
     start, cpu = time.perf_counter(), common.cpu_snapshot()
     with trainer_with_mezo_step() if method == MEZO_PUBLISHED else contextlib.nullcontext():
         summary = train(cfg)
@@ -106,7 +109,8 @@ def run_one(task: str, method: str, lr: float, forwards: int, n_eval: int) -> di
             "forwards": forwards_taken(cfg, per_step),
             "eval_examples": summary["eval_examples"],
             "zero_shot_accuracy": summary["zero_shot_accuracy"], "final_accuracy": summary["final_accuracy"],
-            "wall_s": wall, "cpu_taken_by_others": common.cpu_taken_by_others(cpu), "train_loss": train_loss}
+            "wall_s": wall, "cpu_taken_by_others": common.cpu_taken_by_others(cpu),
+            "cpu_model": common.machine_info()["cpu_model"], "train_loss": train_loss}  # runs span machines
 
 
 def forwards_taken(cfg: Config, per_step: int) -> int:
@@ -125,7 +129,7 @@ def main() -> None:
     parser.add_argument("--lrs", type=int, default=2, help="how many lrs of each method's grid to run")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD")
-    parser.add_argument("--eval", type=int, default=300, help="eval examples per task")
+    parser.add_argument("--eval", type=int, help="eval examples per task (default: the task's, in TASKS)")
     parser.add_argument("--append", action="store_true",
                         help="add these runs to the saved JSON (a run of the same task, method, lr and budget is "
                              "replaced)")
@@ -151,8 +155,9 @@ def main() -> None:
     forwards, n_eval = (8, 16) if args.quick else (args.forwards, args.eval)
     saved = common.RESULTS_DIR / f"{name}.json"
     results = json.loads(saved.read_text())["results"] if args.append and saved.exists() else []
-    settings = {"forwards_per_run": forwards, "eval_examples": n_eval, "base": BASE, "tasks": TASKS,
-                "methods": METHODS, "wall_s": "per run: model load, two evals (zero-shot and final) and the steps"}
+    settings = {"forwards_per_run": forwards, "eval_examples": n_eval or "the task's (tasks)", "base": BASE,
+                "tasks": TASKS, "methods": METHODS,
+                "wall_s": "per run: model load, two evals (zero-shot and final) and the steps"}
     for task in args.tasks:
         for method in args.methods:
             for lr in [args.lr] if args.lr is not None else METHODS[method][2][: args.lrs]:
@@ -190,12 +195,12 @@ def plot(name: str, results: list[dict]) -> None:
         ax.barh([m for m, _ in rows], [100 * r["final_accuracy"] for _, r in rows], color="tab:orange",
                 xerr=[100 * (r["final_accuracy"] * (1 - r["final_accuracy"]) / r["eval_examples"]) ** 0.5
                       for _, r in rows])
-        ax.axvline(100 * rows[0][1]["zero_shot_accuracy"], color="k", ls="--", label="zero-shot")
+        ax.axvline(100 * rows[0][1]["zero_shot_accuracy"], color="k", ls="--")
         budgets = [r["budget"] for _, r in rows]
-        ax.set_xlabel("accuracy (%), best lr of its grid\nbars: +-1 binomial s.e.")
+        ax.set_xlim(0, 100)  # one scale for every task
+        ax.set_xlabel("accuracy (%), best lr of its grid\nbars: +-1 binomial s.e.; dashed: zero-shot")
         ax.set_title(f"{task}: {max(budgets, key=budgets.count)} training forwards (or as marked)", fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
-        ax.legend(loc="lower right")
     fig.suptitle(common.machine_label(), fontsize=8)
     common.save_figure(fig, name)
     print(json.dumps({f"{t} {m}": (r["lr"], r["final_accuracy"]) for (t, m), r in top.items()}))
