@@ -45,7 +45,7 @@ from zo_scale.train.metrics import read_metrics
 TASKS = {  # MeZO's protocol: train sampled from the train split, eval from the eval split
     "sst2": ["task.name=sst2", "task.num_train=1000", "task.num_eval=300"],
     "rte": ["task.name=rte", "task.num_train=1000", "task.num_eval=277"],  # all of RTE's validation pairs
-    # COPA has 400 training and 100 validation examples: all of them (+-5 points at 70%)
+    # COPA has 400 training and 100 validation examples: all of them (+-4.6 points at 70%)
     "copa": ["task.name=copa", "task.num_train=400", "task.num_eval=100"],
 }
 SCALES = common.RESULTS_DIR / "smollm2-135m_copa_scales.json"  # ZO Fine-tuner's, from --learn-scales
