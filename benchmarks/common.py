@@ -209,7 +209,7 @@ def machine_info() -> dict[str, Any]:
 
     return {
         "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "transformers_version": transformers.__version__,
@@ -231,7 +231,8 @@ def _git_version() -> str:
     return head + (" + uncommitted changes in zo_scale/" if git("status", "--porcelain", "zo_scale") else "")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo (else the platform's)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -304,4 +305,4 @@ def machine_label() -> str:
     """A short caption for plots: '2-core CPU, torch 2.x, 2 threads'."""
     import torch
 
-    return f"{os.cpu_count()}-core CPU ({_cpu_model()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{os.cpu_count()}-core CPU ({cpu_model()}), torch {torch.__version__}, {torch.get_num_threads()} threads"

@@ -110,7 +110,7 @@ def run_one(task: str, method: str, lr: float, forwards: int, n_eval: int | None
             "eval_examples": summary["eval_examples"],
             "zero_shot_accuracy": summary["zero_shot_accuracy"], "final_accuracy": summary["final_accuracy"],
             "wall_s": wall, "cpu_taken_by_others": common.cpu_taken_by_others(cpu),
-            "cpu_model": common.machine_info()["cpu_model"], "train_loss": train_loss}  # runs span machines
+            "cpu_model": common.cpu_model(), "train_loss": train_loss}  # runs span machines
 
 
 def forwards_taken(cfg: Config, per_step: int) -> int:
