@@ -185,22 +185,45 @@ def best(results: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
+def binomial_se(r: dict) -> float:
+    """One binomial standard error of a run's final accuracy, in points."""
+    return 100 * (r["final_accuracy"] * (1 - r["final_accuracy"]) / r["eval_examples"]) ** 0.5
+
+
+def in_methods_order(rows: set[str]) -> list[str]:
+    """Row names in METHODS' order, a longer run ("<method>, N forwards") after its method."""
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(rows, key=lambda m: (order.get(m.rsplit(", ", 1)[0] if m.endswith(" forwards") else m,
+                                                 len(order)), m))
+
+
 def plot(name: str, results: list[dict]) -> None:
-    tasks = sorted({r["task"] for r in results})
-    fig, axes = common.new_figure(6 * len(tasks), 5, ncols=len(tasks))
-    axes = axes if len(tasks) > 1 else [axes]
+    """One panel a task (TASKS' order), one row a method on the same line in every panel (METHODS'
+    order; a longer run below its method): its best lr's accuracy with +-1 s.e., the lr beside it."""
     top = best(results)
-    for ax, task in zip(axes, tasks, strict=True):
-        rows = [(m, r) for (t, m), r in top.items() if t == task]
-        ax.barh([m for m, _ in rows], [100 * r["final_accuracy"] for _, r in rows], color="tab:orange",
-                xerr=[100 * (r["final_accuracy"] * (1 - r["final_accuracy"]) / r["eval_examples"]) ** 0.5
-                      for _, r in rows])
-        ax.axvline(100 * rows[0][1]["zero_shot_accuracy"], color="k", ls="--")
-        budgets = [r["budget"] for _, r in rows]
-        ax.set_xlim(0, 100)  # one scale for every task
-        ax.set_xlabel("accuracy (%), best lr of its grid\nbars: +-1 binomial s.e.; dashed: zero-shot")
+    tasks = [t for t in TASKS if any(t == task for task, _ in top)]
+    rows = in_methods_order({m for _, m in top})
+    y = {m: -i for i, m in enumerate(rows)}  # first method on top
+    accs = [100 * r["final_accuracy"] for r in top.values()]
+    lo = min([*accs, *(100 * r["zero_shot_accuracy"] for r in top.values())]) - 8
+    fig, axes = common.new_figure(4.5 * len(tasks) + 2.5, 0.32 * len(rows) + 1.6, ncols=len(tasks))
+    axes = axes if len(tasks) > 1 else [axes]
+    for i, (ax, task) in enumerate(zip(axes, tasks, strict=True)):
+        runs = {m: r for (t, m), r in top.items() if t == task}
+        for m, r in runs.items():
+            color = "tab:blue" if m.startswith("FO ") else "tab:orange"
+            ax.errorbar(100 * r["final_accuracy"], y[m], xerr=binomial_se(r), fmt="o", color=color, capsize=2)
+            ax.annotate(f"{100 * r['final_accuracy']:.1f} ({r['lr']:g})", (100 * r["final_accuracy"], y[m]),
+                        xytext=(6, 3), textcoords="offset points", fontsize=6)
+        ax.axvline(100 * next(iter(runs.values()))["zero_shot_accuracy"], color="k", ls="--", lw=1)
+        ax.set_yticks(list(y.values()), rows if i == 0 else [""] * len(rows), fontsize=8)
+        ax.set_ylim(-len(rows) + 0.5, 0.5)
+        ax.grid(axis="y", lw=0.3)
+        ax.set_xlim(lo, max(accs) + 8)  # one scale for every task
+        budgets = [r["budget"] for r in runs.values()]
         ax.set_title(f"{task}: {max(budgets, key=budgets.count)} training forwards (or as marked)", fontsize=9)
-        ax.tick_params(axis="y", labelsize=8)
+        ax.set_xlabel("accuracy (%) of the best lr (in brackets)\nbars: +-1 binomial s.e.; dashed: zero-shot",
+                      fontsize=8)
     fig.suptitle(common.machine_label(), fontsize=8)
     common.save_figure(fig, name)
     print(json.dumps({f"{t} {m}": (r["lr"], r["final_accuracy"]) for (t, m), r in top.items()}))
