@@ -190,19 +190,19 @@ def binomial_se(r: dict) -> float:
     return 100 * (r["final_accuracy"] * (1 - r["final_accuracy"]) / r["eval_examples"]) ** 0.5
 
 
-def in_methods_order(rows: set[str]) -> list[str]:
-    """Row names in METHODS' order, a longer run ("<method>, N forwards") after its method."""
+def in_methods_order(top: dict[tuple[str, str], dict]) -> list[str]:
+    """The row names of ``best``'s table in METHODS' order, a longer run of a method after it."""
     order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(rows, key=lambda m: (order.get(m.rsplit(", ", 1)[0] if m.endswith(" forwards") else m,
-                                                 len(order)), m))
+    runs = {row: r for (_, row), r in top.items()}
+    return sorted(runs, key=lambda row: (order.get(runs[row]["method"], len(order)), runs[row]["budget"], row))
 
 
 def plot(name: str, results: list[dict]) -> None:
     """One panel a task (TASKS' order), one row a method on the same line in every panel (METHODS'
     order; a longer run below its method): its best lr's accuracy with +-1 s.e., the lr beside it."""
     top = best(results)
-    tasks = [t for t in TASKS if any(t == task for task, _ in top)]
-    rows = in_methods_order({m for _, m in top})
+    tasks = [t for t in TASKS if t in {task for task, _ in top}]
+    rows = in_methods_order(top)
     y = {m: -i for i, m in enumerate(rows)}  # first method on top
     accs = [100 * r["final_accuracy"] for r in top.values()]
     lo = min([*accs, *(100 * r["zero_shot_accuracy"] for r in top.values())]) - 8

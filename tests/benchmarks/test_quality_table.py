@@ -42,6 +42,6 @@ def test_plot_writes_a_png_per_table(tmp_path, monkeypatch):
 
 
 def test_rows_follow_the_methods_order_with_a_longer_run_after_its_method():
-    rows = {f"{ZO_SGD}, 2000 forwards", LOZO, "FO AdamW (the ceiling)", ZO_SGD}
-    assert quality_table.in_methods_order(rows) == [ZO_SGD, f"{ZO_SGD}, 2000 forwards", LOZO,
-                                                    "FO AdamW (the ceiling)"]
+    top = quality_table.best([*RUNS, run("sst2", "FO AdamW (the ceiling)", 1e-5, 0.87)])
+    assert quality_table.in_methods_order(top) == [ZO_SGD, f"{ZO_SGD}, 2000 forwards", LOZO,
+                                                   "FO AdamW (the ceiling)"]
