@@ -263,13 +263,15 @@ def model_bytes(folder: Path, min_partition_bytes: int = 0) -> int:
                if v.numel() * 4 // 2 >= min_partition_bytes)
 
 
-def test_nvme_offload_equals_zero3_and_in_forward_swaps_a_third(wide_model, tmp_path):
+@pytest.mark.needs_aio
+def test_nvme_offload_equals_zero3_and_in_forward_swaps_a_third(aio_built, wide_model, tmp_path):
     """Partitions of 1 MiB and more live in files between forwards; each is swapped in for the ZO
     sweep and written back. In place a step moves 6x their bytes: 2 forwards read each once, and
     2 sweeps read and write each. perturb=in_forward with ZO-SGD moves 2x: the forward reads each
     once, and the last step's (lazy) update lands on it there and is written back: no update sweep
-    (Adam's moments live with the partition: its in_forward update stays a sweep, 3x). The first
-    run on a machine JIT-builds DeepSpeed's async_io op (about 4-5 minutes on 2 cores)."""
+    (Adam's moments live with the partition: its in_forward update stays a sweep, 3x). DeepSpeed's
+    async_io op is JIT-built once a machine (about 3 minutes on 2 cores), in the background while
+    the other tests run (tests/conftest.py)."""
     reason = aio_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
