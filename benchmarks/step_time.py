@@ -38,17 +38,19 @@ Writes benchmarks/results/step_time_<dtype>[_quick].{json,png}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import cProfile
 import pstats
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import common
 import torch
+import torch.profiler
 from mezo_reference import MeZOReference
 
 import zo_scale
-from zo_scale.core import noise
+from zo_scale.core import noise, sweep
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--dtype", choices=common.DTYPES, default="fp32")
@@ -111,9 +113,9 @@ variants: dict[str, Callable[[], None]] = {
     "(e) MeZO reference": optimizer_step(m_mezo, MeZOReference(m_mezo, LR, EPS)),
     "(f) ZO in_forward": lambda: opt_f.step(lambda groups: common.stacked_lm_losses(m_fwd, ids, groups)),
 }
-# (f): 2 perturbed copies made (read theta, write a copy) and 1 update pass
+# (f): one pass that lands the last update and writes 2 perturbed copies (read theta, write theta and 2 copies)
 passes = {"(a) 2 forwards": 0, "(b) ZO eager": 3, "(b') ZO eager, eager kernel": 3, "(c) ZO lazy": 2,
-          "(d) ZO lazy rademacher": 2, "(e) MeZO reference": 4, "(f) ZO in_forward": 3}
+          "(d) ZO lazy rademacher": 2, "(e) MeZO reference": 4, "(f) ZO in_forward": 1}
 
 # -----------------------------------------------------------------------------
 # measure
@@ -131,6 +133,58 @@ for label, t in timings.items():
         "parameter_passes": passes[label],
     }
     print(f"{label:24s} {t.median_s:7.2f} s  x{t.median_s / base:.3f}  (times {[round(x, 2) for x in t.times_s]})")
+
+# -----------------------------------------------------------------------------
+# work per step: what a GPU pays per launch, per sync and per byte, counted on one more step of each variant
+
+SYNC_OPS = ("aten::_local_scalar_dense",)  # every .item() / float() / int() / tolist() of a tensor's value
+MEZO_BYTES = 16  # (e) outside the sweep, by its code: 4 passes, each writes z, reads theta and z, writes theta
+
+
+@contextlib.contextmanager
+def counting_zo_bytes() -> Iterator[dict[str, int]]:
+    """Counts the bytes each ZO pass reads and writes (sweep_shard and perturbed_copies both run
+    ``sweep._pass``): the shard (read; written unless the pass only makes copies), the rule's buffers and
+    master copy (read and written when it updates or uses them), each copy written."""
+    tally = {"read": 0, "written": 0}
+    inner = sweep._pass
+
+    def counted(shard, before=(), update=None, after=(), state=None, master=None, offsets=(), kernel_mode=None,
+                copies=()):
+        moved, outs = inner(shard, before, update, after, state, master, offsets, kernel_mode, copies)
+        size = shard.flat.numel() * shard.flat.element_size()
+        kept = {id(t): t for t in (*(state or {}).values(), master) if isinstance(t, torch.Tensor) and t.dim()}
+        both = sum(t.numel() * t.element_size() for t in kept.values())
+        tally["read"] += size + both
+        tally["written"] += both + sum(o.numel() * o.element_size() for o in outs if o is not shard.flat)
+        if before or after or update is not None or master is not None:
+            tally["written"] += size
+        return moved, outs
+
+    sweep._pass = counted
+    try:
+        yield tally
+    finally:
+        sweep._pass = inner
+
+
+def work_per_step(label: str, run: Callable[[], None]) -> dict[str, object]:
+    with counting_zo_bytes() as tally, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    events = prof.key_averages()
+    moved = tally["read"] + tally["written"]
+    return {"aten_ops": sum(e.count for e in events if e.key.startswith("aten::")),
+            "host_reads": sum(e.count for e in events if e.key in SYNC_OPS),
+            "zo_kernel_calls": sum(e.count for e in events if e.key.startswith("## Call CompiledFxGraph")),
+            "zo_bytes_read": tally["read"], "zo_bytes_written": tally["written"],
+            "zo_bytes_per_model_bytes": MEZO_BYTES if label.startswith("(e)") else moved / model_bytes}
+
+
+model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+for label, run in variants.items():
+    w = results[label]["work_per_step"] = work_per_step(label, run)
+    print(f"{label:24s} {w['aten_ops']:6d} aten ops, {w['zo_kernel_calls']:4d} compiled ZO kernel calls, "
+          f"{w['host_reads']:4d} host reads; its ZO passes move {w['zo_bytes_per_model_bytes']:.2f}x the model's bytes")
 
 profile: list[dict[str, object]] = []
 if args.profile:  # one eager ZO step (the model has had its warmup), top functions by own time
@@ -165,7 +219,16 @@ notes = [
     "ratio_vs_2_forwards: median step time / median time of 2 forwards under torch.inference_mode().",
     "ratio_of_fastest_repeats: the same with the fastest repeat of each: less hurt by other processes.",
     "ZO steps run their forwards under torch.no_grad() (the optimizer's contract), not inference_mode.",
-    "parameter_passes: read-modify-write passes over all parameters per step (lazy: steady state).",
+    "parameter_passes: passes over all parameters per step (lazy: steady state); (f)'s one pass reads theta and "
+    "writes theta and its 2 copies.",
+    "work_per_step, counted on one more step of each variant: aten_ops, every aten op the profiler saw (the "
+    "forwards' included; on a GPU each op on a device tensor is a kernel launch); zo_kernel_calls, calls of the "
+    "compiled sweep kernel (one launch each; shards under 64K elements run the eager chunks on the CPU); "
+    "host_reads, every read of a tensor's value on the host (aten::_local_scalar_dense): one per loss evaluated "
+    "((f): one for all groups) plus one per updated parameter tensor of the rule's step counter, a 0-dim CPU "
+    "tensor (no device sync on a GPU); zo_bytes_per_model_bytes, the bytes the ZO passes read and write over "
+    "the model's bytes (the forwards' reads of the weights not counted; (f) also copies the tied embedding "
+    "at the LM head; (e) by its code, 4 passes of 4x, not counted).",
 ]
 print("wrote", common.write_json(name, settings, results, notes))
 

@@ -7,6 +7,10 @@ wall time (round-robin, after a warmup that also compiles) of:
     eager add_noise_ normal    zo_scale.core.noise.add_noise_(x, "normal", ..., kernel="eager")   (64K chunks)
     compiled add_noise_ normal the same with kernel="compiled" (one torch.compile kernel)
     ... rademacher             the same two with Rademacher signs
+    2 perturbed copies         perturb='in_forward''s pass over a parameter: theta + eps z and theta - eps z into
+                               2 new tensors (compiled), theta only read
+    update, then 2 copies      lazy ZO-SGD's last update landed by a sweep, then the copies: two passes
+    update and 2 copies ...    the same in one pass (perturbed_copies(..., update)): what the optimizer runs
 
 reported as ratios to plain add_ (1.0: z costs nothing beyond the read-modify-write of x).
 
@@ -14,7 +18,7 @@ Part 2, work per sweep. One steady-state lazy ZO-SGD sweep (restore + update + n
 two directions), one ZO-Adam sweep, one LOZO perturbation (rank 2, on a square matrix) and one
 SparseZO sweep over a shard of ``--count-numel``
 elements, under torch.profiler: aten ops per 64K chunk (eager; on a GPU each is a kernel launch),
-host syncs (``aten::item`` / ``aten::_local_scalar_dense`` / ``aten::is_nonzero``), compiled graph
+host syncs (``aten::_local_scalar_dense``: each host read of a value, .item() or bool()), compiled graph
 calls and inductor kernels per shard, and with ``--device cuda`` the CUDA kernel launches.
 
 Part 3, the noise format. The same compiled noise-add (fp32) with a candidate 32-bit counter hash in
@@ -43,7 +47,7 @@ from torch.profiler import ProfilerActivity, profile
 from zo_scale.core import noise
 from zo_scale.core.directions import DenseDirection, LowRankDirection, SparseDirection
 from zo_scale.core.shards import ParamShard
-from zo_scale.core.sweep import Update, sweep_shard
+from zo_scale.core.sweep import Update, perturbed_copies, sweep_shard
 from zo_scale.core.updates import SGD, Adam
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,7 +62,7 @@ if args.quick:
 device = torch.device(args.device)
 name = f"sweep_kernel_{device.type}" + ("_quick" if args.quick else "")
 SEED, STREAM, EPS = 1234, 7, 1e-3
-SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero")
+SYNC_OPS = ("aten::_local_scalar_dense",)  # what .item(), float(), bool() of a tensor run: one per host read
 
 
 def synchronized(fn: Callable[[], object]) -> Callable[[], None]:
@@ -73,6 +77,23 @@ def synchronized(fn: Callable[[], object]) -> Callable[[], None]:
 # -----------------------------------------------------------------------------
 # part 1: time per pass over one tensor, as a ratio to a plain add_
 
+
+
+def in_forward_passes(x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """What perturb='in_forward' (lazy ZO-SGD) does to one parameter per step, compiled: the 2 perturbed
+    copies alone; the last step's update landed by a sweep, then the copies (two passes); both in one pass."""
+    shard = ParamShard(x, "w", STREAM, x, 0, torch.Size([x.numel()]))
+    last, now = DenseDirection(noise.derive_seed(SEED, 1)), DenseDirection(noise.derive_seed(SEED, 2))
+    groups = [[(now, 1e-9)], [(now, -1e-9)]]
+    update = Update(SGD(), [(last, 0.5)], 1e-9, 0.0)
+    state = SGD().init_state(shard)
+    return {"2 perturbed copies": lambda: perturbed_copies(shard, groups, "compiled"),
+            "update, then 2 copies (2 passes)": lambda: (
+                sweep_shard(shard, update=update, state=state, kernel_mode="compiled"),
+                perturbed_copies(shard, groups, "compiled")),
+            "update and 2 copies in 1 pass": lambda: perturbed_copies(shard, groups, "compiled", update, state)}
+
+
 time_results: dict[str, dict[str, object]] = {}
 for dtype_name in common.DTYPES:
     dtype = common.torch_dtype(dtype_name)
@@ -83,6 +104,7 @@ for dtype_name in common.DTYPES:
         for mode in ("eager", "compiled"):
             methods[f"{mode} add_noise_ {kind}"] = synchronized(
                 lambda x=x, kind=kind, mode=mode: noise.add_noise_(x, kind, SEED, STREAM, 0, 1e-9, kernel=mode))
+    methods.update({label: synchronized(run) for label, run in in_forward_passes(x).items()})
     timings = common.time_interleaved(methods, warmup=1, repeats=args.repeats)
     base = timings["plain add_"].median_s
     for label, t in timings.items():

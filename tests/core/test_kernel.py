@@ -237,3 +237,40 @@ def test_perturbed_copies_compiled_equal_eager_and_a_master_sweep(dtype):
         sweep_shard(whole_param_shard(moved, "w"), master=w.view(-1).float(), offsets=moves, kernel_mode="eager")
         assert torch.equal(a, moved.view(-1))
         assert not torch.equal(a, shard.flat)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", ["sgd", "sign"])
+def test_copies_with_the_update_landed_in_the_same_pass_equal_the_update_then_the_copies(dtype, rule):
+    """perturbed_copies(update=...) lands the update on theta and makes the copies from the updated,
+    rounded theta in one pass: bit for bit a sweep_shard of the update followed by perturbed_copies, compiled
+    and eager (in bf16/fp16 the copies must start from theta rounded, a rounding the compiler would fold)."""
+    from zo_scale.core.directions import DenseDirection
+    from zo_scale.core.shards import whole_param_shard
+    from zo_scale.core.sweep import Update, perturbed_copies, sweep_shard
+    from zo_scale.core.updates import make_rule
+
+    torch.manual_seed(0)
+    start = torch.randn(300, 257).to(dtype)
+    old, new = DenseDirection(7), DenseDirection(8, "rademacher")
+    groups = [[(new, 1e-2)], [(new, -1e-2)], []]
+    results = {}
+    for mode in ("eager", "compiled"):
+        for fused in (True, False):
+            w = start.clone()
+            shard = whole_param_shard(w, "w")
+            update = Update(make_rule(rule), [(old, 0.3)], lr=1e-2, weight_decay=0.1)
+            state = update.rule.init_state(shard)
+            if fused:
+                copies = perturbed_copies(shard, groups, mode, update, state)
+            else:
+                sweep_shard(shard, update=update, state=state, kernel_mode=mode)
+                copies = perturbed_copies(shard, groups, mode)
+            assert copies[2] is shard.flat  # the group at theta reads the updated theta itself
+            assert int(state["step"]) == 1
+            results[mode, fused] = (w, copies)
+    (w_ref, c_ref) = results["eager", False]
+    assert not torch.equal(w_ref, start) and not torch.equal(c_ref[0], c_ref[1])
+    for w, copies in results.values():
+        assert torch.equal(w, w_ref)
+        assert all(torch.equal(a, b) for a, b in zip(copies, c_ref, strict=True))

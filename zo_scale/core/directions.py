@@ -40,6 +40,7 @@ class Direction:
     """One perturbation direction z over all parameters, defined by seeds."""
 
     seed: int
+    reads_weights = False  # whether z depends on theta itself (Sparse-MeZO's magnitude mask)
 
     def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor | None:
         """Elements [start, start + count) of z for this flattened parameter, shape (count,),
@@ -256,6 +257,10 @@ class WrappedDirection(Direction):
     @property
     def seed(self) -> int:  # type: ignore[override]
         return self.inner.seed
+
+    @property
+    def reads_weights(self) -> bool:  # type: ignore[override]
+        return self.inner.reads_weights
 
     def estimate_scale(self, shard: ParamShard) -> float:
         return self.inner.estimate_scale(shard)
@@ -483,6 +488,7 @@ class MagnitudeDirection(WrappedDirection):
     :class:`MagnitudeSampler`)."""
 
     sampler: MagnitudeSampler = field(repr=False)
+    reads_weights = True  # type: ignore[assignment]
 
     def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor | None:
         z = self.inner.z(shard, start, count)

@@ -30,7 +30,7 @@ never reads or writes ``.grad``.
     A step is then one forward over K times the rows and one update pass; weights in bf16 come back
     bit for bit when the update is zero. With ``lazy=True`` and a rule without per-element state
     ('sgd', 'sign') and no master copy, that update pass is the next forward itself: each module
-    lands the pending update on its (gathered) parameters just before making their copies, and
+    lands the pending update on its (gathered) parameters in the pass that makes their copies, and
     ``store_fn`` writes them back to where they are stored (under ZeRO-3: the rank's partition, its
     NVMe file). Parameters the forward did not reach are updated by a sweep after it.
 
@@ -59,7 +59,7 @@ from zo_scale.core.estimators import CentralCurvature, Estimator, ForwardGradien
 from zo_scale.core.forward_grad import loss_and_directional_derivative
 from zo_scale.core.perturbed_forward import perturbed_forward
 from zo_scale.core.shards import ParamShard, ShardSpan, whole_param_shard
-from zo_scale.core.sweep import Moves, Update, sweep_shard
+from zo_scale.core.sweep import Moves, Update, perturbed_copies, sweep_shard
 from zo_scale.core.updates import SGD, DiagonalHessian, LozoMomentum, UpdateRule, make_rule
 
 ESTIMATOR_DRAW = -5  # the tag of a step's seed for an estimator's random choices (samplers use -1 to -3)
@@ -401,17 +401,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         group_of = {p: gi for gi, group in enumerate(self.param_groups) for p in group["params"]}
         landed: set[torch.Tensor] = set()
 
-        def land(p: torch.nn.Parameter, name: str) -> None:
-            if p in landed or updates[group_of[p]] is None:
-                return
-            landed.add(p)
+        def land_and_copy(p: torch.nn.Parameter, name: str) -> list[torch.Tensor]:
+            """The copies of p, the pending update landed on it in the same pass at its first use."""
             whole = whole_param_shard(p, name)
-            sweep_shard(whole, update=updates[group_of[p]], state=self._state_for(whole), kernel_mode=self.kernel)
-            if self.store_fn is not None:
-                self.store_fn(p, name)
+            update = None if p in landed else updates[group_of[p]]
+            copies = perturbed_copies(whole, groups, self.kernel, update, self._state_for(whole) if update else None)
+            if update is not None:
+                landed.add(p)
+                if self.store_fn is not None:
+                    self.store_fn(p, name)
+            return copies
 
         try:
-            with perturbed_forward(self.model, names, groups, self.kernel, land if pending is not None else None):
+            with perturbed_forward(self.model, names, groups, self.kernel,
+                                   land_and_copy if pending is not None else None):
                 losses = torch.as_tensor(closure(len(groups))).detach()
         finally:
             if pending is not None:

@@ -28,8 +28,10 @@ noise stream: every use gets the same z.
 
 Cost per module and step: K module calls on R / K rows each (the same FLOPs as one call on R rows);
 one pass over its parameters that reads theta once, generates each z once and writes the K copies,
-which stay alive while the module runs (K times its parameters, transiently). An ``nn.Linear`` writes
-each group's rows straight into one output tensor; other modules' group outputs are concatenated.
+which stay alive while the module runs (K times its parameters, transiently); with the optimizer's
+lazy update, the same pass lands the last step's update on theta first (and writes theta). An
+``nn.Linear`` writes each group's rows straight into one output tensor; other modules' group outputs
+are concatenated.
 Activations are those of a forward over K times the batch.
 """
 
@@ -44,7 +46,7 @@ import torch
 from zo_scale.core.shards import whole_param_shard
 from zo_scale.core.sweep import Moves, perturbed_copies
 
-BeforeCopies = Callable[[torch.nn.Parameter, str], None]
+CopyMaker = Callable[[torch.nn.Parameter, str], list[torch.Tensor]]  # (param, name) -> its K flat copies
 
 
 def _rows(args: Sequence[Any], kwargs: dict[str, Any]) -> int | None:
@@ -104,26 +106,22 @@ class _GroupedForward:
     """A module's forward, run once per row group with that group's perturbed copies of its parameters."""
 
     def __init__(self, module: torch.nn.Module, name: str, forward: Callable[..., Any],
-                 params: list[tuple[torch.nn.Parameter, str]], groups: Sequence[Moves],
-                 kernel_mode: str | None, plain_linear: bool, before_copies: BeforeCopies | None) -> None:
+                 params: list[tuple[torch.nn.Parameter, str]], groups: int, make_copies: CopyMaker,
+                 plain_linear: bool) -> None:
         self.module, self.name, self.forward = module, name, forward
-        self.params, self.groups, self.kernel_mode = params, groups, kernel_mode
+        self.params, self.groups, self.make_copies = params, groups, make_copies
         self.plain_linear = plain_linear  # then its groups skip forward(): F.linear's kernel, into one output
-        self.before_copies = before_copies
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        rows, groups = _rows(args, kwargs), len(self.groups)
+        rows, groups = _rows(args, kwargs), self.groups
         if rows is None or rows % groups:
             raise ValueError(f"module {self.name!r} got {'no tensor input' if rows is None else f'{rows} rows'}: the "
                              f"perturbed forward splits dim 0 of its input into {groups} row groups, so the closure "
                              f"must stack its batch {groups} times along dim 0")
         params = [p for p, _ in self.params]
-        if self.before_copies is not None:
-            for p, n in self.params:
-                self.before_copies(p, n)
         stored = [p.data for p in params]  # under ZeRO-3: the gathered whole parameter
         # every group's copy of each parameter in one pass over it (z generated once for all groups)
-        copies = [perturbed_copies(whole_param_shard(p, n), self.groups, self.kernel_mode) for p, n in self.params]
+        copies = [self.make_copies(p, n) for p, n in self.params]
         linear = _linear_rows(self.plain_linear, self.module, args, kwargs)
         outputs = []
         try:
@@ -143,7 +141,7 @@ class _GroupedForward:
 
 @contextlib.contextmanager
 def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], groups: Sequence[Moves],
-                      kernel_mode: str | None = None, before_copies: BeforeCopies | None = None) -> Iterator[None]:
+                      kernel_mode: str | None = None, make_copies: CopyMaker | None = None) -> Iterator[None]:
     """While inside, every forward of ``model`` runs K = len(groups) row groups, group k at theta + groups[k].
 
     ``names``: each perturbed parameter and its name (which fixes its noise stream). A parameter's
@@ -152,10 +150,14 @@ def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], gr
     that no module of ``model`` owns (e.g. a quantized weight's scale, an attribute of the weight)
     cannot be reached this way: a ValueError names it.
 
-    ``before_copies(param, name)``: called at every use of a perturbed parameter, with its (gathered)
-    data in ``param.data``, before the copies are made from it; it may write ``param.data`` (the
-    optimizer lands its pending update there: :class:`~zo_scale.core.optimizer.ZOOptimizer`).
+    ``make_copies(param, name)``: the K copies at every use of a perturbed parameter, with its
+    (gathered) data in ``param.data``, each flat; by default :func:`~zo_scale.core.sweep.perturbed_copies`
+    of its whole value at ``groups`` with ``kernel_mode``. It may write ``param.data`` first (the
+    optimizer lands its pending update there in the same pass: :class:`~zo_scale.core.optimizer.ZOOptimizer`).
     """
+    if make_copies is None:
+        def make_copies(p: torch.nn.Parameter, name: str) -> list[torch.Tensor]:
+            return perturbed_copies(whole_param_shard(p, name), groups, kernel_mode)
     wrapped: list[tuple[torch.nn.Module, bool, Any]] = []
     owned: set[torch.Tensor] = set()
     try:
@@ -167,8 +169,8 @@ def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], gr
             had = "forward" in module.__dict__  # e.g. an accelerate hook's wrapper: keep it, restore it after
             wrapped.append((module, had, module.__dict__.get("forward")))
             plain_linear = type(module) is torch.nn.Linear and not had
-            module.forward = _GroupedForward(module, name, module.forward, own, groups, kernel_mode, plain_linear,
-                                             before_copies)
+            module.forward = _GroupedForward(module, name, module.forward, own, len(groups), make_copies,
+                                             plain_linear)
         missing = [n for p, n in names.items() if p not in owned]
         if missing:
             raise ValueError(f"the perturbed forward perturbs the parameters modules own, and no module of the model "

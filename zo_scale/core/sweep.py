@@ -76,7 +76,8 @@ class Plan:
     ``specs``: how each distinct direction's z is generated (:meth:`Direction.fused`; None: eager
     only; empty for an eager sweep); ``before, ``update`` and ``after``: for each move of that phase, the index of its
     direction; ``rule``: None when no update reaches this shard; ``master``: the base is the fp32
-    master copy.
+    master copy; ``copies``: for each perturbed copy written after the sweep (:func:`perturbed_copies`),
+    the index of each of its moves' direction.
     """
 
     specs: tuple[tuple[Any, ...] | None, ...]
@@ -85,6 +86,12 @@ class Plan:
     after: tuple[int, ...]
     rule: UpdateRule | None = field(hash=False)
     master: bool
+    copies: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def writes_theta(self) -> bool:
+        """Whether the sweep moves theta (a copies-only pass reads it and writes only the copies)."""
+        return self.master or self.rule is not None or bool(self.before or self.after)
 
 
 @dataclass
@@ -97,14 +104,17 @@ class Scalars:
     lr: float = 0.0
     weight_decay: float = 0.0
     rule: tuple[float, ...] = ()
+    copies: list[list[float]] = field(default_factory=list)
 
 
 def _sweep_into(
     plan: Plan, theta: torch.Tensor, master: torch.Tensor | None, state: dict[str, torch.Tensor],
-    zs: Sequence[torch.Tensor], k: Scalars,
+    zs: Sequence[torch.Tensor], k: Scalars, outs: Sequence[torch.Tensor] = (),
 ) -> None:
     """The sweep formula (module docstring) on one span: ``theta`` and ``master``/``state`` slices of
-    the same elements, ``zs`` each direction's fp32 z there. Writes theta, master and the rule state."""
+    the same elements, ``zs`` each direction's fp32 z there. Writes theta, master and the rule state;
+    then each copy of ``plan.copies`` into ``outs``: out_k = round(theta + sum_j c_kj z_kj) from the
+    swept (rounded) theta, which it only reads."""
     t = master if plan.master else theta.float()
     for d, c in zip(plan.before, k.before, strict=True):
         t = t + c * zs[d]
@@ -117,7 +127,14 @@ def _sweep_into(
             master.copy_(t)
     for d, c in zip(plan.after, k.after, strict=True):
         t = t + c * zs[d]
-    theta.copy_(t)
+    if plan.writes_theta:
+        theta.copy_(t)
+    base = theta.float()  # the stored value: rounded to theta's dtype once the sweep has written it
+    for out, indices, cs in zip(outs, plan.copies, k.copies, strict=True):
+        t = base
+        for d, c in zip(indices, cs, strict=True):
+            t = t + c * zs[d]
+        out.copy_(t)
 
 
 def _compiled_sweep(plan: Plan) -> Callable[..., None]:
@@ -125,12 +142,13 @@ def _compiled_sweep(plan: Plan) -> Callable[..., None]:
 
     def sweep(theta: torch.Tensor, master: torch.Tensor | None, state: dict[str, torch.Tensor],
               inputs: list[tuple[Any, ...]], start: int, before: list[float], weights: list[float],
-              after: list[float], lr: float, weight_decay: float, rule: list[float]) -> None:
+              after: list[float], lr: float, weight_decay: float, rule: list[float], outs: list[torch.Tensor],
+              copies: list[list[float]]) -> None:
         # plain lists and floats, not a Scalars: dynamo makes them kernel arguments instead of constants
-        k = Scalars(before, weights, after, lr, weight_decay, tuple(rule))
+        k = Scalars(before, weights, after, lr, weight_decay, tuple(rule), copies)
         index = torch.arange(theta.numel(), dtype=torch.int64, device=theta.device) + start
         zs = [z_at(spec, index, args, theta.dtype) for spec, args in zip(plan.specs, inputs, strict=True)]
-        _sweep_into(plan, theta, master, state, zs, k)
+        _sweep_into(plan, theta, master, state, zs, k, outs)
 
     return sweep
 
@@ -142,10 +160,13 @@ def _eager_chunks(shard: ParamShard, directions: Sequence[Direction]) -> Iterato
         yield s, n, [d.z(shard, shard.offset + s, n).float() for d in directions]
 
 
-def _exact_casts(specs: Sequence[tuple[Any, ...] | None]) -> bool:
+def _exact_casts(plan: Plan, dtype: torch.dtype) -> bool:
     """Whether a kernel must keep its explicit roundings: low-rank z (and a preconditioned or scaled one) is
-    formed in fp32 and rounded to the weights' dtype mid-kernel, and that rounding must stay."""
-    return any(spec[0] in ("lowrank", "factor", "preconditioned", "scaled") for spec in specs if spec is not None)
+    formed in fp32 and rounded to the weights' dtype mid-kernel, and the copies of a pass that also moves
+    a low-precision theta start from theta rounded; those roundings must stay."""
+    rounds_z = any(spec[0] in ("lowrank", "factor", "preconditioned", "scaled")
+                   for spec in plan.specs if spec is not None)
+    return rounds_z or (bool(plan.copies) and plan.writes_theta and dtype != torch.float32)
 
 
 def _resolve(shard: ParamShard, phases: Sequence[Moves]) -> tuple[list[Direction], list[tuple[tuple[int, ...],
@@ -171,6 +192,67 @@ def _resolve(shard: ParamShard, phases: Sequence[Moves]) -> tuple[list[Direction
     return directions, resolved
 
 
+def _pass(
+    shard: ParamShard,
+    before: Moves = (),
+    update: Update | None = None,
+    after: Moves = (),
+    state: dict[str, torch.Tensor] | None = None,
+    master: torch.Tensor | None = None,
+    offsets: Moves = (),
+    kernel_mode: str | None = None,
+    copies: Sequence[Moves] = (),
+) -> tuple[bool, list[torch.Tensor]]:
+    """One pass over a shard: the sweep (:func:`sweep_shard`), then the perturbed copies
+    (:func:`perturbed_copies`) from the swept theta. Returns whether the update touched this shard, and
+    each copy (``shard.flat`` itself where no move of that copy acts on the shard)."""
+    sweeps = update is not None or master is not None or bool(before or after)
+    if sweeps and any(d.reads_weights for moves in copies for d, _ in moves):
+        # the copies' z reads theta as the sweep leaves it, which one pass does not see: two passes
+        moved = _pass(shard, before, update, after, state, master, offsets, kernel_mode)[0]
+        return moved, _pass(shard, kernel_mode=kernel_mode, copies=copies)[1]
+    rule, weights = (update.rule, update.weights) if update is not None else (None, ())
+    if update is not None:
+        weights = [(d, w * d.estimate_scale(shard)) for d, w in weights]
+        rule_moves = update.rule.prepare(shard, weights, state)
+        if rule_moves is not None:  # the rule states u itself as weighted directions
+            rule, weights = SGD(), rule_moves
+    if master is not None:
+        before, after = (), offsets
+    directions, resolved = _resolve(shard, (before, weights, after, *copies))
+    (b, bc), (u, uc), (a, ac), *copy_moves = resolved
+    flat = shard.flat
+    outs = [torch.empty_like(flat) if indices else flat for indices, _ in copy_moves]
+    if not directions:  # z is zero on this shard (another block's direction): nothing moves, no pass
+        return False, outs
+    if not u:  # every update direction is zero on this shard
+        rule = None
+    moving = [(out, indices, cs) for out, (indices, cs) in zip(outs, copy_moves, strict=True) if indices]
+    wanted = kernel.wants_compiled(kernel_mode, flat.device, flat.numel())
+    fused = [d.fused(shard) for d in directions] if wanted else []  # the kernel's inputs: only if it runs
+    plan = Plan(tuple(f[0] if f else None for f in fused), b, u, a, rule, master is not None,
+                tuple(indices for _, indices, _ in moving))
+    k = Scalars(bc, uc, ac, copies=[cs for _, _, cs in moving])
+    if rule is not None:
+        step = int(state["step"]) + 1 if state is not None and "step" in state else 1
+        k.lr, k.weight_decay = update.lr, (update.weight_decay if shard.decays else 0.0)
+        k.rule = rule.scalars(step, update.measured)
+    buffers = {b: state[b] for b in rule.buffers} if rule is not None else {}
+    targets = [out for out, _, _ in moving]
+    compiled = wanted and all(fused)
+    if not (compiled and kernel.run(kernel_mode, _compiled_sweep, plan, flat, master, buffers, [f[1] for f in fused],
+                                    shard.offset, k.before, k.weights, k.after, k.lr, k.weight_decay, list(k.rule),
+                                    targets, k.copies, numel=flat.numel(),
+                                    exact_casts=_exact_casts(plan, flat.dtype))):
+        for s, n, zs in _eager_chunks(shard, directions):
+            _sweep_into(plan, flat[s : s + n], None if master is None else master[s : s + n],
+                        {name: buf[s : s + n] for name, buf in buffers.items()}, zs, k,
+                        [out[s : s + n] for out in targets])
+    if rule is not None and state is not None and "step" in state:
+        state["step"] += 1
+    return rule is not None, outs
+
+
 def sweep_shard(
     shard: ParamShard,
     before: Moves = (),
@@ -189,91 +271,20 @@ def sweep_shard(
     ignored and ``offsets`` (the perturbation the shard carries after this sweep) is used instead.
     ``kernel_mode``: 'auto', 'compiled' or 'eager' (:mod:`zo_scale.core.kernel`); None reads the environment.
     """
-    rule, weights = (update.rule, update.weights) if update is not None else (None, ())
-    if update is not None:
-        weights = [(d, w * d.estimate_scale(shard)) for d, w in weights]
-        rule_moves = update.rule.prepare(shard, weights, state)
-        if rule_moves is not None:  # the rule states u itself as weighted directions
-            rule, weights = SGD(), rule_moves
-    if master is not None:
-        before, after = (), offsets
-    directions, ((b, bc), (u, uc), (a, ac)) = _resolve(shard, (before, weights, after))
-    if not directions:  # z is zero on this shard (another block's direction): nothing moves, no pass
-        return False
-    if not u:  # every update direction is zero on this shard
-        rule = None
-    flat = shard.flat
-    wanted = kernel.wants_compiled(kernel_mode, flat.device, flat.numel())
-    fused = [d.fused(shard) for d in directions] if wanted else []  # the kernel's inputs: only if it runs
-    plan = Plan(tuple(f[0] if f else None for f in fused), b, u, a, rule, master is not None)
-    k = Scalars(bc, uc, ac)
-    if rule is not None:
-        step = int(state["step"]) + 1 if state is not None and "step" in state else 1
-        k.lr, k.weight_decay = update.lr, (update.weight_decay if shard.decays else 0.0)
-        k.rule = rule.scalars(step, update.measured)
-    buffers = {b: state[b] for b in rule.buffers} if rule is not None else {}
-    compiled = wanted and all(fused)
-    if not (compiled and kernel.run(kernel_mode, _compiled_sweep, plan, flat, master, buffers, [f[1] for f in fused],
-                                    shard.offset, k.before, k.weights, k.after, k.lr, k.weight_decay, list(k.rule),
-                                    numel=flat.numel(), exact_casts=_exact_casts(plan.specs))):
-        for s, n, zs in _eager_chunks(shard, directions):
-            _sweep_into(plan, flat[s : s + n], None if master is None else master[s : s + n],
-                        {name: buf[s : s + n] for name, buf in buffers.items()}, zs, k)
-    if rule is not None and state is not None and "step" in state:
-        state["step"] += 1
-    return rule is not None
+    return _pass(shard, before, update, after, state, master, offsets, kernel_mode)[0]
 
 
-@dataclass(frozen=True)
-class CopyPlan:
-    """The static shape of a perturbed-copy pass: ``specs`` as in :class:`Plan`; ``copies``: for each
-    copy written, the index of each of its moves' direction."""
-
-    specs: tuple[tuple[Any, ...] | None, ...]
-    copies: tuple[tuple[int, ...], ...]
-
-
-def _copies_into(plan: CopyPlan, theta: torch.Tensor, outs: Sequence[torch.Tensor], zs: Sequence[torch.Tensor],
-                 coefficients: Sequence[Sequence[float]]) -> None:
-    """out_k = round(theta + sum_j c_kj z_kj) on one span, in fp32 as the sweep computes; theta is only read."""
-    base = theta.float()
-    for out, indices, cs in zip(outs, plan.copies, coefficients, strict=True):
-        t = base
-        for d, c in zip(indices, cs, strict=True):
-            t = t + c * zs[d]
-        out.copy_(t)
-
-
-def _compiled_copies(plan: CopyPlan) -> Callable[..., None]:
-    """All copies of a whole shard in one elementwise kernel, each direction's z generated once per element."""
-
-    def copies(theta: torch.Tensor, outs: list[torch.Tensor], inputs: list[tuple[Any, ...]], start: int,
-               coefficients: list[list[float]]) -> None:
-        index = torch.arange(theta.numel(), dtype=torch.int64, device=theta.device) + start
-        zs = [z_at(spec, index, args, theta.dtype) for spec, args in zip(plan.specs, inputs, strict=True)]
-        _copies_into(plan, theta, outs, zs, coefficients)
-
-    return copies
-
-
-def perturbed_copies(shard: ParamShard, groups: Sequence[Moves], kernel_mode: str | None = None) -> list[torch.Tensor]:
+def perturbed_copies(shard: ParamShard, groups: Sequence[Moves], kernel_mode: str | None = None,
+                     update: Update | None = None, state: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """For each list of moves, round(theta + sum_(d, c) c z_d) over the whole shard as a new flat tensor in
     the shard's dtype (``shard.flat`` itself, no copy, where no move acts on it). One pass: theta is
-    read once, each direction's z generated once, every copy written; theta is never written. Equal
-    bit for bit to a sweep that moves an fp32 master copy equal to theta by the same moves."""
-    flat = shard.flat
-    directions, resolved = _resolve(shard, groups)
-    outs = [torch.empty_like(flat) if indices else flat for indices, _ in resolved]
-    moving = [(out, indices, cs) for out, (indices, cs) in zip(outs, resolved, strict=True) if indices]
-    if not moving:
-        return outs
-    wanted = kernel.wants_compiled(kernel_mode, flat.device, flat.numel())
-    fused = [d.fused(shard) for d in directions] if wanted else []
-    plan = CopyPlan(tuple(f[0] if f else None for f in fused), tuple(indices for _, indices, _ in moving))
-    targets, coefficients = [out for out, _, _ in moving], [cs for _, _, cs in moving]
-    if not (wanted and all(fused) and kernel.run(kernel_mode, _compiled_copies, plan, flat, targets,
-                                                 [f[1] for f in fused], shard.offset, coefficients,
-                                                 numel=flat.numel(), exact_casts=_exact_casts(plan.specs))):
-        for s, n, zs in _eager_chunks(shard, directions):
-            _copies_into(plan, flat[s : s + n], [out[s : s + n] for out in targets], zs, coefficients)
-    return outs
+    read once, each direction's z generated once, every copy written. Equal bit for bit to a sweep that
+    moves an fp32 master copy equal to theta by the same moves.
+
+    ``update`` (with the rule's ``state``, as :func:`sweep_shard` takes them): land it on theta first, in
+    the same pass, and make the copies from the updated theta; equal bit for bit to ``sweep_shard(shard,
+    update=update, state=state)`` followed by the copies, one read and one write of theta fewer (the lazy
+    update of ``perturb='in_forward'``; two passes where a copy's z reads theta itself, as Sparse-MeZO's mask
+    does). Without it theta is never written.
+    """
+    return _pass(shard, update=update, state=state, kernel_mode=kernel_mode, copies=groups)[1]
