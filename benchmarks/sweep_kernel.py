@@ -78,7 +78,6 @@ def synchronized(fn: Callable[[], object]) -> Callable[[], None]:
 # part 1: time per pass over one tensor, as a ratio to a plain add_
 
 
-
 def in_forward_passes(x: torch.Tensor) -> dict[str, Callable[[], object]]:
     """What perturb='in_forward' (lazy ZO-SGD) does to one parameter per step, compiled: the 2 perturbed
     copies alone; the last step's update landed by a sweep, then the copies (two passes); both in one pass."""

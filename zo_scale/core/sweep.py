@@ -206,11 +206,6 @@ def _pass(
     """One pass over a shard: the sweep (:func:`sweep_shard`), then the perturbed copies
     (:func:`perturbed_copies`) from the swept theta. Returns whether the update touched this shard, and
     each copy (``shard.flat`` itself where no move of that copy acts on the shard)."""
-    sweeps = update is not None or master is not None or bool(before or after)
-    if sweeps and any(d.reads_weights for moves in copies for d, _ in moves):
-        # the copies' z reads theta as the sweep leaves it, which one pass does not see: two passes
-        moved = _pass(shard, before, update, after, state, master, offsets, kernel_mode)[0]
-        return moved, _pass(shard, kernel_mode=kernel_mode, copies=copies)[1]
     rule, weights = (update.rule, update.weights) if update is not None else (None, ())
     if update is not None:
         weights = [(d, w * d.estimate_scale(shard)) for d, w in weights]
@@ -287,4 +282,8 @@ def perturbed_copies(shard: ParamShard, groups: Sequence[Moves], kernel_mode: st
     update of ``perturb='in_forward'``; two passes where a copy's z reads theta itself, as Sparse-MeZO's mask
     does). Without it theta is never written.
     """
+    if update is not None and any(d.reads_weights for moves in groups for d, _ in moves):
+        # the copies' z reads theta as the update leaves it, which one pass does not see: two passes
+        sweep_shard(shard, update=update, state=state, kernel_mode=kernel_mode)
+        update = None
     return _pass(shard, update=update, state=state, kernel_mode=kernel_mode, copies=groups)[1]
