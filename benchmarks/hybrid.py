@@ -8,6 +8,8 @@ token ids, loss = the model's LM loss. For k in ``--ks`` (``all`` = 12):
     0 < k     HybridOptimizer: the last k blocks + the final norm by AdamW(lr=1e-5), the rest (the
               tied embedding/head included) by ZOSGD: 1 forward + backward at theta, then the ZO pair
     k = all   pure FO: AdamW over every parameter (1 forward + backward a step, no ZO)
+    k in_forward  for each k of ``--in-forward-ks``: the same with ZOSGD(perturb="in_forward"): the ZO
+              pair is one forward over the batch stacked twice (closure: common.stacked_lm_losses)
 
 Memory (each variant in a fresh process, as in ``memory.py``): build the model and optimizer, record
 RSS, reset the peak-RSS counter (``/proc/self/clear_refs``), run ``--mem-steps`` steps (the second
@@ -27,16 +29,17 @@ waits for a descheduled thread. Measured here under such load: 3 sweeps over OPT
 with 2 threads and 1.15 s with 1 (1.8 s with 2 threads on a quiet machine, see README). Forwards
 (a few large GEMMs) suffer far less, so 2-thread ratios on a busy machine overstate the ZO cost.
 
-Run (about 8-10 minutes on 2 quiet cores):
+Run (about 10-11 minutes on 2 quiet cores):
     .venv/bin/python benchmarks/hybrid.py
     .venv/bin/python benchmarks/hybrid.py --threads 1  # on a shared machine, see above
-    .venv/bin/python benchmarks/hybrid.py --quick      # smoke run: batch 1 x 32, ks 0 1 all, 1 repeat
+    .venv/bin/python benchmarks/hybrid.py --quick      # smoke run: batch 1 x 32, ks 0 1 all, 1 in_forward, 1 repeat
 Writes benchmarks/results/hybrid[_quick].{json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import sys
@@ -48,6 +51,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--batch", type=int, default=4)
 parser.add_argument("--seq", type=int, default=128)
 parser.add_argument("--ks", nargs="+", default=["0", "1", "2", "4", "all"])
+parser.add_argument("--in-forward-ks", nargs="*", default=["1"], help="ks also run with perturb='in_forward'")
 parser.add_argument("--mem-steps", type=int, default=2)
 parser.add_argument("--warmup", type=int, default=1)
 parser.add_argument("--repeats", type=int, default=3)
@@ -59,25 +63,36 @@ if args.quick:
     args.batch, args.seq, args.ks, args.mem_steps, args.warmup, args.repeats = 1, 32, ["0", "1", "all"], 1, 0, 1
 LR_ZO, EPS_ZO, LR_FO = 1e-6, 1e-3, 1e-5
 BLOCKS = 12
+IN_FORWARD = " in_forward"  # the suffix of a kind whose ZO pair runs inside one forward
+KINDS = [*args.ks, *(k + IN_FORWARD for k in args.in_forward_ks)]
 
 
-def k_value(k: str) -> int:
+def k_value(kind: str) -> int:
+    k = kind.removesuffix(IN_FORWARD)
     return -1 if k == "all" else int(k)
 
 
-def label(k: str) -> str:
-    return {"0": "k=0 (pure ZO)", "all": f"k=all={BLOCKS} (pure FO)"}.get(k, f"k={k}")
+def label(kind: str) -> str:
+    k = kind.removesuffix(IN_FORWARD)
+    text = {"0": "k=0 (pure ZO)", "all": f"k=all={BLOCKS} (pure FO)"}.get(k, f"k={k}")
+    return text + (", in_forward" if kind.endswith(IN_FORWARD) else "")
 
 
-def make_step(model, k: str):  # -> (step function of a loss_fn, FO parameter count)
+def make_step(model, kind: str):  # -> (step function of a loss_fn, FO parameter count)
     import zo_scale
     from zo_scale.train.hybrid import HybridOptimizer, make_fo_optimizer, split_fo_parameters
 
-    fo_named, zo_named = split_fo_parameters(model, k_value(k))
-    zo = zo_scale.ZOSGD(zo_named, lr=LR_ZO, eps=EPS_ZO, seed=0) if zo_named else None
+    fo_named, zo_named = split_fo_parameters(model, k_value(kind))
+    in_forward = {"perturb": "in_forward", "model": model} if kind.endswith(IN_FORWARD) else {}
+    zo = zo_scale.ZOSGD(zo_named, lr=LR_ZO, eps=EPS_ZO, seed=0, **in_forward) if zo_named else None
     fo = make_fo_optimizer(fo_named, "adamw", lr=LR_FO) if fo_named else None
     opt = HybridOptimizer(zo, fo, [p for _, p in fo_named])
     return opt.step, sum(p.numel() for _, p in fo_named)
+
+
+def lm_loss(model, ids, groups: int | None = None):
+    """The batch's LM loss; with ``groups`` = K (the ZO step of perturb='in_forward') each of K stacked copies'."""
+    return model(input_ids=ids, labels=ids).loss if groups is None else common.stacked_lm_losses(model, ids, groups)
 
 
 # -----------------------------------------------------------------------------
@@ -103,9 +118,9 @@ def measure(kind: str, batch: int, seq: int, steps: int, threads: int) -> dict[s
                 saved[ptr] = t.untyped_storage().nbytes()
         return t
 
-    def loss_fn() -> torch.Tensor:  # the ZO forwards run under no_grad: nothing is saved there
+    def loss_fn(groups: int | None = None) -> torch.Tensor:  # the ZO forwards run under no_grad: nothing saved
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            return model(input_ids=ids, labels=ids).loss
+            return lm_loss(model, ids, groups)
 
     fo_numel = 0
     if kind == "inference":
@@ -138,15 +153,15 @@ if args.child:
 
 name = "hybrid" + ("_quick" if args.quick else "")
 memory: dict[str, dict] = {}
-for kind in ["inference", *args.ks]:
+for kind in ["inference", *KINDS]:
     spec = {"kind": kind, "batch": args.batch, "seq": args.seq, "steps": 1 if kind == "inference" else args.mem_steps,
             "threads": args.threads}
     memory[kind] = m = common.run_child(Path(__file__), ["--child", json.dumps(spec)])
-    print(f"memory {kind:9s} peak {m['peak_mib']:6.0f} MiB  above model {m['above_model_mib']:6.0f} MiB  "
+    print(f"memory {kind:13s} peak {m['peak_mib']:6.0f} MiB  above model {m['above_model_mib']:6.0f} MiB  "
           f"saved for backward {m['saved_for_backward_mib']:6.1f} MiB  FO params {m['fo_parameters'] / 1e6:.1f}M",
           flush=True)
 inference_above = memory["inference"]["above_model_mib"]
-for kind in args.ks:
+for kind in KINDS:
     m = memory[kind]
     m["above_model_over_inference"] = m["above_model_mib"] / inference_above
     m["peak_over_inference_peak"] = m["peak_mib"] / memory["inference"]["peak_mib"]
@@ -159,7 +174,7 @@ if args.threads:
     torch.set_num_threads(args.threads)
 model = common.opt_125m("fp32")
 ids = common.lm_batch(args.batch, args.seq)
-loss_fn = lambda: model(input_ids=ids, labels=ids).loss
+loss_fn = functools.partial(lm_loss, model, ids)
 
 
 def two_forwards() -> None:
@@ -169,7 +184,7 @@ def two_forwards() -> None:
 
 
 fns = {"2 forwards": two_forwards}
-for kind in args.ks:
+for kind in KINDS:
     step, _ = make_step(model, kind)
     fns[kind] = lambda step=step: step(loss_fn)
 timings = common.time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
@@ -177,11 +192,12 @@ base = timings["2 forwards"]
 times = {kind: {"median_s": t.median_s, "times_s": t.times_s, "over_two_forwards": t.median_s / base.median_s}
          for kind, t in timings.items()}
 for kind, t in times.items():
-    print(f"time {kind:10s} {t['median_s']:6.2f} s  x{t['over_two_forwards']:.2f} of 2 forwards", flush=True)
+    print(f"time {kind:13s} {t['median_s']:6.2f} s  x{t['over_two_forwards']:.2f} of 2 forwards", flush=True)
 
 settings = {
     "model": "OPTForCausalLM(OPTConfig()) random init, fp32, eval mode (12 blocks, tied lm_head)",
-    "batch": args.batch, "seq": args.seq, "ks": args.ks, "memory_steps": args.mem_steps,
+    "batch": args.batch, "seq": args.seq, "ks": args.ks, "in_forward_ks": args.in_forward_ks,
+    "memory_steps": args.mem_steps,
     "warmup": args.warmup, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
     "zo": f"ZOSGD(lr={LR_ZO}, eps={EPS_ZO}), eager", "fo": f"AdamW(lr={LR_FO}), weight_decay 0",
     "split": "zo_scale.train.hybrid.split_fo_parameters(model, k): last k blocks + final norm FO; "
@@ -196,7 +212,8 @@ notes = [
     "batch x seq x 50272 x 4 bytes is the size of one logits tensor.",
     "fo_grad_and_adam_state_mib: 12 bytes per FO parameter (fp32 gradient + AdamW's 2 moments).",
     "k > 0 and k < 12 steps are 3 forwards + a backward through the last k blocks and the head; k = all is "
-    "1 forward + a full backward + AdamW.",
+    "1 forward + a full backward + AdamW. 'k in_forward': 1 forward + that backward, then 1 forward over the "
+    "batch stacked twice (the ZO pair, a transient perturbed copy of each ZO module's weights per row group).",
 ]
 results = {"memory": memory, "time": times, "logits_mib": args.batch * args.seq * 50272 * 4 / 2**20}
 print("wrote", common.write_json(name, settings, results, notes))
@@ -205,13 +222,13 @@ print("wrote", common.write_json(name, settings, results, notes))
 # plot: memory above the model (and what autograd saved) | step time over 2 forwards
 
 fig, (ax_mem, ax_time) = common.new_figure(13, 4.8, ncols=2)
-kinds = ["inference", *args.ks]
-labels = ["inference (1 fwd)", *(label(k) for k in args.ks)]
+kinds = ["inference", *KINDS]
+labels = ["inference (1 fwd)", *(label(k) for k in KINDS)]
 above = [memory[k]["above_model_mib"] for k in kinds]
 saved = [memory[k]["saved_for_backward_mib"] for k in kinds]
 state = [memory[k].get("fo_grad_and_adam_state_mib", 0.0) for k in kinds]
 x = range(len(kinds))
-ax_mem.bar(x, above, color=["#999999", *["#4c72b0"] * len(args.ks)], label="peak RSS above the model")
+ax_mem.bar(x, above, color=["#999999", *["#4c72b0"] * len(KINDS)], label="peak RSS above the model")
 ax_mem.bar([i - 0.2 for i in x], saved, width=0.25, color="#dd8452", label="saved for backward")
 ax_mem.bar([i + 0.2 for i in x], state, width=0.25, color="#55a868", label="FO grads + AdamW moments")
 for i, k in enumerate(kinds):

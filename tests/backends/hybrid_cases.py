@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from zero3_cases import BATCH, build_model, fixed_batch  # noqa: F401 - re-exported for the worker and tests
 
 import zo_scale
@@ -22,11 +23,15 @@ from zo_scale.train.hybrid import HybridOptimizer, make_fo_optimizer, split_fo_p
 STEPS, SEED, NAN_STEP = 5, 7, 2
 
 
-def make_zo(name: str, named_params: Iterable[tuple[str, torch.nn.Parameter]], **kwargs: Any) -> zo_scale.ZOOptimizer:
+def make_zo(name: str, named_params: Iterable[tuple[str, torch.nn.Parameter]], model: torch.nn.Module,
+            **kwargs: Any) -> zo_scale.ZOOptimizer:
     if name == "zosgd":
         return zo_scale.ZOSGD(named_params, lr=1e-3, eps=1e-3, seed=SEED, **kwargs)
     if name == "zosgd-lazy":  # the hybrid flushes the pending update before each FO pass
         return zo_scale.ZOSGD(named_params, lr=1e-3, eps=1e-3, seed=SEED, lazy=True, **kwargs)
+    if name == "zosgd-in-forward":  # the pair in one forward over the batch stacked twice (loss_fn(groups=2))
+        return zo_scale.ZOSGD(named_params, lr=1e-3, eps=1e-3, seed=SEED, lazy=True, perturb="in_forward",
+                              model=model, **kwargs)
     raise ValueError(f"unknown ZO optimizer {name!r}")
 
 
@@ -47,8 +52,18 @@ def rows(batching: str, rank: int, world: int) -> torch.Tensor:
     return batch[rank * n : (rank + 1) * n]
 
 
-def loss_fn(model: torch.nn.Module, batch: torch.Tensor, batching: str, step: int, rank: int) -> torch.Tensor:
-    loss = model(input_ids=batch, labels=batch).loss
+def loss_fn(model: torch.nn.Module, batch: torch.Tensor, batching: str, step: int, rank: int,
+            groups: int | None = None) -> torch.Tensor:
+    """The batch's LM loss; with ``groups`` = K (the ZO step of perturb='in_forward') the loss of each of K
+    stacked copies of the batch, shape (K,) (every row has the same number of tokens: the mean of the
+    rows' means is the batch's mean)."""
+    if groups is None:
+        loss = model(input_ids=batch, labels=batch).loss
+    else:
+        ids = batch.repeat(groups, 1)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        per_row = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(-1)
+        loss = per_row.view(groups, -1).mean(1)
     if batching == "nan" and step == NAN_STEP and rank == 1:
         return loss * float("nan")
     return loss
@@ -59,7 +74,7 @@ def reference(case: str) -> dict[str, Any]:
     model_name, k, zo_name, fo_name, batching = case.split(":")
     model = build_model(model_name)
     fo_named, zo_named = split_fo_parameters(model, int(k))
-    opt = HybridOptimizer(make_zo(zo_name, zo_named) if zo_named else None,
+    opt = HybridOptimizer(make_zo(zo_name, zo_named, model) if zo_named else None,
                           fo_factory(fo_name)(fo_named) if fo_named else None, [p for _, p in fo_named], Runtime())
     batch = fixed_batch()
     threads = torch.get_num_threads()
@@ -68,7 +83,7 @@ def reference(case: str) -> dict[str, Any]:
         losses, fo_losses = [], []
         for step in range(STEPS):
             # in the 'nan' case rank 1's NaN makes the ranks' mean NaN: here the whole batch's loss is NaN
-            losses.append(opt.step(lambda step=step: loss_fn(model, batch, batching, step, rank=1)))
+            losses.append(opt.step(lambda groups=None, step=step: loss_fn(model, batch, batching, step, 1, groups)))
             fo_losses.append(opt.last_fo_loss)
         opt.flush()
     finally:

@@ -8,7 +8,7 @@ FO optimizer handed to DeepSpeed (``load_model(fo_parameters=..., fo_optimizer_f
 For each case ``model:k:zo:fo:batching`` (see hybrid_cases.py): load the saved tiny model with
 ``from_pretrained``, run STEPS hybrid steps, gather the weights on rank 0 (after every step for
 'nan' cases, to see the skipped step) and save there {losses, FO losses, initial and final weights,
-whether the ranks' weights agree (replicated), comm bytes, skip counts}.
+whether the ranks' weights agree (replicated), comm and gathered bytes per step, skip counts}.
 """
 
 from __future__ import annotations
@@ -59,14 +59,15 @@ def run_case(case: str, runtime_name: str, model_dir: Path, out_dir: Path, confi
     full = runtime.full_state_dict if runtime_name == "zero3" else lambda m: {
         n: p.detach().clone() for n, p in m.named_parameters()}
     initial = full(model)
-    zo = make_zo(zo_name, zo_named, **runtime.optimizer_kwargs()) if zo_named else None
+    zo = make_zo(zo_name, zo_named, model, **runtime.optimizer_kwargs()) if zo_named else None
     opt = HybridOptimizer(zo, fo, [p for _, p in fo_named], runtime)
     batch = rows(batching, rank, world)
-    losses, fo_losses, per_step, sent = [], [], [], []
+    losses, fo_losses, per_step, sent, gathered = [], [], [], [], []
     for step in range(STEPS):
-        before = runtime.comm_bytes
-        losses.append(opt.step(lambda step=step: loss_fn(model, batch, batching, step, rank)))
+        before, gathered_before = runtime.comm_bytes, runtime.gathered_bytes
+        losses.append(opt.step(lambda groups=None, step=step: loss_fn(model, batch, batching, step, rank, groups)))
         sent.append(runtime.comm_bytes - before)
+        gathered.append(runtime.gathered_bytes - gathered_before)
         fo_losses.append(opt.last_fo_loss)
         if batching == "nan":
             opt.flush()
@@ -81,7 +82,8 @@ def run_case(case: str, runtime_name: str, model_dir: Path, out_dir: Path, confi
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if rank == 0:  # plain containers only: the tests read them with torch.load(weights_only=True)
         torch.save({"losses": losses, "fo_losses": fo_losses, "initial": initial, "final": final,
-                    "per_step": per_step, "ranks_agree": ranks_agree, "comm_bytes": sent, "world": world,
+                    "per_step": per_step, "ranks_agree": ranks_agree, "comm_bytes": sent, "gathered_bytes": gathered,
+                    "world": world,
                     "fo_names": [n for n, _ in fo_named], "zo_names": [n for n, _ in zo_named],
                     "fo_skipped": opt.fo_skipped_steps, "zo_skipped": zo.skipped_steps if zo else 0,
                     "requires_grad": flags, "engine_optimizer": engine},

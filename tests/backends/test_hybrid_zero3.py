@@ -14,7 +14,9 @@ check pins down:
   central difference divides it by 2 eps: tolerances relative to how far each part moved;
 - 'nan': rank 1 alone sees a NaN loss at one step; both ranks skip the backward, the FO step and
   the ZO update of that step, and the run goes on matching the 1-process run;
-- k = 0 on ZeRO-3 is the hook-only engine of pure ZO; k = all is pure FO through DeepSpeed.
+- k = 0 on ZeRO-3 is the hook-only engine of pure ZO; k = all is pure FO through DeepSpeed;
+- perturb='in_forward': the ZO pair is one forward over the batch stacked twice, so a step gathers the
+  model once less than in place (the FO pass's forward and backward gather as before).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ CASES = [
     "opt:1:zosgd:sgd:nan",
     "opt:0:zosgd:sgd:split",  # pure ZO: no DeepSpeed optimizer at all
     "llama:2:zosgd:adamw:split",  # k = L: pure FO through DeepSpeed's ZeRO-3 optimizer
+    "llama:1:zosgd-in-forward:sgd:split",  # the ZO pair in one forward over the batch stacked twice
 ]
 
 
@@ -113,3 +116,13 @@ def test_zero3_hybrid_matches_one_process(zero3_runs, case):
         assert all(torch.equal(step1[n], step2[n]) for n in ref["fo_names"])  # no FO step
         assert max((step1[n] - step2[n]).abs().max().item() for n in ref["zo_names"]) < 1e-6  # restored theta
     assert run["comm_bytes"] == expected
+
+
+def test_zero3_hybrid_in_forward_gathers_the_model_once_less_a_step(zero3_runs):
+    """In place a hybrid step gathers every parameter in the FO pass, the FO blocks again in its backward,
+    and every parameter in each of the ZO pair's two forwards; in_forward runs the pair as one forward."""
+    in_place, in_forward = (zero3_runs[0][case] for case in ("llama:1:zosgd:sgd:split",
+                                                             "llama:1:zosgd-in-forward:sgd:split"))
+    model_bytes = sum(p.numel() * 4 for p in build_model("llama").parameters())
+    assert in_forward["gathered_bytes"][0] > model_bytes
+    assert in_place["gathered_bytes"] == [g + model_bytes for g in in_forward["gathered_bytes"]]

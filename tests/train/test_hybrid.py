@@ -150,6 +150,21 @@ def test_zo_noise_never_touches_the_fo_parameters():
     assert all(not torch.equal(p, start[n]) for n, p in zo_named)
 
 
+@pytest.mark.parametrize("model_name", ["opt", "llama"])  # opt: the tied head is ZO and runs after the FO block
+def test_in_forward_follows_the_in_place_hybrid_step(model_name):
+    """perturb='in_forward': the ZO pair as one forward over the batch stacked twice, the FO block running
+    both row groups at theta, gives the in-place hybrid run's losses and weights (fp32, to rounding)."""
+    in_place = reference(f"{model_name}:1:zosgd-lazy:sgd:split")
+    in_forward = reference(f"{model_name}:1:zosgd-in-forward:sgd:split")
+    assert in_forward["losses"] == pytest.approx(in_place["losses"], rel=1e-5)
+    assert in_forward["fo_losses"] == pytest.approx(in_place["fo_losses"], rel=1e-5)
+    initial = dict(build_model(model_name).named_parameters())
+    for names in (in_place["fo_names"], in_place["zo_names"]):
+        moved = max((in_place["final"][n] - initial[n]).abs().max().item() for n in names)
+        diff = max((in_forward["final"][n] - in_place["final"][n]).abs().max().item() for n in names)
+        assert moved > 1e-3 and diff <= 1e-3 * moved, (names[0], moved, diff)
+
+
 @pytest.mark.parametrize("lazy", [False, True])
 def test_k0_is_pure_zo_bit_for_bit(lazy):
     ids = learnable_token_batch()

@@ -26,12 +26,14 @@ def grads(run_dir):
     ["peft.method=lora", *ADAPTER],
     ["peft.method=prefix", *ADAPTER],
     ["model.quantization=nf4", "peft.method=lora", *ADAPTER],
-], ids=["full adam", "opt lozo", "lora", "prefix", "nf4 lora"])
+    ["hybrid.fo_layers=1", "hybrid.fo_lr=1e-3"],
+], ids=["full adam", "opt lozo", "lora", "prefix", "nf4 lora", "hybrid"])
 def test_in_forward_follows_the_in_place_run(run_cli, mode):
     code, in_place = run_cli("run.steps=3", *mode, out="in_place")
     assert code == 0
     code, in_forward = run_cli("run.steps=3", *mode, IN_FORWARD, out="in_forward")
     assert code == 0
+    assert "perturb: in_forward" in (in_forward / "config.yaml").read_text()  # it ran, no fallback
     assert grads(in_forward) == pytest.approx(grads(in_place), rel=1e-3, abs=1e-4)
     a, b = trained(in_place), trained(in_forward)
     assert a.keys() == b.keys()
@@ -42,7 +44,6 @@ def test_in_forward_follows_the_in_place_run(run_cli, mode):
 @pytest.mark.parametrize(("mode", "message"), [
     (["peft.method=prompt", *ADAPTER], "peft.method=prompt"),
     (["model.quantization=int8"], "ZO on quantized scales"),
-    (["hybrid.fo_layers=1"], "hybrid.fo_layers"),
     (["optim.estimator=jvp"], "optim.estimator=jvp"),
     (["optim.conservative=true"], "optim.conservative"),
 ])

@@ -103,8 +103,6 @@ def in_forward_unsupported(cfg: Config) -> str | None:
     if cfg.optim.perturb != "in_forward":
         return None
     reasons = {
-        "hybrid.fo_layers is set: the backprop pass runs at theta, outside the row groups":
-            cfg.hybrid.fo_layers != 0,
         "peft.method=prompt: the prompt encoder runs once for the whole batch, not per row group":
             cfg.peft.method == "prompt",
         "ZO on quantized scales: they are attributes of the weights, not module parameters":

@@ -17,13 +17,16 @@ Both estimates are taken at the same theta (a simultaneous update, not one after
 1. ``zo.flush()``: a lazy ZO optimizer leaves the weights at theta - eps z with its update pending;
 2. FO pass at theta: one forward with autograd on and one backward (partial: it stops at the first
    FO block), gradients averaged over data-parallel ranks (:meth:`Runtime.fo_backward`);
-3. ZO step: the pair theta +/- eps z_ZO (2 forwards, no autograd); the FO parameters are not in
-   the ZO optimizer, so its noise never touches them;
+3. ZO step: the pair theta +/- eps z_ZO (2 forwards, no autograd; with ``perturb="in_forward"`` one
+   forward over the batch stacked twice, in which only the modules owning ZO parameters run their
+   row groups with perturbed copies); the FO parameters are not in the ZO optimizer, so its noise
+   never touches them;
 4. FO update (``fo.step()``), gradients cleared.
 
-So a hybrid step is 3 forwards + a partial backward. The FO pass is at theta rather than reusing a
-ZO forward, which keeps k = all exactly pure FO (:math:`\nabla L(\theta)`, 1 forward + backward: no
-ZO optimizer at all) and k = 0 exactly pure ZO (no FO optimizer, no FO pass).
+So a hybrid step is 3 forwards + a partial backward (in_forward: 2 forwards, one of them over twice
+the rows, so under ZeRO-3 the ZO step gathers the model once instead of twice). The FO pass is at
+theta rather than reusing a ZO forward, which keeps k = all exactly pure FO (:math:`\nabla L(\theta)`,
+1 forward + backward: no ZO optimizer at all) and k = 0 exactly pure ZO (no FO optimizer, no FO pass).
 
 Which parameters are FO (:func:`split_fo_parameters`): among the trainable ones (``requires_grad``),
 those in the last k blocks of the decoder's block list, the modules after it (the final norm, OPT's
@@ -198,7 +201,9 @@ class HybridOptimizer:
 
     ``step(loss_fn)``: ``loss_fn()`` returns the 0-dim loss of this rank's current batch at the
     current parameters; it is called once with autograd on (the FO pass) and 2 times under
-    ``torch.no_grad()`` by the ZO optimizer (see the module docstring for the order). Returns the
+    ``torch.no_grad()`` by the ZO optimizer (see the module docstring for the order); with a ZO
+    optimizer of ``perturb="in_forward"`` the ZO step calls ``loss_fn(K)`` once instead, which returns
+    the losses of the batch stacked K times, shape (K,) (:class:`ZOOptimizer`). Returns the
     loss at theta: the ZO estimate (mean of the pair, averaged over ranks) when there is a ZO part,
     else the FO loss (averaged over ranks). ``last_fo_loss`` keeps the FO pass's exact L(theta).
 
@@ -240,7 +245,7 @@ class HybridOptimizer:
         LRScheduler needs a torch Optimizer, so schedule ``zo`` and ``fo`` one by one)."""
         return [*(self.zo.param_groups if self.zo else []), *(self.fo.param_groups if self.fo else [])]
 
-    def step(self, loss_fn: Callable[[], torch.Tensor]) -> float:
+    def step(self, loss_fn: Callable[..., torch.Tensor]) -> float:
         """One hybrid step (see the class docstring); returns the loss at theta."""
         if self.zo is not None:
             self.zo.flush()  # the FO pass must see theta, not theta - eps z
