@@ -101,6 +101,29 @@ def test_every_rule_and_sampler_matches_in_place(name):
         assert torch.allclose(pa, pb, rtol=0, atol=1e-3 * moved), n
 
 
+LR_CONS = 1e-2  # it takes some steps (k = 1) and refuses others (k = 0)
+
+
+def test_conservative_takes_the_in_place_steps_choices():
+    """ZO-SGD-Cons: the two trial points theta -/+ lr g_hat as one closure(2) lead to the same choice of
+    step at every step as the in-place walk (an lr at which it sometimes refuses the step) and so to the
+    same weights."""
+    start = dict(build_tiny_model("llama").named_parameters())
+    models, choices = [], []
+    for perturb in ("in_place", "in_forward"):
+        model = build_tiny_model("llama")
+        opt = zo_scale.ZOConservative(model.named_parameters(), lr=LR_CONS, eps=1e-3, seed=3, model=model,
+                                      perturb=perturb, kernel="eager")
+        closure = closures(model)[perturb == "in_forward"]
+        models.append(model)
+        choices.append([opt.step(closure) and opt.last_record.conservative for _ in range(8)])
+    assert choices[0] == choices[1] and len(set(choices[0])) > 1, choices
+    moved = max((pa - start[n]).abs().max().item() for n, pa in models[0].named_parameters())
+    assert moved > 1e-4
+    for (n, pa), (_, pb) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
+        assert torch.allclose(pa, pb, rtol=0, atol=1e-3 * moved), n
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_with_master_weights_the_points_are_the_same_and_so_is_every_bit(arch):
     """In place, a master copy sets each point to round(theta + c z): the copy the forward makes. Each
@@ -162,8 +185,6 @@ def test_bad_closures_and_settings_fail_loudly():
         zo_scale.ZOSGD(model.named_parameters(), perturb="in_forward")
     with pytest.raises(ValueError, match="'jvp' evaluates no perturbed points"):
         zo_scale.ZOOptimizer(model.named_parameters(), perturb="in_forward", estimator="jvp", model=model)
-    with pytest.raises(ValueError, match="conservative"):
-        zo_scale.ZOConservative(model.named_parameters(), perturb="in_forward", model=model)
 
 
 def test_a_forward_someone_else_wrapped_still_runs_per_row_group():

@@ -27,7 +27,8 @@ def grads(run_dir):
     ["peft.method=prefix", *ADAPTER],
     ["model.quantization=nf4", "peft.method=lora", *ADAPTER],
     ["hybrid.fo_layers=1", "hybrid.fo_lr=1e-3"],
-], ids=["full adam", "opt lozo", "lora", "prefix", "nf4 lora", "hybrid"])
+    ["optim.conservative=true", "optim.lr=1e-2"],
+], ids=["full adam", "opt lozo", "lora", "prefix", "nf4 lora", "hybrid", "conservative"])
 def test_in_forward_follows_the_in_place_run(run_cli, mode):
     code, in_place = run_cli("run.steps=3", *mode, out="in_place")
     assert code == 0
@@ -45,7 +46,6 @@ def test_in_forward_follows_the_in_place_run(run_cli, mode):
     (["peft.method=prompt", *ADAPTER], "peft.method=prompt"),
     (["model.quantization=int8"], "ZO on quantized scales"),
     (["optim.estimator=jvp"], "optim.estimator=jvp"),
-    (["optim.conservative=true"], "optim.conservative"),
 ])
 def test_what_in_forward_cannot_run_takes_the_in_place_step_and_says_so(run_cli, caplog, mode, message):
     code, fallback = run_cli("run.steps=2", IN_FORWARD, *mode, out="fallback")

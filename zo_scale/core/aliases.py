@@ -75,7 +75,8 @@ class ZOAdam(ZOOptimizer):
 
 
 class ZOConservative(ZOOptimizer):
-    """ZO-SGD-Cons: keep the best of theta, theta - lr g_hat, theta + lr g_hat (2 extra forwards)."""
+    """ZO-SGD-Cons: keep the best of theta, theta - lr g_hat, theta + lr g_hat (2 extra forwards; with
+    perturb='in_forward' one more forward over the batch stacked twice)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, **kwargs: Any) -> None:
         super().__init__(params, lr, eps, rule=SGD(), conservative=True, **kwargs)

@@ -116,7 +116,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         lazy: defer each update into the next step's first pass (see the note above).
         conservative: ZO-SGD-Cons: after the estimate, also evaluate theta -/+ eta g_hat and keep the
             best of theta, theta - eta g_hat, theta + eta g_hat (L(theta) estimated by the mean of the
-            evaluated pair: no extra forward). Needs the 'sgd' rule, one lr for all groups, no weight decay.
+            evaluated pair: no extra forward; with perturb='in_forward' both trial points are one more
+            closure(2)). Needs the 'sgd' rule, one lr for all groups, no weight decay.
         shard_fn: maps (param, name) to the local :class:`ParamShard` (a ZeRO-3 backend gives shards).
         loss_reduce: averages a 1-D tensor of this step's losses over data-parallel ranks (one
             collective per step, two with conservative=True); identity by default.
@@ -170,9 +171,6 @@ class ZOOptimizer(torch.optim.Optimizer):
             if isinstance(estimator, ForwardGradient):
                 raise ValueError("perturb='in_forward' needs a finite-difference estimator: 'jvp' evaluates no "
                                  "perturbed points")
-            if conservative:
-                raise ValueError("conservative=True evaluates its trial points after the estimate: "
-                                 "use perturb='in_place'")
             if model is None:
                 raise ValueError("perturb='in_forward' needs model=<the module the closure calls>")
         if sampler is not None and sampler.reads_weights and perturb != "in_forward":
@@ -343,7 +341,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             return loss
         weights = [(d, g / self.queries) for d, g in zip(directions, grads, strict=True)]
         if self.conservative:
-            record.conservative = self._conservative(restore, weights, lrs[0], loss, evaluate, replay)
+            record.conservative = self._conservative(restore, weights, lrs[0], loss, closure, evaluate, replay)
             return loss
         self._pending = _Pending(restore, weights, lrs, wds, measured or [])
         if not self.lazy:
@@ -392,6 +390,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         points = estimator.points
         groups: list[list[tuple[Direction, float]]] = [[]] if estimator.at_theta else []
         groups += [[(d, point * self.eps)] for d in directions for point in points]
+        return self._stacked_losses(closure, groups, pending)
+
+    def _stacked_losses(self, closure: Callable[[int], Any] | None, groups: list[Moves],
+                        pending: _Pending | None = None) -> list[float]:
+        """The loss at theta + each group's moves, from one ``closure(K)`` over K = len(groups) stacked row
+        groups (zeros in replay); ``pending`` as in :meth:`_row_group_losses`."""
         if closure is None:
             return [0.0] * len(groups)
         names = {p: n for gi, group in enumerate(self.param_groups)
@@ -451,24 +455,32 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self.loss_reduce(torch.tensor(losses, dtype=torch.float64)).tolist()
 
     def _conservative(self, restore: Moves, weights: Moves, lr: float, loss_theta: float,
-                      evaluate: Callable[[], float], replay: StepRecord | None) -> int:
+                      closure: Callable[..., Any] | None, evaluate: Callable[[], float],
+                      replay: StepRecord | None) -> int:
         """ZO-SGD-Cons: evaluate theta - lr g_hat and theta + lr g_hat, keep the best of those and theta.
 
+        In place the weights walk to each trial point for a forward there; with ``perturb='in_forward'``
+        one ``closure(2)`` evaluates both as row groups and theta stays put until the move chosen.
         Returns the multiple k of the SGD step taken: theta <- theta - k lr g_hat, k in {1, 0, -1}.
         """
         down = [(d, -lr * w) for d, w in weights]
-        self._sweep(restore, after=down)  # theta - lr g_hat
-        loss_down = evaluate()
-        self._sweep(after=[(d, -2 * c) for d, c in down])  # theta + lr g_hat
-        loss_up = evaluate()
+        if self.perturb == "in_forward":
+            loss_down, loss_up = self._stacked_losses(closure, [down, [(d, -c) for d, c in down]])
+            at = 0  # where theta sits, as a multiple of the step
+        else:
+            self._sweep(restore, after=down)  # theta - lr g_hat
+            loss_down = evaluate()
+            self._sweep(after=[(d, -2 * c) for d, c in down])  # theta + lr g_hat
+            loss_up = evaluate()
+            at = -1
         if replay is not None:
             k = replay.conservative
         else:
             loss_down, loss_up = self._reduce([loss_down, loss_up])
             candidates = {1: loss_down, 0: loss_theta, -1: loss_up}
             k = min(candidates, key=lambda m: candidates[m] if math.isfinite(candidates[m]) else math.inf)
-        if k != -1:
-            self._sweep(after=[(d, (k + 1) * c) for d, c in down])
+        if k != at:
+            self._sweep(after=[(d, (k - at) * c) for d, c in down])
         return k
 
     # -- checkpoints -------------------------------------------------------------------------

@@ -108,7 +108,6 @@ def in_forward_unsupported(cfg: Config) -> str | None:
         "ZO on quantized scales: they are attributes of the weights, not module parameters":
             cfg.model.quantization != "none" and cfg.peft.method == "none",
         "optim.estimator=jvp evaluates no perturbed points": cfg.optim.estimator == "jvp",
-        "optim.conservative evaluates its trial points after the estimate": cfg.optim.conservative,
         # BERT's learned positions are one row of ids for the whole batch, and the scoring projects onto
         # the vocabulary at the mask positions of the whole batch: neither splits into row groups.
         "task.loss=f1 decodes with a KV cache, which row groups cannot share": cfg.task.loss == "f1",
