@@ -127,12 +127,10 @@ def test_hizoo_steps_follow_its_equations_with_the_old_hessian_in_the_perturbati
         assert torch.allclose(theta.detach(), at - lr * g * z / h.sqrt(), atol=1e-5), t  # the new H in the step
 
 
-def test_hizoo_needs_its_estimator_and_the_in_place_step():
+def test_hizoo_needs_its_estimator():
     theta, _ = curved()
     with pytest.raises(ValueError, match="estimator='hizoo'"):
         ZOOptimizer([theta], rule="hizoo")
-    with pytest.raises(ValueError, match="perturb='in_place'"):
-        zo_scale.HiZOO([theta], perturb="in_forward", model=torch.nn.Linear(1, 1))
 
 
 def test_the_unbiased_estimator_removes_the_central_differences_bias():

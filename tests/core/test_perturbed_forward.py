@@ -15,6 +15,7 @@ from zo_scale.core.directions import (
     SparseSampler,
 )
 from zo_scale.core.perturbed_forward import perturbed_forward
+from zo_scale.core.shards import whole_param_shard
 from zo_scale.models.tiny import build_tiny_model, learnable_token_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,6 +83,7 @@ OPTIMIZERS = {
     # reduction orders (which vary by CPU) would decide the step, in fp64 they cannot
     "unbiased": {"estimator": "unbiased", "dtype": torch.float64},
     "lozo-m": {"rule": "lozo-m", "sampler": LowRankSampler(rank=2, resample_every=2)},
+    "hizoo": {"rule": "hizoo", "estimator": "hizoo"},  # z scaled by the Hessian of the whole parameter
     "central, q=2, weight decay": {"queries": 2, "weight_decay": 0.1},
     "lazy": {"lazy": True},
     "zo fine-tuner": {"sampler": ScaledSampler({n: 0.5 + 0.5 * (i % 3) for i, (n, _) in
@@ -185,6 +187,9 @@ def test_bad_closures_and_settings_fail_loudly():
         zo_scale.ZOSGD(model.named_parameters(), perturb="in_forward")
     with pytest.raises(ValueError, match="'jvp' evaluates no perturbed points"):
         zo_scale.ZOOptimizer(model.named_parameters(), perturb="in_forward", estimator="jvp", model=model)
+    with pytest.raises(ValueError, match="HiZOO rule scales each perturbation by its Hessian, which a sharded"):
+        zo_scale.HiZOO(model.named_parameters(), perturb="in_forward", model=model,
+                       shard_fn=lambda p, name: whole_param_shard(p, name))  # as a ZeRO-3 backend passes its own
 
 
 def test_a_forward_someone_else_wrapped_still_runs_per_row_group():

@@ -7,6 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from zo_scale.train.build import in_forward_unsupported
+from zo_scale.train.config import Config, OptimConfig
+
 IN_FORWARD = "optim.perturb=in_forward"
 ADAPTER = ["optim.lr=0.1", "optim.eps=1e-2"]
 
@@ -28,7 +31,8 @@ def grads(run_dir):
     ["model.quantization=nf4", "peft.method=lora", *ADAPTER],
     ["hybrid.fo_layers=1", "hybrid.fo_lr=1e-3"],
     ["optim.conservative=true", "optim.lr=1e-2"],
-], ids=["full adam", "opt lozo", "lora", "prefix", "nf4 lora", "hybrid", "conservative"])
+    ["optim.rule=hizoo", "optim.estimator=hizoo"],
+], ids=["full adam", "opt lozo", "lora", "prefix", "nf4 lora", "hybrid", "conservative", "hizoo"])
 def test_in_forward_follows_the_in_place_run(run_cli, mode):
     code, in_place = run_cli("run.steps=3", *mode, out="in_place")
     assert code == 0
@@ -56,6 +60,14 @@ def test_what_in_forward_cannot_run_takes_the_in_place_step_and_says_so(run_cli,
     assert code == 0
     a, b = trained(fallback), trained(in_place)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hizoo_takes_the_in_place_step_under_zero3_only():
+    """Each ZeRO-3 rank keeps the Hessian of its own partition; the perturbed forward copies whole parameters."""
+    cfg = Config(optim=OptimConfig(perturb="in_forward", rule="hizoo", estimator="hizoo"))
+    assert in_forward_unsupported(cfg, "single") is None and in_forward_unsupported(cfg, "replicated") is None
+    assert "optim.rule=hizoo under ZeRO-3" in in_forward_unsupported(cfg, "zero3")
+    assert in_forward_unsupported(Config(optim=OptimConfig(perturb="in_forward")), "zero3") is None
 
 
 def test_an_unknown_perturb_is_a_config_error(run_cli, capsys):

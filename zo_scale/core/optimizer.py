@@ -180,8 +180,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.rule = make_rule(rule) if isinstance(rule, str) else rule
         if isinstance(self.rule, DiagonalHessian) and not isinstance(estimator, CentralCurvature):
             raise ValueError("the HiZOO rule needs the loss's curvature along each direction: estimator='hizoo'")
-        if isinstance(self.rule, DiagonalHessian) and perturb == "in_forward":
-            raise ValueError("the HiZOO rule scales each perturbation by its per-shard Hessian: use perturb='in_place'")
+        if isinstance(self.rule, DiagonalHessian) and perturb == "in_forward" and shard_fn is not whole_param_shard:
+            raise ValueError("the HiZOO rule scales each perturbation by its Hessian, which a sharded optimizer "
+                             "(ZeRO-3) keeps for its own shard only, while perturb='in_forward' perturbs the whole "
+                             "gathered parameter: use perturb='in_place'")
         if isinstance(self.rule, LozoMomentum) and not isinstance(sampler, LowRankSampler):
             raise ValueError("the LOZO-M rule keeps momentum in the low-rank factor: it needs sampler=LowRankSampler")
         if conservative and master_weights:

@@ -90,9 +90,10 @@ def build_rule(cfg: OptimConfig) -> UpdateRule:
     return rules[cfg.rule]()
 
 
-def in_forward_unsupported(cfg: Config) -> str | None:
-    """Why ``optim.perturb=in_forward`` cannot run this config (then the run takes the in-place step), or None.
-    A ConfigError where the run needs it: ``optim.sampler=magnitude`` has no in-place step."""
+def in_forward_unsupported(cfg: Config, runtime: str = "single") -> str | None:
+    """Why ``optim.perturb=in_forward`` cannot run this config on ``runtime`` (the runtime's ``name``; then the
+    run takes the in-place step), or None. A ConfigError where the run needs it: ``optim.sampler=magnitude``
+    has no in-place step."""
     if cfg.optim.sampler == "magnitude" and cfg.optim.perturb != "in_forward":
         raise ConfigError("optim.sampler=magnitude (Sparse-MeZO) masks z by the weights themselves, which the "
                           "in-place step moves between its points: set optim.perturb=in_forward")
@@ -108,6 +109,8 @@ def in_forward_unsupported(cfg: Config) -> str | None:
         "ZO on quantized scales: they are attributes of the weights, not module parameters":
             cfg.model.quantization != "none" and cfg.peft.method == "none",
         "optim.estimator=jvp evaluates no perturbed points": cfg.optim.estimator == "jvp",
+        "optim.rule=hizoo under ZeRO-3: each rank keeps the Hessian of its own partition only, and the copies "
+        "are of the whole gathered parameter": cfg.optim.rule == "hizoo" and runtime == "zero3",
         # BERT's learned positions are one row of ids for the whole batch, and the scoring projects onto
         # the vocabulary at the mask positions of the whole batch: neither splits into row groups.
         "task.loss=f1 decodes with a KV cache, which row groups cannot share": cfg.task.loss == "f1",

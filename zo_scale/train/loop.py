@@ -122,7 +122,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     main = runtime.is_main
     shard_bytes = parse_size(cfg.run.save_shard_size)
     torch.manual_seed(cfg.run.seed)
-    reason = in_forward_unsupported(cfg)
+    reason = in_forward_unsupported(cfg, runtime.name)
     if reason is not None:  # recorded as what runs: config.yaml, the seed log and resumes say in_place
         log.warning("optim.perturb=in_forward cannot run here (%s): taking the in-place step", reason)
         cfg.optim.perturb = "in_place"
