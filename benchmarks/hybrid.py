@@ -20,8 +20,9 @@ storage counted once, parameters left out: they exist anyway). Baseline: one inf
 
 Step time (one process, one model, every variant its own optimizer over it; taken round-robin, see
 ``common.time_interleaved``): median of ``--repeats`` after ``--warmup``. Baseline: 2 forwards under
-``torch.inference_mode()`` (what a ZO step cannot do without). The ZO optimizers are eager: the hybrid
-flushes a lazy one before every FO pass, so lazy saves nothing there.
+``torch.inference_mode()`` (what a ZO step cannot do without). The in-place ZO optimizers are not lazy:
+the hybrid flushes a lazy one before every FO pass, so lazy saves nothing there. The in_forward ones
+are (``lazy=True``): the update lands in the FO pass's forward, with no pass of its own.
 
 ``--threads 1`` on a shared machine: a ZO sweep is thousands of small ops (64K-element noise chunks),
 each an OpenMP parallel region; with 2 threads on 2 cores and another process busy, every region
@@ -83,7 +84,7 @@ def make_step(model, kind: str):  # -> (step function of a loss_fn, FO parameter
     from zo_scale.train.hybrid import HybridOptimizer, make_fo_optimizer, split_fo_parameters
 
     fo_named, zo_named = split_fo_parameters(model, k_value(kind))
-    in_forward = {"perturb": "in_forward", "model": model} if kind.endswith(IN_FORWARD) else {}
+    in_forward = {"perturb": "in_forward", "model": model, "lazy": True} if kind.endswith(IN_FORWARD) else {}
     zo = zo_scale.ZOSGD(zo_named, lr=LR_ZO, eps=EPS_ZO, seed=0, **in_forward) if zo_named else None
     fo = make_fo_optimizer(fo_named, "adamw", lr=LR_FO) if fo_named else None
     opt = HybridOptimizer(zo, fo, [p for _, p in fo_named])
@@ -199,7 +200,7 @@ settings = {
     "batch": args.batch, "seq": args.seq, "ks": args.ks, "in_forward_ks": args.in_forward_ks,
     "memory_steps": args.mem_steps,
     "warmup": args.warmup, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-    "zo": f"ZOSGD(lr={LR_ZO}, eps={EPS_ZO}), eager", "fo": f"AdamW(lr={LR_FO}), weight_decay 0",
+    "zo": f"ZOSGD(lr={LR_ZO}, eps={EPS_ZO}); in_forward kinds lazy=True", "fo": f"AdamW(lr={LR_FO}), weight_decay 0",
     "split": "zo_scale.train.hybrid.split_fo_parameters(model, k): last k blocks + final norm FO; "
              "the tied embedding/head stays ZO for 0 < k < 12",
     "memory_baseline": "one forward under torch.inference_mode()", "time_baseline": "2 forwards under inference_mode",

@@ -19,6 +19,7 @@ import torch
 import zo_scale
 from zo_scale.adapters.peft_tuning import PeftSettings, apply_peft
 from zo_scale.backends.runtime import Runtime
+from zo_scale.core.sweep import sweep_shard
 from zo_scale.models import load_model
 from zo_scale.models.tiny import build_tiny_model, learnable_token_batch
 from zo_scale.train.hybrid import HybridOptimizer, decoder_blocks, make_fo_optimizer, split_fo_parameters
@@ -33,6 +34,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
+
+
+def stacked_lm_losses(model: torch.nn.Module, ids: torch.Tensor, groups: int) -> torch.Tensor:
+    """The mean next-token loss of each of ``groups`` stacked copies of ``ids`` (perturb='in_forward')."""
+    stacked = ids.repeat(groups, 1)
+    logits = model(input_ids=stacked).logits[:, :-1].float()
+    per_row = torch.nn.functional.cross_entropy(logits.transpose(1, 2), stacked[:, 1:], reduction="none").mean(-1)
+    return per_row.view(groups, -1).mean(1)
 
 
 def hybrid(model: torch.nn.Module, k: int, zo_lr: float = 1e-2, fo_lr: float = 1e-2, fo: str = "adamw",
@@ -163,6 +172,36 @@ def test_in_forward_follows_the_in_place_hybrid_step(model_name):
         moved = max((in_place["final"][n] - initial[n]).abs().max().item() for n in names)
         diff = max((in_forward["final"][n] - in_place["final"][n]).abs().max().item() for n in names)
         assert moved > 1e-3 and diff <= 1e-3 * moved, (names[0], moved, diff)
+
+
+def test_in_forward_lands_the_pending_zo_update_in_the_fo_pass(monkeypatch):
+    """Lazy ZO-SGD in_forward: the last step's update lands on each ZO parameter in the FO pass's forward,
+    where it is read anyway, so a step runs no sweep of its own; the same bits as a flush before the FO
+    pass (lazy=False: one update sweep per ZO parameter a step)."""
+    from zo_scale.core import optimizer
+
+    sweeps = []
+    monkeypatch.setattr(optimizer, "sweep_shard", lambda *a, **k: sweeps.append(1) or sweep_shard(*a, **k))
+    ids = learnable_token_batch()
+    runs = {}
+    for lazy in (False, True):
+        model = build_tiny_model("opt", seed=3)
+        fo_named, zo_named = split_fo_parameters(model, 1)
+        zo = zo_scale.ZOSGD(zo_named, lr=1e-2, eps=1e-3, seed=5, lazy=lazy, perturb="in_forward", model=model)
+        opt = HybridOptimizer(zo, make_fo_optimizer(fo_named, "sgd", lr=1e-2), [p for _, p in fo_named])
+
+        def loss_fn(groups: int | None = None, model: torch.nn.Module = model) -> torch.Tensor:
+            return lm_loss(model, ids) if groups is None else stacked_lm_losses(model, ids, groups)
+
+        losses = [opt.step(loss_fn) for _ in range(4)]
+        sweeps.clear()
+        losses.append(opt.step(loss_fn))  # steady state: an update pending from the step before
+        runs[lazy] = losses, len(sweeps)
+        opt.flush()
+        runs[lazy] += (weights(model),)
+    assert runs[False][1] == len(zo_named) and runs[True][1] == 0
+    assert runs[True][0] == runs[False][0]
+    assert all(torch.equal(runs[True][2][n], w) for n, w in runs[False][2].items())
 
 
 @pytest.mark.parametrize("lazy", [False, True])

@@ -45,6 +45,7 @@ all groups' moves, so per-group eps would not give per-group projected gradients
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -400,6 +401,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         groups (zeros in replay); ``pending`` as in :meth:`_row_group_losses`."""
         if closure is None:
             return [0.0] * len(groups)
+        with self._perturbed(groups, pending):
+            losses = torch.as_tensor(closure(len(groups))).detach()
+        if losses.shape != (len(groups),):
+            raise ValueError(f"with perturb='in_forward' closure(K) must return the K = {len(groups)} row groups' "
+                             f"losses, shape ({len(groups)},); got shape {tuple(losses.shape)}")
+        return losses.double().tolist()
+
+    @contextlib.contextmanager
+    def _perturbed(self, groups: list[Moves], pending: _Pending | None) -> Iterator[None]:
+        """While inside, the model's forward runs K = len(groups) row groups, group k at theta + groups[k]
+        (:func:`~zo_scale.core.perturbed_forward.perturbed_forward`), and ``pending`` lands at each parameter's
+        first use, on its gathered whole value, in the pass that makes its copies; ``store_fn`` then stores it.
+        Parameters the forward does not reach (or all, if it raises) get it from a sweep on the way out."""
         names = {p: n for gi, group in enumerate(self.param_groups)
                  for p, n in zip(group["params"], self._names(group, gi), strict=True)}
         assert self.model is not None
@@ -421,14 +435,26 @@ class ZOOptimizer(torch.optim.Optimizer):
         try:
             with perturbed_forward(self.model, names, groups, self.kernel,
                                    land_and_copy if pending is not None else None):
-                losses = torch.as_tensor(closure(len(groups))).detach()
+                yield
         finally:
             if pending is not None:
                 self._sweep(pending.restore, pending, skip=landed)
-        if losses.shape != (len(groups),):
-            raise ValueError(f"with perturb='in_forward' closure(K) must return the K = {len(groups)} row groups' "
-                             f"losses, shape ({len(groups)},); got shape {tuple(losses.shape)}")
-        return losses.double().tolist()
+
+    @contextlib.contextmanager
+    def landing(self) -> Iterator[None]:
+        """:meth:`flush` inside the forward run within: with ``perturb='in_forward'`` and an update that can
+        land there (:meth:`_lands_in_forward`), each parameter gets the pending update at its first use in
+        that forward, in the pass that reads it anyway, instead of in a sweep of its own (one read and
+        write of the parameters fewer); otherwise a flush on entry. The forward itself runs unperturbed,
+        autograd on or off (a hybrid step's backprop pass, :class:`~zo_scale.train.hybrid.HybridOptimizer`)."""
+        pending, self._pending = self._pending, None
+        if self.perturb != "in_forward" or not self._lands_in_forward(pending):
+            self._pending = pending
+            self.flush()
+            yield
+            return
+        with self._perturbed([[]], pending):
+            yield
 
     def _forward_gradients(self, closure: Callable[[], Any] | None, directions: list[Direction]) -> list[float]:
         """[L(theta) per direction..., grad L . z_i per direction...] by forward-mode AD (zeros in replay)."""

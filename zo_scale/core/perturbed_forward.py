@@ -67,6 +67,8 @@ def _split(value: Any, rows: int, groups: int, k: int) -> Any:
 def _merge(outputs: list[Any], name: str) -> Any:
     """The row groups' outputs joined back along dim 0 (tensors, and tuples / lists / dicts of them)."""
     first = outputs[0]
+    if len(outputs) == 1:  # one group (the whole batch): nothing to join
+        return first
     if isinstance(first, torch.Tensor):
         return torch.cat(outputs, 0)
     if first is None:
@@ -82,9 +84,9 @@ def _merge(outputs: list[Any], name: str) -> Any:
 def _linear_rows(plain_linear: bool, module: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """For a plain ``nn.Linear`` (``plain_linear``: that class, its forward not wrapped by anyone else)
-    called on one contiguous input: (input, output) as 2-D row matrices, the output allocated once
-    for all groups; None for any other module or call."""
-    if not plain_linear or kwargs or len(args) != 1:
+    called on one contiguous input with autograd off: (input, output) as 2-D row matrices, the output
+    allocated once for all groups; None for any other module or call (``out=`` kernels record no graph)."""
+    if not plain_linear or kwargs or len(args) != 1 or torch.is_grad_enabled():
         return None
     x = args[0]
     if not isinstance(x, torch.Tensor) or not x.is_contiguous() or x.dim() < 2:

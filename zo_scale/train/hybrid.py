@@ -14,7 +14,9 @@ inference memory. With theta = (theta_ZO, theta_FO), one step on a batch with lo
 
 Both estimates are taken at the same theta (a simultaneous update, not one after the other):
 
-1. ``zo.flush()``: a lazy ZO optimizer leaves the weights at theta - eps z with its update pending;
+1. a lazy ZO optimizer's pending update lands (``zo.landing()``: with ``perturb="in_forward"`` inside the
+   FO pass's forward, at each parameter's first use; else a flush before it, as a lazy in-place optimizer
+   leaves the weights at theta - eps z);
 2. FO pass at theta: one forward with autograd on and one backward (partial: it stops at the first
    FO block), gradients averaged over data-parallel ranks (:meth:`Runtime.fo_backward`);
 3. ZO step: the pair theta +/- eps z_ZO (2 forwards, no autograd; with ``perturb="in_forward"`` one
@@ -247,13 +249,14 @@ class HybridOptimizer:
 
     def step(self, loss_fn: Callable[..., torch.Tensor]) -> float:
         """One hybrid step (see the class docstring); returns the loss at theta."""
-        if self.zo is not None:
-            self.zo.flush()  # the FO pass must see theta, not theta - eps z
         fo_loss = None
         if self.fo is not None:
             # ZO parameters frozen: autograd records from the first FO block on, nothing before it
             with frozen(self.zo_params):
-                loss = self.runtime.fo_forward(loss_fn)
+                # the FO pass must see theta: the ZO update pending from the last step lands first (in this
+                # forward itself where the ZO optimizer can, see ZOOptimizer.landing)
+                with self.zo.landing() if self.zo is not None else contextlib.nullcontext():
+                    loss = self.runtime.fo_forward(loss_fn)
                 fo_loss = self.runtime.fo_backward(loss, self.fo_params)
             del loss  # the graph is consumed (or, if skipped, dropped here): free it before the ZO forwards
             self.last_fo_loss = fo_loss
