@@ -7,6 +7,7 @@ that need them, so a parent process that only spawns measurement children stays 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -15,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,6 +110,62 @@ def stacked_lm_losses(model: torch.nn.Module, ids: torch.Tensor, groups: int) ->
     labels = F.pad(stacked[:, 1:], (0, 1), value=-100)
     per_token = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")  # 0 where ignored
     return per_token.view(groups, -1).sum(1) / (ids.shape[0] * (ids.shape[1] - 1))
+
+
+# -----------------------------------------------------------------------------
+# work per step: what a GPU pays per launch, per host sync and per byte, counted on this CPU
+
+SYNC_OPS = ("aten::_local_scalar_dense",)  # what .item(), float(), int(), tolist() of a tensor's value run
+
+
+@contextlib.contextmanager
+def counting_zo_bytes() -> Iterator[dict[str, int]]:
+    """Counts the bytes each ZO pass reads and writes (sweep_shard and perturbed_copies both run
+    ``sweep._pass``): the shard (read; written unless the pass only makes copies), the rule's buffers and
+    master copy (read and written when it updates or uses them), each copy written."""
+    import torch
+
+    from zo_scale.core import sweep
+
+    tally = {"read": 0, "written": 0}
+    inner = sweep._pass
+
+    def counted(shard, before=(), update=None, after=(), state=None, master=None, offsets=(), kernel_mode=None,
+                copies=()):
+        moved, outs = inner(shard, before, update, after, state, master, offsets, kernel_mode, copies)
+        moves = [*((before, after) if master is None else (offsets,)), update.weights if update else (), *copies]
+        if all(d.on(shard) is None for phase in moves for d, _ in phase):
+            return moved, outs  # no direction acts on this shard: the pass returns before touching it
+        size = shard.flat.numel() * shard.flat.element_size()
+        kept = {id(t): t for t in (*(state or {}).values(), master) if isinstance(t, torch.Tensor) and t.dim()}
+        both = sum(t.numel() * t.element_size() for t in kept.values())
+        tally["read"] += size + both
+        tally["written"] += both + sum(o.numel() * o.element_size() for o in outs if o is not shard.flat)
+        if before or after or update is not None or master is not None:
+            tally["written"] += size
+        return moved, outs
+
+    sweep._pass = counted
+    try:
+        yield tally
+    finally:
+        sweep._pass = inner
+
+
+def work_per_step(run: Callable[[], object], model_bytes: int) -> dict[str, Any]:
+    """One call of ``run`` under the torch profiler and :func:`counting_zo_bytes`: aten ops (on a GPU each op
+    on a device tensor is a kernel launch), host reads, calls of the compiled ZO kernel, and the bytes the
+    ZO passes read and write, also over ``model_bytes``."""
+    import torch.profiler
+
+    with counting_zo_bytes() as tally, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    events = prof.key_averages()
+    return {"aten_ops": sum(e.count for e in events if e.key.startswith("aten::")),
+            "host_reads": sum(e.count for e in events if e.key in SYNC_OPS),
+            "zo_kernel_calls": sum(e.count for e in events if e.key.startswith("## Call CompiledFxGraph")),
+            "zo_bytes_read": tally["read"], "zo_bytes_written": tally["written"],
+            "zo_bytes_per_model_bytes": (tally["read"] + tally["written"]) / model_bytes}
 
 
 # -----------------------------------------------------------------------------

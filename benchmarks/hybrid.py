@@ -194,6 +194,11 @@ times = {kind: {"median_s": t.median_s, "times_s": t.times_s, "over_two_forwards
          for kind, t in timings.items()}
 for kind, t in times.items():
     print(f"time {kind:13s} {t['median_s']:6.2f} s  x{t['over_two_forwards']:.2f} of 2 forwards", flush=True)
+model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+for kind in KINDS:  # one more step of each: what a GPU pays per launch, per host read, per byte of ZO pass
+    w = times[kind]["work_per_step"] = common.work_per_step(fns[kind], model_bytes)
+    print(f"work {kind:13s} {w['aten_ops']:6d} aten ops, {w['zo_kernel_calls']:4d} compiled ZO kernel calls, "
+          f"{w['host_reads']:4d} host reads; its ZO passes move {w['zo_bytes_per_model_bytes']:.2f}x the model's bytes")
 
 settings = {
     "model": "OPTForCausalLM(OPTConfig()) random init, fp32, eval mode (12 blocks, tied lm_head)",
@@ -212,6 +217,9 @@ notes = [
     "vocab 50272 the LM head's input, the logits and the loss's log-softmax are saved at every k > 0: "
     "batch x seq x 50272 x 4 bytes is the size of one logits tensor.",
     "fo_grad_and_adam_state_mib: 12 bytes per FO parameter (fp32 gradient + AdamW's 2 moments).",
+    "work_per_step (common.work_per_step), counted on one more step of each: aten ops (the FO pass's backward "
+    "included; on a GPU each is a kernel launch), host reads, compiled ZO kernel calls, and the bytes the ZO "
+    "passes read and write over the model's bytes.",
     "k > 0 and k < 12 steps are 3 forwards + a backward through the last k blocks and the head; k = all is "
     "1 forward + a full backward + AdamW. 'k in_forward': 1 forward + that backward, then 1 forward over the "
     "batch stacked twice (the ZO pair, a transient perturbed copy of each ZO module's weights per row group).",

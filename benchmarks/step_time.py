@@ -38,11 +38,10 @@ Writes benchmarks/results/step_time_<dtype>[_quick].{json,png}.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import cProfile
 import pstats
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import common
 import torch
@@ -50,7 +49,7 @@ import torch.profiler
 from mezo_reference import MeZOReference
 
 import zo_scale
-from zo_scale.core import noise, sweep
+from zo_scale.core import noise
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--dtype", choices=common.DTYPES, default="fp32")
@@ -137,52 +136,12 @@ for label, t in timings.items():
 # -----------------------------------------------------------------------------
 # work per step: what a GPU pays per launch, per sync and per byte, counted on one more step of each variant
 
-SYNC_OPS = ("aten::_local_scalar_dense",)  # every .item() / float() / int() / tolist() of a tensor's value
 MEZO_BYTES = 16  # (e) outside the sweep, by its code: 4 passes, each writes z, reads theta and z, writes theta
-
-
-@contextlib.contextmanager
-def counting_zo_bytes() -> Iterator[dict[str, int]]:
-    """Counts the bytes each ZO pass reads and writes (sweep_shard and perturbed_copies both run
-    ``sweep._pass``): the shard (read; written unless the pass only makes copies), the rule's buffers and
-    master copy (read and written when it updates or uses them), each copy written."""
-    tally = {"read": 0, "written": 0}
-    inner = sweep._pass
-
-    def counted(shard, before=(), update=None, after=(), state=None, master=None, offsets=(), kernel_mode=None,
-                copies=()):
-        moved, outs = inner(shard, before, update, after, state, master, offsets, kernel_mode, copies)
-        size = shard.flat.numel() * shard.flat.element_size()
-        kept = {id(t): t for t in (*(state or {}).values(), master) if isinstance(t, torch.Tensor) and t.dim()}
-        both = sum(t.numel() * t.element_size() for t in kept.values())
-        tally["read"] += size + both
-        tally["written"] += both + sum(o.numel() * o.element_size() for o in outs if o is not shard.flat)
-        if before or after or update is not None or master is not None:
-            tally["written"] += size
-        return moved, outs
-
-    sweep._pass = counted
-    try:
-        yield tally
-    finally:
-        sweep._pass = inner
-
-
-def work_per_step(label: str, run: Callable[[], None]) -> dict[str, object]:
-    with counting_zo_bytes() as tally, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        run()
-    events = prof.key_averages()
-    moved = tally["read"] + tally["written"]
-    return {"aten_ops": sum(e.count for e in events if e.key.startswith("aten::")),
-            "host_reads": sum(e.count for e in events if e.key in SYNC_OPS),
-            "zo_kernel_calls": sum(e.count for e in events if e.key.startswith("## Call CompiledFxGraph")),
-            "zo_bytes_read": tally["read"], "zo_bytes_written": tally["written"],
-            "zo_bytes_per_model_bytes": MEZO_BYTES if label.startswith("(e)") else moved / model_bytes}
-
-
 model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 for label, run in variants.items():
-    w = results[label]["work_per_step"] = work_per_step(label, run)
+    w = results[label]["work_per_step"] = common.work_per_step(run, model_bytes)
+    if label.startswith("(e)"):
+        w["zo_bytes_per_model_bytes"] = MEZO_BYTES
     print(f"{label:24s} {w['aten_ops']:6d} aten ops, {w['zo_kernel_calls']:4d} compiled ZO kernel calls, "
           f"{w['host_reads']:4d} host reads; its ZO passes move {w['zo_bytes_per_model_bytes']:.2f}x the model's bytes")
 

@@ -62,7 +62,6 @@ if args.quick:
 device = torch.device(args.device)
 name = f"sweep_kernel_{device.type}" + ("_quick" if args.quick else "")
 SEED, STREAM, EPS = 1234, 7, 1e-3
-SYNC_OPS = ("aten::_local_scalar_dense",)  # what .item(), float(), bool() of a tensor run: one per host read
 
 
 def synchronized(fn: Callable[[], object]) -> Callable[[], None]:
@@ -146,7 +145,7 @@ def count(run: Callable[[], None]) -> dict[str, int]:
             torch.cuda.synchronize()
     events = prof.key_averages()
     aten = sum(e.count for e in events if e.key.startswith("aten::"))
-    out = {"aten_ops": aten, "host_syncs": sum(e.count for e in events if e.key in SYNC_OPS),
+    out = {"aten_ops": aten, "host_syncs": sum(e.count for e in events if e.key in common.SYNC_OPS),
            "compiled_graph_calls": sum(e.count for e in events if e.key.startswith("## Call CompiledFxGraph"))}
     if device.type == "cuda":
         out["cuda_kernel_launches"] = sum(e.count for e in events if e.key == "cudaLaunchKernel"
