@@ -52,18 +52,20 @@ def rows(batching: str, rank: int, world: int) -> torch.Tensor:
     return batch[rank * n : (rank + 1) * n]
 
 
+def stacked_losses(model: torch.nn.Module, batch: torch.Tensor, groups: int) -> torch.Tensor:
+    """The mean next-token loss of each of ``groups`` stacked copies of ``batch``, shape (groups,)."""
+    ids = batch.repeat(groups, 1)
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    per_row = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(-1)
+    return per_row.view(groups, -1).mean(1)
+
+
 def loss_fn(model: torch.nn.Module, batch: torch.Tensor, batching: str, step: int, rank: int,
             groups: int | None = None) -> torch.Tensor:
     """The batch's LM loss; with ``groups`` = K (the ZO step of perturb='in_forward') the loss of each of K
     stacked copies of the batch, shape (K,) (every row has the same number of tokens: the mean of the
     rows' means is the batch's mean)."""
-    if groups is None:
-        loss = model(input_ids=batch, labels=batch).loss
-    else:
-        ids = batch.repeat(groups, 1)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        per_row = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(-1)
-        loss = per_row.view(groups, -1).mean(1)
+    loss = model(input_ids=batch, labels=batch).loss if groups is None else stacked_losses(model, batch, groups)
     if batching == "nan" and step == NAN_STEP and rank == 1:
         return loss * float("nan")
     return loss

@@ -26,7 +26,7 @@ from zo_scale.train.hybrid import HybridOptimizer, decoder_blocks, make_fo_optim
 
 BACKENDS = Path(__file__).parents[1] / "backends"
 sys.path.insert(0, str(BACKENDS))
-from hybrid_cases import build_model, reference  # noqa: E402
+from hybrid_cases import build_model, reference, stacked_losses  # noqa: E402
 from two_ranks import launch_two_ranks  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,14 +34,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
-
-
-def stacked_lm_losses(model: torch.nn.Module, ids: torch.Tensor, groups: int) -> torch.Tensor:
-    """The mean next-token loss of each of ``groups`` stacked copies of ``ids`` (perturb='in_forward')."""
-    stacked = ids.repeat(groups, 1)
-    logits = model(input_ids=stacked).logits[:, :-1].float()
-    per_row = torch.nn.functional.cross_entropy(logits.transpose(1, 2), stacked[:, 1:], reduction="none").mean(-1)
-    return per_row.view(groups, -1).mean(1)
 
 
 def hybrid(model: torch.nn.Module, k: int, zo_lr: float = 1e-2, fo_lr: float = 1e-2, fo: str = "adamw",
@@ -191,7 +183,7 @@ def test_in_forward_lands_the_pending_zo_update_in_the_fo_pass(monkeypatch):
         opt = HybridOptimizer(zo, make_fo_optimizer(fo_named, "sgd", lr=1e-2), [p for _, p in fo_named])
 
         def loss_fn(groups: int | None = None, model: torch.nn.Module = model) -> torch.Tensor:
-            return lm_loss(model, ids) if groups is None else stacked_lm_losses(model, ids, groups)
+            return lm_loss(model, ids) if groups is None else stacked_losses(model, ids, groups)
 
         losses = [opt.step(loss_fn) for _ in range(4)]
         sweeps.clear()
