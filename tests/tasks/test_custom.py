@@ -83,6 +83,7 @@ def test_json_definition_with_candidates_and_tsv_data(tmp_path):
         (GOOD.replace("{text}", "{text"), "not a valid format string"),
         ("- just\n- a list\n", "must be a mapping"),
         ("name: [unclosed\n", "cannot parse task definition"),
+        (GOOD + "template: other\n", "line 7: key 'template' is given twice (first on line 4)"),  # YAML keeps the last
     ],
 )
 def test_bad_definitions_name_the_file_and_problem(tmp_path, edit, problem):
@@ -96,14 +97,14 @@ def test_bad_definitions_name_the_file_and_problem(tmp_path, edit, problem):
 @pytest.mark.parametrize(
     ("test_rows", "problem"),
     [
-        ('{"text": "a", "label": "positive"}\n{"text": "b"}\n', "row has no field(s) ['label']"),
+        ('{"text": "a", "label": "positive"}\n{"text": "b"}\n', "the row has no label field 'label'"),
         (
             '{"text": "a", "label": "positive"}\n{"text": "b", "label": "meh"}\n',
             "label 'meh' is not in label_words",
         ),
         (
             '{"text": "a", "label": "positive"}\n{"review": "b", "label": "negative"}\n',
-            "no field(s) ['text']",
+            "the template's field 'text' is missing",
         ),
     ],
 )
@@ -112,7 +113,7 @@ def test_bad_rows_name_data_file_row_and_problem(tmp_path, test_rows, problem):
     with pytest.raises(TaskDataError) as err:
         task.examples("eval")
     message = str(err.value)
-    assert "test.jsonl, data row 2" in message and "task 'my_sentiment'" in message
+    assert "test.jsonl, line 2: task 'my_sentiment'" in message
     assert problem in message
 
 

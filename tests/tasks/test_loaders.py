@@ -57,3 +57,10 @@ def test_read_rows_dispatches_on_extension(tmp_path):
     assert read_rows(path) == [{"a": 1}]
     with pytest.raises(TaskDataError, match=r"unsupported file type '\.txt'"):
         read_rows(tmp_path / "rows.txt")
+
+
+def test_bytes_that_are_not_utf8_are_named_by_their_offset_in_the_file(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b"text,label\n" + b"a" * 20000 + b",1\n\xff,0\n")  # far past the text layer's first chunk
+    with pytest.raises(TaskDataError, match=r"rows\.csv: not UTF-8 text \(invalid start byte at byte 20014\)"):
+        read_csv(path)

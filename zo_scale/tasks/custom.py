@@ -1,21 +1,30 @@
 """User-defined tasks from a YAML or JSON file.
 
     name: my_sentiment
-    train_file: data/train.jsonl      # .jsonl, .json (list of rows), .tsv or .csv; relative to this file
+    train_file: data/train.jsonl      # a data file or `datasets` folder (see below); relative to this file
     eval_file: data/test.jsonl        # may be the train file: the sampler then keeps the splits disjoint
     template: "Review: {text}\\nSentiment:"   # {field} placeholders filled from the row
     label_field: label
     label_words: {positive: " good", negative: " bad"}   # label value -> continuation; OR
     # candidates_field: choices       # a row field listing the continuations; label_field holds the index
 
+Data files: .csv, .tsv, .jsonl, .json (a list of rows) or .parquet, text in UTF-8 (a byte-order mark, as
+Excel writes, is dropped); or a folder written by `datasets`' ``save_to_disk``. A ``Dataset`` folder is read
+whole. A ``DatasetDict`` folder is read one split at a time: ``folder/<split>`` names any split; the folder
+itself means its only split if it has one, else train_file reads "train" and eval_file "validation", or
+"test" when there is no "validation". Any other choice is an error listing the splits.
+
 Label values are matched as strings, so a row label 1 matches the YAML key "1" (and JSON, whose keys are
-always strings). Beware that YAML reads bare yes/no/on/off as booleans: quote such keys.
+always strings), and so do 1.0 and "1.0" (pandas writes an integer column holding a gap as floats).
+Beware that YAML reads bare yes/no/on/off as booleans: quote such keys. A row without its label, or with
+an empty one, is an error naming the file and the row.
 Continuations follow the templates' rule: a leading space unless the prompt ends in whitespace.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +32,16 @@ from typing import Any
 
 import yaml
 
+from zo_scale.strict_files import DuplicateKeyError, parse_json, parse_yaml
 from zo_scale.tasks.example import Example, TaskDataError
-from zo_scale.tasks.loaders import open_utf8
+from zo_scale.tasks.loaders import dataset_dict_splits, open_utf8, read_located_rows
 from zo_scale.tasks.task import Task
 from zo_scale.tasks.templates import continuation
 
 _REQUIRED = ("name", "train_file", "eval_file", "template", "label_field")
 _OPTIONAL = ("label_words", "candidates_field")
+# The split of a DatasetDict folder that train_file / eval_file read when the folder has several.
+_DICT_SPLITS = {"train": ("train",), "eval": ("validation", "test")}
 
 
 @dataclass(frozen=True)
@@ -44,24 +56,35 @@ class _CustomTemplate:
     candidates_field: str | None
 
     def __call__(self, row: dict) -> Example:
-        missing = [f for f in (*self.fields, self.label_field) if row.get(f) is None]
-        if missing:
-            raise TaskDataError(f"{self.where}: row has no field(s) {missing} (row has {sorted(row)})")
-        context = self.template.format_map(row)
+        for field in self.fields:
+            if _is_null(row.get(field)):
+                state = "null" if field in row else "missing"
+                raise TaskDataError(f"{self.where}: the template's field {field!r} is {state} (the row has "
+                                    f"{sorted(row)}); fill it in or drop the row")
+        if self.label_field not in row:
+            raise TaskDataError(f"{self.where}: the row has no label field {self.label_field!r} (it has "
+                                f"{sorted(row)})")
         label = row[self.label_field]
+        if _is_null(label) or (isinstance(label, str) and not label.strip()):
+            raise TaskDataError(f"{self.where}: the label field {self.label_field!r} is empty; fill it in or "
+                                "drop the row")
+        context = self.template.format_map(row)
         if self.label_words is not None:
             words = list(self.label_words.values())
             keys = list(self.label_words)
-            if str(label) not in keys:
+            key = str(label)
+            if key not in self.label_words and (number := _as_int(label)) is not None:
+                key = str(number)
+            if key not in self.label_words:
                 raise TaskDataError(f"{self.where}: label {label!r} is not in label_words {keys}")
-            index = keys.index(str(label))
+            index = keys.index(key)
         else:
             words = row.get(self.candidates_field)
             if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
                 raise TaskDataError(
                     f"{self.where}: field {self.candidates_field!r} should be a list of strings"
                 )
-            index = _as_index(label)
+            index = _as_int(label)
             if index is None or not 0 <= index < len(words):
                 raise TaskDataError(
                     f"{self.where}: label {label!r} is not an index into the {len(words)} candidates"
@@ -73,10 +96,60 @@ class _CustomTemplate:
         )
 
 
-def _as_index(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool):
+class CustomTask(Task):
+    """A user-defined task. It reads its files itself, so that a row's error names its line (or item) and
+    so that a file may be a `datasets` folder (see the module docstring for which split is read)."""
+
+    def path(self, split: str, data_dir: str | Path | None = None) -> Path:
+        """The file or `datasets` folder holding `split`; for a DatasetDict folder, its split's subfolder."""
+        path = super().path(split, data_dir)
+        splits = dataset_dict_splits(path)
+        return path if splits is None else path / _dict_split(path, splits, split)
+
+    def examples(self, split: str, data_dir: str | Path | None = None) -> list[Example]:
+        """All Examples of `split`; an error in a row names the file and the row."""
+        path = self.path(split, data_dir)
+        if not path.exists():
+            return super().examples(split, data_dir)  # raises the not-found error, saying where files are looked for
+        examples = []
+        for where, row in read_located_rows(path):
+            try:
+                examples.append(self.template(row))
+            except ValueError as err:
+                raise TaskDataError(f"{path}, {where}: {err}") from err
+        return examples
+
+
+def _dict_split(folder: Path, splits: list[str], split: str) -> str:
+    if len(splits) == 1:
+        return splits[0]
+    for name in _DICT_SPLITS[split]:
+        if name in splits:
+            return name
+    raise TaskDataError(
+        f"{folder}: a DatasetDict folder with splits {splits}, none of them {' or '.join(_DICT_SPLITS[split])}, "
+        f"so {split}_file does not say which to read; name the split's folder, e.g. {folder.name}/{splits[0]}"
+    )
+
+
+def _is_null(value: Any) -> bool:
+    """Absent, JSON null, or NaN (a gap in a pandas float column)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _as_int(value: Any) -> int | None:
+    """`value` as an int when it is one: 1, "1", and the 1.0 and "1.0" pandas writes for an integer column
+    with a gap; None for anything else (1.5, "one", True)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, float) and value.is_integer():
         return int(value)
     return None
 
@@ -97,17 +170,20 @@ def _placeholders(template: str, config: Path) -> tuple[str, ...]:
 
 def _read_config(path: Path) -> dict:
     with open_utf8(path) as f:
-        try:
-            config = json.load(f) if path.suffix.lower() == ".json" else yaml.safe_load(f)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise TaskDataError(f"{path}: cannot parse task definition ({err})") from err
+        text = f.read()
+    try:
+        config = parse_json(text) if path.suffix.lower() == ".json" else parse_yaml(text, str(path))
+    except DuplicateKeyError as err:
+        raise TaskDataError(f"{path}: {err}" if path.suffix.lower() == ".json" else str(err)) from None
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise TaskDataError(f"{path}: cannot parse task definition ({err})") from err
     if not isinstance(config, dict):
         raise TaskDataError(f"{path}: task definition must be a mapping of keys, got {type(config).__name__}")
     return config
 
 
-def load_custom_task(path: str | Path) -> Task:
-    """Load and check a user-defined task; its data files are read later, by Task.examples."""
+def load_custom_task(path: str | Path) -> CustomTask:
+    """Load and check a user-defined task; its data files are read later, by CustomTask.examples."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task definition {path} not found")
@@ -145,7 +221,7 @@ def load_custom_task(path: str | Path) -> Task:
         label_words=label_words,
         candidates_field=config.get("candidates_field"),
     )
-    return Task(
+    return CustomTask(
         name=config["name"],
         template=template,
         files={"train": config["train_file"], "eval": config["eval_file"]},
