@@ -86,3 +86,15 @@ def test_a_state_dict_with_full_buffers_inline_still_loads(tmp_path):
     shard = other.local_shards()[0]
     full = opt.state_dict()["state"][0]["exp_avg"]
     assert torch.equal(other.state[shard.param]["exp_avg"], full[shard.offset : shard.offset + shard.flat.numel()])
+
+
+def test_slices_every_rank_saved_whole_load_once(tmp_path):
+    """A parameter every rank holds whole (a ZeRO-3 persistent one, trained replicated) is saved whole by
+    each rank: the overlapping slices load, neither refused nor counted twice."""
+    flat, (opt,) = trained(1)
+    for r in range(2):
+        sharded_state.save(opt, Rank(r, 2), tmp_path)
+    loaded = optimizer(flat, 0, 1)
+    sharded_state.load(loaded, tmp_path)
+    for shard, saved in zip(loaded.local_shards(), opt.local_shards(), strict=True):
+        assert torch.equal(loaded.state[shard.param]["exp_avg"], opt.state[saved.param]["exp_avg"])

@@ -35,6 +35,7 @@ class Runtime:
     name = "single"
     rank = 0
     world_size = 1
+    deepspeed_config: dict[str, Any] | None = None  # the DeepSpeed config the run reconciled and ran with, if any
 
     @property
     def is_main(self) -> bool:

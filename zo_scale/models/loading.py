@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -95,11 +96,24 @@ def model_head(name: str) -> str:
 
 
 def _not_loadable(name: str, weights: str | Path | None, err: Exception) -> ModelLoadError:
+    if weights is not None and not Path(weights).is_dir():
+        return ModelLoadError(f"cannot load model {name!r} with weights from {weights}: no such folder")
+    if not Path(name).exists() and not _is_repo_id(name):  # a path, to nowhere: the hub's rules would not help
+        return ModelLoadError(f"model {name!r}: no such folder ({Path(name).expanduser().absolute()}); give a "
+                              f"built-in name ({', '.join(BUILTIN_MODELS)}), a model folder or a hub id")
     reason = next(iter(str(err).strip().splitlines()), type(err).__name__)
     return ModelLoadError(
         f"cannot load model {name!r}{f' with weights from {weights}' if weights else ''}: it is not a built-in "
         f"name ({', '.join(BUILTIN_MODELS)}) nor a loadable local folder or hub id ({reason})"
     )
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _from_pretrained(

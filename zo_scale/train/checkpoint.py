@@ -17,6 +17,12 @@ one renamed into place, and the old one deleted. Directory renames are atomic on
 at any moment either ``checkpoint`` or ``checkpoint.old`` is whole; :func:`latest_checkpoint` takes
 whichever is. A write that fails (a full disk, a permission) removes the staged folder and raises
 :class:`CheckpointWriteError`, which says which checkpoint is left.
+
+Damage: ``trainer_state.json`` lists every other file of the checkpoint with its size. A resume first
+checks them all (:func:`check_checkpoint`: there, of that size, and where a cheap look can tell, readable),
+so a file deleted, cut short, emptied or overwritten is named before any model loads; the reads
+themselves go through :func:`reading`, which names the file too. Either way a :class:`CheckpointReadError`,
+and nothing in the run folder is changed.
 """
 
 from __future__ import annotations
@@ -24,12 +30,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError, safe_open
+
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a whole checkpoint
+FILES = "files"  # in the trainer state: {path relative to the checkpoint: size in bytes} of every other file
 
 
 def staging_dir(directory: Path) -> Path:
@@ -53,13 +65,14 @@ def commit_checkpoint(directory: Path, tokenizer: Any, state: dict, folder: str 
 
     ``folder``: 'model', or 'adapter' for a peft model, whose ``save_pretrained`` (``adapter_model``)
     writes the adapter only, in peft's format, here. The tokenizer joins the weights, then
-    ``trainer_state.json`` (``state``) is written last, then the renames.
+    ``trainer_state.json`` (``state``, with the list of the files beside it) is written last, then the renames.
     """
     tmp, old = staging_dir(directory), directory.with_name(directory.name + ".old")
     if adapter_model is not None:
         adapter_model.save_pretrained(tmp / folder)
     tokenizer.save_pretrained(tmp / folder)
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    (tmp / STATE_FILE).write_text(json.dumps({**state, FILES: files}, indent=2))
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
@@ -89,27 +102,102 @@ def writing_checkpoint(directory: Path, step: int) -> Iterator[None]:
         ) from err
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The whole checkpoint at ``directory`` (or its ``.old`` twin left by a crash), else None."""
-    for candidate in (directory, directory.with_name(directory.name + ".old")):
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    return None
-
-
 class CheckpointReadError(ValueError):
-    """A checkpoint whose trainer state is not one this trainer wrote (truncated, edited, another format)."""
+    """A checkpoint file that is missing, cut short or not what this trainer wrote; the message names it and
+    what to do."""
+
+
+def _damaged(path: Path, checkpoint: Path, what: str) -> CheckpointReadError:
+    return CheckpointReadError(f"{path}: {what}. Nothing was changed; move {checkpoint} away to start the run "
+                               "afresh, or restore it from a backup")
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The whole checkpoint at ``directory`` (or its ``.old`` twin left by a crash), else None.
+
+    Every commit renames a folder that holds its trainer state, so a checkpoint folder without one has
+    been damaged since (starting afresh would delete it at the first save): a CheckpointReadError."""
+    old = directory.with_name(directory.name + ".old")
+    if (directory / STATE_FILE).is_file():
+        return directory
+    if directory.exists():  # (a ``.old`` without one is a deletion cut short: ignored)
+        raise _damaged(directory / STATE_FILE, directory, "missing, so this checkpoint cannot be resumed")
+    return old if (old / STATE_FILE).is_file() else None
+
+
+def _first_line(err: BaseException) -> str:
+    """A reader's complaint in one line (torch's run to paragraphs), or its type when it says nothing."""
+    return next(iter(str(err).strip().splitlines()), "") or type(err).__name__
+
+
+# What the readers of a checkpoint (json, torch.load, safetensors, zipfile, peft) raise for a file
+# that is missing, cut short or overwritten.
+_READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+                SafetensorError)
+
+
+@contextlib.contextmanager
+def reading(path: Path, checkpoint: Path) -> Iterator[None]:
+    """Around a read of ``path``, a file (or folder) of ``checkpoint``: the reader's failure becomes a
+    CheckpointReadError naming the file."""
+    try:
+        yield
+    except _READ_ERRORS as err:
+        reason = "missing" if isinstance(err, FileNotFoundError) else f"cannot be read ({_first_line(err)})"
+        raise _damaged(path, checkpoint, reason) from None
+
+
+def torch_load(path: Path, checkpoint: Path) -> Any:
+    """``torch.load`` of a file of ``checkpoint`` onto the CPU, tensors and plain data only (no code runs);
+    CheckpointReadError naming the file when it is not whole."""
+    with reading(path, checkpoint):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
     """The ``trainer_state.json`` of ``checkpoint``; CheckpointReadError naming the file if it is not whole."""
     path = checkpoint / STATE_FILE
-    try:
+    with reading(path, checkpoint):
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointReadError(f"{path}: not a whole trainer state ({err}); move {checkpoint} away to start "
-                                  "the run afresh, or restore it") from None
     missing = [k for k in ("step", "config", "world_size") if not isinstance(state, dict) or k not in state]
     if missing:
-        raise CheckpointReadError(f"{path}: lacks {missing}: not a checkpoint written by this trainer")
+        raise _damaged(path, checkpoint, f"lacks {missing}: not a checkpoint written by this trainer")
     return state
+
+
+def check_checkpoint(checkpoint: Path) -> dict:
+    """The trainer state of ``checkpoint``, once every file it lists is there, of the size written, and
+    readable where a cheap look can tell (JSON parses, a safetensors header, a torch file's zip directory).
+
+    Catches a damaged checkpoint before any model loads. A checkpoint written before the trainer state
+    listed its files has the files it holds looked at: one deleted from it is named when it is read.
+    """
+    state = load_trainer_state(checkpoint)
+    listed = state.get(FILES)
+    if listed is None:
+        listed = {f.relative_to(checkpoint).as_posix(): None for f in sorted(checkpoint.rglob("*"))
+                  if f.is_file() and f.name != STATE_FILE}
+    for name, size in listed.items():
+        path = checkpoint / name
+        if not path.is_file():
+            while not path.parent.exists():  # a whole folder gone (e.g. model/): name the folder
+                path = path.parent
+            raise _damaged(path, checkpoint, "missing")
+        if size is not None and path.stat().st_size != size:
+            raise _damaged(path, checkpoint, f"{path.stat().st_size} bytes where {size} were written (cut short or "
+                           "overwritten)")
+        with reading(path, checkpoint):
+            _look_into(path)
+    return state
+
+
+def _look_into(path: Path) -> None:
+    """Parse what is cheap to parse of ``path``: a reader raises if it is not whole. Other formats
+    (a sentencepiece model, merges.txt) go by their size alone."""
+    if path.suffix == ".json":
+        json.loads(path.read_text(encoding="utf-8"))
+    elif path.suffix == ".safetensors":
+        with safe_open(path, "pt"):  # parses the header and checks the file covers every tensor it lists
+            pass
+    elif path.suffix == ".pt":  # torch.save writes a zip: its directory is at the end, and a cut loses it
+        zipfile.ZipFile(path).close()

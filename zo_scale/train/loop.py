@@ -28,6 +28,7 @@ from zo_scale.tasks import get_task, sample_k_shot, sample_splits
 from zo_scale.train import seedlog
 from zo_scale.train.build import in_forward_unsupported
 from zo_scale.train.checkpoint import (
+    check_checkpoint,
     commit_checkpoint,
     latest_checkpoint,
     load_trainer_state,
@@ -142,6 +143,8 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         )
     if not eval_ex:
         raise ConfigError(f"task {cfg.task.name}: its eval split has no examples to evaluate on")
+    if not train_ex:
+        raise ConfigError(f"task {cfg.task.name}: no training examples (task.num_train={cfg.task.num_train})")
     if cfg.run.batch_size > len(train_ex):
         log.warning("run.batch_size=%d is larger than the %d training examples: every batch repeats each example "
                     "about %.1f times", cfg.run.batch_size, len(train_ex), cfg.run.batch_size / len(train_ex))
@@ -150,9 +153,9 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     config_json = cfg.as_json()
     checkpoint_dir = out / "checkpoint"
     checkpoint = latest_checkpoint(checkpoint_dir)
-    start, nonfinite_in_a_row, zero_shot = 0, 0, None
+    start, nonfinite_in_a_row, zero_shot, logged, log_kept = 0, 0, None, 0, 0
     if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
+        state = check_checkpoint(checkpoint)  # a damaged file is named before the model loads
         defaults = Config().as_json()  # a checkpoint from before a key existed ran with its default
         changed = [f"{s}.{k}" for s, keys in TRAJECTORY.items() for k in config_json[s]
                    if (keys is None or k in keys)
@@ -162,6 +165,9 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                               f"that run (use a new run.output_dir)")
         start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
         zero_shot = state.get("zero_shot", state.get("zero_shot_accuracy"))  # the key's name until generation tasks
+        # the seed log goes on from the checkpoint's step: checked now, changed only once the run is set up
+        logged = RunOptimizer.logged_steps(checkpoint, start)
+        log_kept = seedlog.check_resume(out / "seedlog.jsonl", logged)
         log.info("resuming from %s at step %d", checkpoint, start)
 
     trainable = load_trainable(cfg, runtime, checkpoint)
@@ -181,7 +187,9 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     if main:  # the run directory appears only now that config, data and model are valid
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config_json, sort_keys=False))
-        seedlog.write_header(out / "seedlog.jsonl", config_json, keep_steps_below=start)
+        if runtime.deepspeed_config is not None:  # as DeepSpeed got it: "auto" filled, Trainer-owned keys set aside
+            (out / "deepspeed_config.json").write_text(json.dumps(runtime.deepspeed_config, indent=2))
+        seedlog.start_log(out / "seedlog.jsonl", config_json, logged, log_kept)
         trackers = Trackers(cfg.run.trackers, out.name, out / "trackers", config_json) if cfg.run.trackers else None
         metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if cfg.run.tensorboard else None,
                              keep_steps_upto=start, trackers=trackers)

@@ -25,6 +25,7 @@ from zo_scale.backends.runtime import Runtime
 from zo_scale.core.optimizer import StepRecord, ZOOptimizer
 from zo_scale.train import sharded_state
 from zo_scale.train.build import build_optimizer, build_schedule
+from zo_scale.train.checkpoint import torch_load
 from zo_scale.train.config import Config, ConfigError
 from zo_scale.train.trainable import Trainable, fo_optimizer_factory
 
@@ -120,11 +121,17 @@ class RunOptimizer:
         return {"optimizer": self.fo.state_dict(), "schedule": self.schedules[-1].state_dict(),
                 "fo_skipped_steps": self.hybrid.fo_skipped_steps, "step_count": self.hybrid.step_count}
 
+    @staticmethod
+    def logged_steps(checkpoint: Path, step: int) -> int:
+        """How many seed-log records the run had written by ``checkpoint`` (of step ``step``): one a step when
+        it has a ZO part (whose state the checkpoint holds), none for pure FO."""
+        return step if (checkpoint / sharded_state.STATE_FILE).is_file() else 0
+
     def load(self, checkpoint: Path, saved_world_size: int) -> None:
         """Restore every part from ``checkpoint`` (written by a run with the same optimizers)."""
         if self.zo is not None:
             sharded_state.load(self.zo, checkpoint)
-        self.schedules[0].load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=True))
+        self.schedules[0].load_state_dict(torch_load(checkpoint / "schedule.pt", checkpoint))
         if self.fo is None:
             return
         if any(checkpoint.glob("fo_optimizer.rank*.pt")) != self.per_rank_fo_state:
@@ -146,7 +153,7 @@ class RunOptimizer:
 
             allowed += [ZeroStageEnum, LossScaler]
         with torch.serialization.safe_globals(allowed):
-            state = torch.load(path, weights_only=True)  # tensors and plain data only: no code runs
+            state = torch_load(path, checkpoint)
         if self.per_rank_fo_state:  # DeepSpeed's ZeRO-3 optimizer takes every rank's state and picks its own
             states = [None] * self.runtime.world_size
             states[self.runtime.rank] = state["optimizer"]

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from zo_scale.backends.runtime import Runtime
 from zo_scale.core.optimizer import ZOOptimizer
 from zo_scale.core.shards import ShardSpan
+from zo_scale.train.checkpoint import reading, torch_load
 
 STATE_FILE = "optimizer.pt"
 SLICES_GLOB = "optimizer_state.rank*.safetensors"
@@ -64,7 +65,7 @@ def load(optimizer: ZOOptimizer, folder: Path) -> None:
     """Load the state :func:`save` wrote (on any number of ranks) into this rank's shards. A checkpoint
     whose ``optimizer.pt`` holds full-length per-element buffers itself (written before the slice
     files existed, or a single-process ``state_dict()``) loads too: each rank cuts out its part."""
-    saved = torch.load(folder / STATE_FILE, weights_only=True)  # tensors and plain data only: no code runs
+    saved = torch_load(folder / STATE_FILE, folder)
     listed = saved.pop(PER_ELEMENT, {})
     spans = optimizer.shard_spans
     state: dict[int, dict[str, Any]] = {}
@@ -83,9 +84,11 @@ def _read_own_slices(folder: Path, spans: list[ShardSpan], wanted: set[str]) -> 
     """For each wanted ``"<index>.<buffer>"``, the elements of this rank's shard of that parameter,
     assembled from the overlapping parts of every saved rank's slice."""
     out: dict[str, torch.Tensor] = {}
-    filled: dict[str, int] = dict.fromkeys(wanted, 0)
+    # the ranges of this rank's shard each key got: saved slices may overlap (a parameter every rank holds
+    # whole, such as a ZeRO-3 persistent one, is saved whole by every rank)
+    got: dict[str, list[tuple[int, int]]] = {k: [] for k in wanted}
     for file in sorted(folder.glob(SLICES_GLOB)):
-        with safe_open(file, "pt") as f:
+        with reading(file, folder), safe_open(file, "pt") as f:
             offsets = json.loads(f.metadata()["offsets"])
             for key in wanted & offsets.keys():
                 span = spans[int(key.split(".", 1)[0])]
@@ -97,9 +100,19 @@ def _read_own_slices(folder: Path, spans: list[ShardSpan], wanted: set[str]) -> 
                 a, b = max(lo, start), min(hi, start + part.get_shape()[0])
                 if a < b:
                     out[key][a - lo : b - lo] = part[a - start : b - start]
-                    filled[key] += b - a
-    short = [k for k in wanted if filled[k] != spans[int(k.split(".", 1)[0])].numel]
+                    got[key].append((a - lo, b - lo))
+    short = [k for k in wanted if not _covers(got[k], spans[int(k.split(".", 1)[0])].numel)]
     if short:
         raise ValueError(f"{folder}: the optimizer state slices do not cover this rank's part of {short[:3]} "
                          f"(files {sorted(p.name for p in folder.glob(SLICES_GLOB))}); the checkpoint is incomplete")
     return {k: out.get(k, torch.zeros(0)) for k in wanted}
+
+
+def _covers(ranges: list[tuple[int, int]], numel: int) -> bool:
+    """Whether the half-open ``ranges`` together cover [0, numel)."""
+    end = 0
+    for a, b in sorted(ranges):
+        if a > end:
+            return False
+        end = max(end, b)
+    return end >= numel

@@ -41,6 +41,7 @@ import torch
 from zo_scale.adapters.peft_tuning import PeftSettings, apply_peft, trainable_named_parameters
 from zo_scale.backends.runtime import Runtime
 from zo_scale.models import load_model
+from zo_scale.train.checkpoint import reading
 from zo_scale.train.config import Config, ConfigError
 from zo_scale.train.select_runtime import resolve_device
 
@@ -149,7 +150,8 @@ def _load_trained(named: NamedTensors, folder: Path) -> None:
 
     saved = {}
     for file in sorted(folder.glob("*.safetensors")):
-        saved.update(load_file(file))
+        with reading(file, folder.parent):
+            saved.update(load_file(file))
     for name, tensor in named:
         key = name.replace(".weight.SCB", ".SCB")
         if key not in saved:
@@ -168,7 +170,9 @@ def _with_adapter(model: torch.nn.Module, cfg: Config, checkpoint: Path | None) 
     except ValueError as e:
         raise ConfigError(f"peft: {e}") from None
     if checkpoint is not None:
-        result = set_peft_model_state_dict(model, load_peft_weights(str(checkpoint / "adapter"), device="cpu"))
+        with reading(checkpoint / "adapter", checkpoint):
+            saved = load_peft_weights(str(checkpoint / "adapter"), device="cpu")
+        result = set_peft_model_state_dict(model, saved)
         if result.unexpected_keys:
             raise ConfigError(f"{checkpoint / 'adapter'} does not fit peft.* of this run: unexpected "
                               f"{result.unexpected_keys[:3]}")
