@@ -18,9 +18,11 @@ Under a launcher, ``launch/train.py`` is ``zo-scale train``; it also takes the f
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"hybrid.fo_layers={args.fo_layers}")
         summary = train(load_config(config_path, overrides))
     except USER_ERRORS as e:
-        print(f"zo-scale: error: {e}", file=sys.stderr)
+        _report_error(e)
         return 2
     if summary["world_size"] > 1:
         if os.environ.get("RANK", "0") == "0":
@@ -116,16 +118,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mezo(flags: list[str], dry_run: bool) -> int:
-    """Map MeZO's flags, print the config they amount to, and train unless ``dry_run``."""
-    overrides, notes = mezo_overrides(flags)
-    cfg = load_config(None, overrides)
-    for note in notes:
-        print(f"zo-scale mezo: {note}")
-    print(f"zo-scale mezo: {describe(overrides)}\n" + yaml.safe_dump(cfg.as_json(), sort_keys=False))
-    if dry_run:
-        return 0
-    _report(train(cfg))
+    """``zo-scale mezo``: a MeZO ``python run.py`` command line (Malladi et al. 2023) as a zo-scale run
+    (:func:`~zo_scale.train.mezo_flags.mezo_overrides`). Prints the flags set aside, in one warning line, and
+    the config they amount to; trains unless ``dry_run``. A config error names the flag behind its key."""
+    mezo = mezo_overrides(flags)
+    if mezo.set_aside:
+        print(f"zo-scale mezo: warning: set aside {'; '.join(mezo.set_aside)}", file=sys.stderr)
+    try:
+        cfg = load_config(None, mezo.overrides)
+        print(f"zo-scale mezo: {describe(mezo.overrides)}\n" + yaml.safe_dump(cfg.as_json(), sort_keys=False))
+        if dry_run:
+            return 0
+        summary = train(cfg)
+    except ConfigError as e:  # the user typed MeZO's flag, not the config key it became
+        raise mezo.name_flag(e) from None
+    _report(summary)
     return 0
+
+
+def _report_error(err: Exception) -> None:
+    """The error as one line on stderr, the exit code 2 left to the caller. Under a launcher every rank meets
+    the same config, data and model, so rank 0 alone prints; a torchrun-style launcher (torchrun,
+    ``accelerate launch``) also gets each rank's line through its error file, so that its failure summary
+    names the problem, and there another rank's own error shows. Without such a file (the ``deepspeed``
+    launcher), other ranks print errors other than a ConfigError (which every rank raises alike) too."""
+    rank = os.environ.get("RANK", "0")
+    line = f"zo-scale: error: {err}" if rank == "0" else f"zo-scale: error (rank {rank}): {err}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+    if rank == "0" or not (error_file or isinstance(err, ConfigError)):
+        print(line, file=sys.stderr)
 
 
 def _report(summary: dict) -> None:
