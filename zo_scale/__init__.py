@@ -3,6 +3,8 @@
 The core (``zo_scale.core``) depends on torch alone; models, tasks and the trainer build on it.
 """
 
+import logging
+
 from zo_scale.core import noise
 from zo_scale.core.aliases import (
     ARDD,
@@ -42,6 +44,10 @@ from zo_scale.core.updates import (
     Sign,
     SignMomentum,
 )
+
+# peft imports bitsandbytes, which warns at import that an optional CPU kernel package ('kernels') is
+# missing; its 4-bit matmul runs without it. Dropped, so that every command does not start with that line.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "gemm_4bit_forward" not in record.msg)
 
 __all__ = [
     "ARDD", "AcceleratedDirectional", "Adam", "BlockSampler", "BlockZO", "Central", "CentralCurvature",

@@ -238,7 +238,7 @@ def aio_unavailable_reason() -> str | None:
 
     if AsyncIOBuilder().is_compatible(verbose=False):
         return None
-    return "DeepSpeed's async_io op needs libaio (apt-get install libaio-dev); see README, Scale out"
+    return "DeepSpeed's async_io op needs libaio (apt-get install libaio-dev); see docs/scale-out.md"
 
 
 @pytest.fixture(scope="module")
@@ -474,10 +474,12 @@ def test_job_killed_at_a_random_moment_resumes_bit_for_bit(base_model, tmp_path,
 
 
 @pytest.mark.parametrize(("ds_config", "message"), [
-    ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}, "'optimizer' section"),
+    ({"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 4},
+     "gradient_accumulation_steps=4 contradicts"),
     ({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 3},
      "train_micro_batch_size_per_gpu=3 contradicts the run: run.batch_size=8"),
-    ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}, "bf16.enabled=True contradicts model.dtype"),
+    ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}, "fp16": {"enabled": True}},
+     "bf16.enabled and fp16.enabled are both true"),
     ({"zero_optimization": {"stage": 2}}, None),  # stage 2 with dist.mode=zero3, below
 ])
 def test_contradicting_deepspeed_config_is_a_clear_error(ds_config, message, base_model, tmp_path, capsys):

@@ -12,7 +12,9 @@ references run here. What each check pins down:
   differ by ~1e-4 relative and the weights by ~1e-4 of how far they moved. The sharded arithmetic
   itself is checked exactly instead: replaying the ZeRO-3 run's logged scalars in one process must
   give its weights bit for bit;
-- collectives: exactly one all-reduce per step (the losses); the rest are DeepSpeed's all-gathers.
+- collectives: exactly one all-reduce per step (the losses); the rest are DeepSpeed's all-gathers;
+- 'persist' (a persistence threshold, as HF's configs set): the parameters DeepSpeed keeps whole on every
+  rank train as replicated ones, checked like 'split'.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ CASES = [
     "llama:lozo:split",
     "opt:zoadam-lazy:split",
     "llama:hizoo:split",
+    "opt:zoadam-lazy:persist",  # norms and biases persistent: whole on every rank, their Adam state too
 ]
 LAUNCH_TIMEOUT_S = 300
 
@@ -62,7 +65,8 @@ def test_load_config_refuses_what_would_undo_or_hide_zo_updates():
     bad = [
         ({"zero_optimization": {"stage": 2}}, "stage must be 3"),
         ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}, "no 'optimizer'"),
-        ({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100}}, "persistence"),
+        ({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100,
+                                "offload_param": {"device": "nvme", "nvme_path": "/tmp"}}}, "persistence"),
         ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, "hpz"),
         ({"zero_optimization": {"stage": 3, "zero_quantized_weights": True}}, "quantized"),
     ]
@@ -112,6 +116,8 @@ def test_zero3_matches_one_process(zero3_runs, case):
 
     saved = dict(build_model(model_name).named_parameters())
     assert sorted(run["initial"]) == sorted(saved)
+    if batching == "persist":  # some parameters persistent, some partitioned
+        assert 0 < len(run["persistent"]) < len(saved), run["persistent"]
     for name, param in saved.items():
         assert torch.equal(run["initial"][name], param), f"{name}: from_pretrained under ZeRO-3 changed it"
 

@@ -14,6 +14,9 @@ import zo_scale
 from zo_scale.models.tiny import build_tiny_model
 
 BATCH, SEQ, SEED = 4, 16, 7
+# batching 'persist' is 'split' with this stage3_param_persistence_threshold: DeepSpeed keeps the tiny
+# models' norms and biases (<= 256 elements) whole on every rank, and partitions the matrices
+PERSISTENCE_THRESHOLD = 1000
 
 # name -> build_tiny_model(arch, seed=0, **overrides). 'opt-odd' has odd numels (45, 45*127, 259*45, ...):
 # with 2 ranks the last partition of each such parameter ends in one padding element.

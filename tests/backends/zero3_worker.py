@@ -4,7 +4,8 @@ For each case ``model:optimizer:batching`` on the command line: load the saved t
 ``from_pretrained`` under ZeRO-3, run ``--steps`` ZO steps on the fixed batch, profile the
 collectives of the last (steady-state) step, gather the weights on rank 0 and save there
 {losses, step records, initial and final weights, collectives}. Batching 'split' gives rank r rows
-[r*b, (r+1)*b) of the batch (data parallel); 'same' gives every rank the whole batch.
+[r*b, (r+1)*b) of the batch (data parallel); 'same' gives every rank the whole batch; 'persist' splits
+it with a non-zero persistence threshold (small parameters kept whole on every rank, trained replicated).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -24,7 +26,7 @@ from zo_scale.backends import zero3
 
 sys.path.insert(0, str(Path(__file__).parent))
 from two_ranks import leave_worker  # noqa: E402
-from zero3_cases import BATCH, fixed_batch, make_optimizer  # noqa: E402
+from zero3_cases import BATCH, PERSISTENCE_THRESHOLD, fixed_batch, make_optimizer  # noqa: E402
 
 # DeepSpeed calls torch.distributed.all_gather_into_tensor, which this torch marks deprecated: noise.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
@@ -46,10 +48,14 @@ def gathered_bytes(prof: profile) -> int:
 
 def run_case(case: str, model_dir: Path, steps: int, out_dir: Path, config: Path) -> None:
     model, opt_name, batching = case.split(":")
-    runtime = zero3.Zero3Runtime(config)  # the process group comes up with the first case
+    ds = json.loads(config.read_text())
+    if batching == "persist":
+        ds["zero_optimization"].update(stage3_param_persistence_threshold=PERSISTENCE_THRESHOLD,
+                                       stage3_model_persistence_threshold=10**9)
+    runtime = zero3.Zero3Runtime(ds)  # the process group comes up with the first case
     rank, world = runtime.rank, runtime.world_size
     batch = fixed_batch()
-    if batching == "split":
+    if batching in ("split", "persist"):
         rows = BATCH // world
         batch = batch[rank * rows : (rank + 1) * rows]
     module, _ = runtime.load_model(
@@ -73,7 +79,8 @@ def run_case(case: str, model_dir: Path, steps: int, out_dir: Path, config: Path
     final = runtime.full_state_dict(module)
     if rank == 0:  # plain containers only: the test reads them with torch.load(weights_only=True)
         torch.save({"losses": losses, "records": records, "initial": initial, "final": final,
-                    "collectives": counts, "gathered_bytes": nbytes, "world": world},
+                    "collectives": counts, "gathered_bytes": nbytes, "world": world,
+                    "persistent": sorted(n for n, p in module.named_parameters() if p.ds_persist)},
                    out_dir / f"{case.replace(':', '_')}.pt")
     runtime.engine.destroy()
 

@@ -4,6 +4,7 @@ import zo_scale
 from zo_scale.models.tiny import build_tiny_model
 from zo_scale.train.build import build_optimizer
 from zo_scale.train.config import ConfigError, load_config
+from zo_scale.train.select_runtime import read_deepspeed_config
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -67,3 +68,26 @@ def test_the_methods_build_from_their_keys():
     ardd = build("optim.rule=ardd", "optim.ardd_dimension=1000")
     assert isinstance(ardd.rule, zo_scale.AcceleratedDirectional) and ardd.rule.n == 1000
     assert build("optim.rule=ardd").rule.n > 1000  # 0: the trained elements
+
+
+def test_a_section_or_key_written_twice_is_refused(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("optim:\n  lr: 1.0e-5\nrun:\n  steps: 3\noptim:\n  eps: 1.0e-3\n")  # PyYAML keeps the last
+    with pytest.raises(ConfigError, match=r"run.yaml, line 5: key 'optim' is given twice \(first on line 1\)"):
+        load_config(config)
+    config.write_text("optim:\n  lr: 1.0e-5\n  lr: 1.0e-6\n")
+    with pytest.raises(ConfigError, match="key 'lr' is given twice"):
+        load_config(config)
+
+
+def test_a_deepspeed_json_with_a_key_written_twice_is_refused(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3, "stage": 2}}')  # json keeps the last
+    with pytest.raises(ConfigError, match=r"dist.deepspeed_config: .*ds.json: key\(s\) \['stage'\] given twice"):
+        read_deepspeed_config(ds)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_config(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("run:\n  steps: 3\n", encoding="utf-8-sig")
+    assert load_config(config).run.steps == 3

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import pydantic
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
@@ -117,11 +118,13 @@ def load_config(config: PathOrConfig) -> dict[str, Any]:
     """A DeepSpeed config (JSON path or mapping) checked for pure-ZO ZeRO-3; returns a new dict.
 
     Requires stage 3 and no ``optimizer`` (see the module docstring). Parameter persistence is set
-    to 0 when absent and refused otherwise: a persistent parameter keeps its gathered full copy
-    between forwards, so an edit to its partition would never reach the forward. hpZ (a second copy
-    of each partition) and quantized weights are refused for the same reason: they are copies that a
-    partition edit would leave stale. With NVMe parameter offload, :func:`zero3_shard` swaps each
-    partition in before the sweep and writes it back after. The batch-size fields are required by DeepSpeed's
+    to 0 when absent: every parameter partitioned. A non-zero threshold is allowed: DeepSpeed then keeps
+    the small parameters whole on every rank between forwards, and :func:`zero3_shard` trains those as
+    replicated parameters; not with NVMe parameter offload, where DeepSpeed drops a persistent
+    parameter's partition file after its first gather. hpZ (a second copy of each partition) and
+    quantized weights are refused: they are copies that a partition edit would leave stale. With NVMe
+    parameter offload, :func:`zero3_shard` swaps each partition in before the sweep and writes it back
+    after. The batch-size fields are required by DeepSpeed's
     config checks; pure ZO never reads them (no dataloader, no optimizer), so "auto" there becomes 1
     (the total is derived). A hybrid ZO-FO engine does read ``gradient_accumulation_steps``
     (``engine.backward`` divides the loss by it): 1 here and in the trainer, which refuses others.
@@ -140,20 +143,30 @@ def load_config(config: PathOrConfig) -> dict[str, Any]:
     for section in ("bf16", "fp16"):
         if cfg.get(section, {}).get("enabled") == "auto":
             cfg[section]["enabled"] = False
+    # DeepSpeed's default clips gradients at norm 1.0: a hybrid run's backprop blocks would be clipped
+    # under ZeRO-3 alone (zo-scale clips no gradient in any runtime)
+    cfg.setdefault("gradient_clipping", 0.0)
     if "optimizer" in cfg:
         raise ValueError("ZeRO-3 ZO config must have no 'optimizer' section: DeepSpeed's optimizer keeps an fp32 "
                          "master copy of each partition and writes it over the ZO updates at engine.step()")
     zero = cfg.setdefault("zero_optimization", {})
     if zero.get("stage") != 3:
         raise ValueError(f"zero_optimization.stage must be 3, got {zero.get('stage')!r}")
-    for key in ("stage3_param_persistence_threshold", "stage3_model_persistence_threshold"):
-        alias = key.removeprefix("stage3_")
-        if alias not in zero:
-            zero.setdefault(key, 0)
-    parsed = DeepSpeedZeroConfig(**zero)
+    if not ({"stage3_param_persistence_threshold", "param_persistence_threshold"} & zero.keys()):
+        # DeepSpeed's default would keep parameters up to 1e5 elements whole on every rank
+        zero.update(stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
+    try:
+        parsed = DeepSpeedZeroConfig(**zero)
+    except pydantic.ValidationError as e:  # one line naming the key, not pydantic's page
+        first = e.errors()[0]
+        key = ".".join(["zero_optimization", *map(str, first["loc"])])
+        raise ValueError(f"DeepSpeed config {key}={first.get('input')!r}: DeepSpeed refuses it "
+                         f"({first['msg']})") from None
     problems = []
-    if parsed.param_persistence_threshold or parsed.model_persistence_threshold:
-        problems.append("stage3_param/model_persistence_threshold must be 0")
+    nvme = parsed.offload_param is not None and parsed.offload_param.device == OffloadDeviceEnum.nvme
+    if nvme and parsed.param_persistence_threshold and parsed.model_persistence_threshold:
+        problems.append("stage3_param_persistence_threshold must be 0 with offload_param.device nvme (DeepSpeed drops "
+                        "a persistent parameter's NVMe partition, which the ZO update writes)")
     if parsed.zero_hpz_partition_size > 1:
         problems.append("zero_hpz_partition_size must be 1")
     if parsed.zero_quantized_weights or parsed.zero_quantized_nontrainable_weights:
@@ -206,11 +219,13 @@ def zero3_shard(param: torch.Tensor, name: str) -> ParamShard:
     """
     if not hasattr(param, "ds_tensor"):  # added after partitioning (a PEFT adapter): the same tensor on every rank
         return whole_param_shard(param, name)
+    if param.ds_persist:
+        return _persistent_shard(param, name)
     if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
         # A gathered full copy (in a forward, a GatheredParameters block, or a persistent parameter)
         # is what the forward reads; editing the partition under it would silently be lost.
         raise RuntimeError(f"ZeRO-3 parameter {name!r} is {param.ds_status.name} (gathered): the ZO update must run "
-                           "between forwards, with persistence thresholds 0 (see load_config)")
+                           "between forwards")
     if getattr(param, "ds_secondary_tensor", None) is not None or hasattr(param.ds_tensor, "ds_quant_scale"):
         raise RuntimeError(f"ZeRO-3 parameter {name!r} has an hpZ or quantized copy that a ZO update would leave stale")
     release = None
@@ -224,6 +239,20 @@ def zero3_shard(param: torch.Tensor, name: str) -> ParamShard:
     offset, valid = _partition_span(param, name)
     flat = param.ds_tensor.data.view(-1)[:valid]
     return ParamShard(param, name, stream_id(name), flat, offset, torch.Size(param.ds_shape), release)
+
+
+def _persistent_shard(param: torch.Tensor, name: str) -> ParamShard:
+    """A parameter DeepSpeed keeps whole on every rank (``stage3_param_persistence_threshold``) trains as a
+    replicated one: its shard is the whole gathered tensor, which every rank moves alike (same seed, same
+    all-reduced losses), and its ``release`` stores the rank's part back in the partition, from which
+    DeepSpeed gathers it again after it partitions the parameter (around an FO step, or a save).
+    Gathering one that is partitioned is a collective: every rank's sweep visits the parameters in the
+    same order."""
+    if param.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+        param.all_gather(param_list=[param])
+    shard = whole_param_shard(param, name)
+    shard.release = functools.partial(zero3_store, param, name)
+    return shard
 
 
 def _partition_span(param: torch.Tensor, name: str) -> tuple[int, int]:
@@ -286,6 +315,12 @@ class Zero3Runtime(DistributedRuntime):
 
     def __init__(self, config: PathOrConfig, backend: str | None = None, timeout_s: float = 300.0) -> None:
         self.config = load_config(config)
+        accelerator = get_accelerator()
+        for section, supported in (("bf16", accelerator.is_bf16_supported), ("fp16", accelerator.is_fp16_supported)):
+            if self.config.get(section, {}).get("enabled") is True and not supported():
+                raise ValueError(f"{section}.enabled=true: DeepSpeed's {accelerator.device_name()} accelerator has no "
+                                 f"{section}; train in float32 or the other half precision (model.dtype, or "
+                                 "accelerate's mixed_precision)")
         init_distributed(backend, timeout_s=timeout_s)
         super().__init__(backend or get_accelerator().communication_backend_name(), timeout_s)
         self.hf_config = HfDeepSpeedConfig(self.config)
@@ -459,8 +494,10 @@ class Zero3Runtime(DistributedRuntime):
         copy (``own_copy=False``: the gathered tensor itself, valid only until the next is asked for);
         None elsewhere. A collective: every rank must run it to the end."""
         for name, tensor in saved_tensors(model):
-            gathered = (deepspeed.zero.GatheredParameters([tensor]) if hasattr(tensor, "ds_tensor")
-                        else contextlib.nullcontext())  # a buffer (never partitioned) or a replicated adapter
+            # not for a buffer (never partitioned), a replicated adapter, or a persistent parameter already
+            # whole (GatheredParameters would partition it on the way out, and the next sweep gather it again)
+            whole = not hasattr(tensor, "ds_tensor") or tensor.ds_status == ZeroParamStatus.AVAILABLE
+            gathered = contextlib.nullcontext() if whole else deepspeed.zero.GatheredParameters([tensor])
             with gathered:
                 yield name, tensor.data.detach().to("cpu", copy=own_copy) if self.is_main else None
 

@@ -1,7 +1,8 @@
 """The run configuration: plain dataclasses, loaded from YAML, overridden by ``section.key=value`` flags.
 
-Strict on purpose (a typo must not silently train with a default): unknown sections or keys, and
-values of the wrong type, are errors that name the key, before any model is loaded.
+Strict on purpose (a typo must not silently train with a default): unknown sections or keys, values of
+the wrong type, and a key written twice in one mapping (YAML and JSON parsers keep the last one silently)
+are errors that name the key, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 from zo_scale.models.sharded_safetensors import parse_size
+from zo_scale.strict_files import DuplicateKeyError, parse_json, parse_yaml
 
 
 class ConfigError(ValueError):
@@ -26,7 +28,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "tiny-llama"  # built-in (smollm2-135m, tiny-opt/llama/mistral), folder, hub id, or random:<arch>
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    # auto: the launcher's precision (a DeepSpeed config's enabled bf16/fp16 section, else accelerate's
+    # mixed_precision), else float32 | float32 | bfloat16 | float16
+    dtype: str = "auto"
     device: str = "auto"  # auto (this rank's GPU, cuda:$LOCAL_RANK, where CUDA is available; else cpu) | cpu | cuda[:N]
     quantization: str = "none"  # none | int8 | nf4 (bitsandbytes; with peft.method=none ZO trains the scales)
 
@@ -201,15 +205,37 @@ def apply_key(target: Any, section: str, key: str, value: Any) -> None:
     setattr(target, key, _coerce(value, hints[key], f"{section}.{key}"))
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The YAML file at ``path`` (safe types only); ConfigError naming the file for invalid YAML or a
+    key given twice in one mapping."""
+    text = Path(path).read_text(encoding="utf-8-sig")  # an editor's BOM is not part of the YAML
+    try:
+        return parse_yaml(text, str(path))
+    except DuplicateKeyError as e:
+        raise ConfigError(str(e)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON file at ``path``; ConfigError naming ``what`` (the key that named the file) and the file for
+    a missing file, invalid JSON, or a key given twice in one object."""
+    try:
+        return parse_json(Path(path).read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: no such file {path}") from None
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{what}: {path}: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what}: {path} is not valid JSON: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file (sections model/task/optim/peft/hybrid/run/dist), then
     ``section.key=value`` overrides (values parsed as YAML scalars: 1e-5, true, [0.9, 0.99])."""
     config = Config()
     if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         for section, values in raw.items():

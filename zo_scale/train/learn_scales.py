@@ -29,6 +29,7 @@ from zo_scale.train.loop import BatchOrder
 from zo_scale.train.metrics import MetricsLog, plot_metrics
 from zo_scale.train.objectives import make_objective, task_loss
 from zo_scale.train.scales_file import write_scales
+from zo_scale.train.select_runtime import resolve_model_dtype
 
 log = logging.getLogger("zo_scale")
 
@@ -53,6 +54,7 @@ def _check(cfg: Config) -> None:
 def learn_scales(cfg: Config) -> dict[str, Any]:
     """Meta-train the scales; returns a summary (the file's path, first and last meta-losses)."""
     _check(cfg)
+    resolve_model_dtype(cfg, None)
     torch.manual_seed(cfg.run.seed)
     out = Path(cfg.run.output_dir)
     target = Path(cfg.meta.output) if cfg.meta.output else out / "perturbation_scales.json"

@@ -4,18 +4,24 @@
 means ``zero3``, stage 0-2 ``replicated``; no DeepSpeed config and WORLD_SIZE > 1 (``torchrun``,
 ``accelerate launch``) ``replicated``; otherwise ``single``. The DeepSpeed config comes from
 ``dist.deepspeed_config`` (``--deepspeed`` on the command line, as the ``deepspeed`` launcher passes
-it) or, under ``accelerate launch`` with a DeepSpeed plugin, from accelerate.
+it) or, under ``accelerate launch`` with a DeepSpeed plugin, from accelerate (its config file, or the
+``deepspeed_config`` fields of its YAML).
 
-A DeepSpeed config that contradicts the run is refused before any model loads: an ``optimizer`` or
-``scheduler`` section (ZO is the optimizer; DeepSpeed's would overwrite the ZO updates with its fp32
-master copy), precision other than ``model.dtype``, batch sizes other than ``run.batch_size`` split
-over the ranks, gradient accumulation, or a ZeRO stage that contradicts ``dist.mode``.
+A DeepSpeed config the HF Trainer runs, runs here (:func:`reconcile_deepspeed_config`): what the Trainer
+owns and a ZO run has no use for (the ``optimizer`` and ``scheduler`` sections, ``gradient_clipping``,
+fp16 loss scaling, apex ``amp``, ``torch_autocast``) is set aside with one warning saying why; every
+``"auto"`` is filled per key, from the run (batch sizes, precision) or DeepSpeed's own default; what
+contradicts the run (a batch size, a precision other than ``model.dtype``, gradient accumulation, a
+ZeRO stage against ``dist.mode``) is refused, naming the key as the config writes it.
 """
 
 from __future__ import annotations
 
-import json
+import copy
+import logging
 import os
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +29,31 @@ import torch
 
 from zo_scale.backends.runtime import Runtime
 from zo_scale.models.loading import resolve_dtype
-from zo_scale.train.config import Config, ConfigError
+from zo_scale.train.config import Config, ConfigError, read_json
+
+log = logging.getLogger("zo_scale")
 
 MODES = ("auto", "single", "replicated", "zero3")
 DTYPE_SECTIONS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}  # accelerate's --mixed_precision
+
+# Set aside, with why: keys the HF Trainer fills from its own arguments that mean nothing in a ZO run.
+OPTIMIZER_OWNED = "ZO is the optimizer (optim.*, and hybrid.* for the backprop blocks)"
+SET_ASIDE = {
+    "optimizer": f"{OPTIMIZER_OWNED}; DeepSpeed's would keep an fp32 master copy and write it over the ZO updates",
+    "scheduler": "the lr schedule is optim.schedule and optim.warmup_steps",
+    "gradient_clipping": "a ZO step has no gradient to clip (and zo-scale clips no backprop gradient)",
+    "amp": "apex mixed precision: the weights train in model.dtype",
+    "torch_autocast": "the forward runs in model.dtype, without autocast",
+}
+# fp16's dynamic loss scaling keeps small gradients alive in a backward pass; pure ZO runs none, and a
+# hybrid run's backward under DeepSpeed then scales with DeepSpeed's defaults.
+LOSS_SCALING = ("loss_scale", "loss_scale_window", "initial_scale_power", "hysteresis", "consecutive_hysteresis",
+                "min_loss_scale", "auto_cast")
+# "auto" values the run decides: persistence 0 keeps every parameter partitioned (DeepSpeed's default
+# would hold the small ones whole on every rank).
+RUN_CHOSEN = {"zero_optimization.stage3_param_persistence_threshold": 0,
+              "zero_optimization.stage3_model_persistence_threshold": 0}
 
 
 def world_size() -> int:
@@ -34,81 +61,193 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the launcher's job (or no launcher): the process that prints one copy of a message."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def under_accelerate_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def accelerate_deepspeed_config(cfg: Config) -> dict[str, Any]:
-    """The DeepSpeed config of ``accelerate launch`` (its config file or its deepspeed_config fields).
-
-    Builds the ``Accelerator``, which brings up the process group: with the ``gloo`` backend on CPU
-    (accelerate would otherwise ask DeepSpeed for its CPU default, which needs oneCCL).
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    from zo_scale.backends.replicated import default_backend
-    from zo_scale.backends.zero3 import skip_shm_op_build
-
-    skip_shm_op_build()
-    backend = cfg.dist.backend or default_backend()
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        raise ConfigError("ACCELERATE_USE_DEEPSPEED is set but accelerate has no DeepSpeed plugin")
-    return dict(plugin.deepspeed_config)
+def accelerate_mixed_precision() -> str | None:
+    """``mixed_precision`` of the ``accelerate launch`` config (None without accelerate)."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION")
 
 
-def read_deepspeed_config(path: str | Path) -> dict[str, Any]:
-    try:
-        config = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"dist.deepspeed_config: no such file {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"dist.deepspeed_config: {path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"dist.deepspeed_config: {path} must hold a JSON object")
+def accelerate_deepspeed_config() -> dict[str, Any]:
+    """The DeepSpeed config of ``accelerate launch``: its ``deepspeed_config_file``, read as it is, or the
+    config accelerate builds from the ``deepspeed_config`` fields of its YAML (its plugin reads them from
+    the launcher's environment). Nothing is filled from the training script here: the precision accelerate
+    would set from ``mixed_precision`` is ``model.dtype``'s to decide (:func:`resolve_model_dtype`, also with
+    a config file, where accelerate would refuse ``mixed_precision``), and the "auto" values are
+    :func:`reconcile_deepspeed_config`'s."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path != "none":
+        return read_deepspeed_config(path, "accelerate's deepspeed_config_file")
+    from accelerate.utils import DeepSpeedPlugin
+
+    config = dict(DeepSpeedPlugin().deepspeed_config)
+    del config["steps_per_print"]  # accelerate's way of silencing DeepSpeed (infinity): not JSON
+    if "ACCELERATE_GRADIENT_CLIPPING" not in os.environ:
+        config.pop("gradient_clipping", None)  # accelerate's placeholder "auto", not a key the user wrote
     return config
 
 
-def check_deepspeed_config(ds: dict[str, Any], cfg: Config, world: int) -> tuple[str, dict[str, Any]]:
-    """The runtime's name and ``ds`` reconciled with the run: its sections' shapes checked first, so that
-    a misshapen config is a ConfigError naming the section, not an error from inside the checks."""
+def read_deepspeed_config(path: str | Path, what: str = "dist.deepspeed_config") -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path``, read strictly (:func:`~zo_scale.train.config.read_json`); errors name
+    ``what``, the setting that gave the path."""
+    config = read_json(path, what)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{what}: {path} must hold a JSON object")
+    return config
+
+
+@dataclass
+class DeepSpeedSettings:
+    """A DeepSpeed config reconciled with the run: ``config`` is what DeepSpeed gets; ``set_aside`` the keys
+    taken out (as the config wrote them) and why; ``filled`` each "auto" key and the value it became."""
+
+    config: dict[str, Any]
+    set_aside: dict[str, str] = field(default_factory=dict)
+    filled: dict[str, Any] = field(default_factory=dict)
+
+    def warn(self) -> None:
+        """One warning for what was set aside, one info line for what "auto" became (rank 0 only)."""
+        if not is_main_process():
+            return
+        if self.set_aside:
+            reasons = "; ".join(f"{key} ({why})" for key, why in self.set_aside.items())
+            log.warning("DeepSpeed config: set aside %s", reasons)
+        if self.filled:
+            log.info("DeepSpeed config: 'auto' filled as %s", ", ".join(f"{k}={v}" for k, v in self.filled.items()))
+
+
+def check_deepspeed_config(ds: dict[str, Any], cfg: Config, world: int) -> tuple[str, DeepSpeedSettings]:
+    """The runtime's name and ``ds`` reconciled with the run (``model.dtype=auto`` resolved first, see
+    :func:`resolve_model_dtype`): its sections' shapes checked first, so that a misshapen config is a
+    ConfigError naming the section, not an error from inside the checks."""
+    if "bfloat16" in ds and "bf16" not in ds:  # DeepSpeed's older name of the section
+        ds = {("bf16" if k == "bfloat16" else k): v for k, v in ds.items()}
     for section in ("zero_optimization", *DTYPE_SECTIONS.values()):
         if section in ds and not isinstance(ds[section], dict):
-            raise ConfigError(f"DeepSpeed config: {section} must be a JSON object, got {json.dumps(ds[section])}")
+            raise ConfigError(f"DeepSpeed config: {section} must be a JSON object, got {ds[section]!r}")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if not isinstance(stage, int) or isinstance(stage, bool):
         raise ConfigError(f"DeepSpeed config: zero_optimization.stage must be an integer (0-3), got {stage!r}")
+    resolve_model_dtype(cfg, ds)
     return resolve_mode(cfg, ds, world), reconcile_deepspeed_config(ds, cfg, world)
 
 
-def reconcile_deepspeed_config(ds: dict[str, Any], cfg: Config, world: int) -> dict[str, Any]:
-    """``ds`` checked against the run config, with accelerate's "auto" values filled in; a new dict."""
-    ds = json.loads(json.dumps(ds))
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ConfigError(f"DeepSpeed config has a {section!r} section: ZO runs without a DeepSpeed {section} "
-                              "(its fp32 master copy would overwrite the ZO updates); remove it, set optim.*")
+def resolve_model_dtype(cfg: Config, ds: dict[str, Any] | None) -> None:
+    """Set ``model.dtype=auto`` to the precision the launcher asks for: a DeepSpeed config's section
+    ``bf16`` or ``fp16`` with ``enabled: true``, else ``accelerate launch``'s ``mixed_precision``, else
+    float32. An explicit ``model.dtype`` is kept; accelerate's ``mixed_precision`` (autocast over fp32
+    weights in a Trainer script) then only earns a warning, as zo-scale has no autocast. A DeepSpeed
+    precision that contradicts an explicit dtype is refused later, by :func:`reconcile_deepspeed_config`."""
+    mixed = accelerate_mixed_precision()
+    if mixed is not None and mixed not in MIXED_PRECISION:
+        raise ConfigError(f"accelerate's mixed_precision={mixed}: zo-scale trains the weights in float32, bfloat16 or "
+                          f"float16; set mixed_precision to one of {sorted(MIXED_PRECISION)} or model.dtype")
+    if cfg.model.dtype != "auto":
+        if mixed is not None and resolve_dtype(MIXED_PRECISION[mixed]) != resolve_dtype(cfg.model.dtype):
+            if is_main_process():
+                log.warning("accelerate's mixed_precision=%s set aside: model.dtype=%s was given, and zo-scale trains "
+                            "the weights in model.dtype (no autocast)", mixed, cfg.model.dtype)
+        return
+    enabled = [s for s in DTYPE_SECTIONS.values() if ds is not None and (ds.get(s) or {}).get("enabled") is True]
+    if len(enabled) > 1:
+        raise ConfigError("DeepSpeed config: bf16.enabled and fp16.enabled are both true; enable one of them")
+    if enabled and mixed not in (None, "no", enabled[0]):
+        raise ConfigError(f"DeepSpeed config {enabled[0]}.enabled=true contradicts accelerate's mixed_precision="
+                          f"{mixed}; make them agree (or set model.dtype)")
+    cfg.model.dtype = {"bf16": "bfloat16", "fp16": "float16"}[enabled[0]] if enabled else MIXED_PRECISION[mixed or "no"]
+
+
+def reconcile_deepspeed_config(ds: dict[str, Any], cfg: Config, world: int) -> DeepSpeedSettings:
+    """``ds`` checked against the run config (``model.dtype`` resolved), with what a ZO run has no use for set
+    aside and every "auto" filled; ``ds`` itself is left alone."""
+    out = DeepSpeedSettings(copy.deepcopy(ds))
+    ds = out.config
+    for key, why in SET_ASIDE.items():
+        if key in ds:
+            if not (key == "gradient_clipping" and ds[key] == 0):  # no clipping: what a ZO run does anyway
+                out.set_aside[key] = why
+            del ds[key]
+    scaling = [k for k in LOSS_SCALING if k in (ds.get("fp16") or {})]
+    for key in scaling:
+        del ds["fp16"][key]
+    if scaling:
+        out.set_aside[", ".join(f"fp16.{k}" for k in scaling)] = "loss scaling is for a backward pass; ZO runs forwards"
+
     expected = {"train_batch_size": cfg.run.batch_size, "train_micro_batch_size_per_gpu": cfg.run.batch_size // world,
                 "gradient_accumulation_steps": 1}
     for key, value in expected.items():
         if ds.get(key, "auto") == "auto":
+            if ds.get(key) == "auto":
+                out.filled[key] = value
             ds[key] = value
         elif ds[key] != value:
-            raise ConfigError(f"DeepSpeed config {key}={ds[key]} contradicts the run: run.batch_size="
-                              f"{cfg.run.batch_size} over {world} ranks means {key}={value}")
+            why = ("zo-scale evaluates each rank's rows of run.batch_size in one forward a point"
+                   if key == "gradient_accumulation_steps" else
+                   f"run.batch_size={cfg.run.batch_size} over {world} rank(s) means {key}={value}")
+            raise ConfigError(f"DeepSpeed config {key}={ds[key]} contradicts the run: {why}; set {key} to "
+                              f"{value} or \"auto\" (or run.batch_size)")
     model_dtype = resolve_dtype(cfg.model.dtype)
     for dtype, section in DTYPE_SECTIONS.items():
-        enabled = ds.get(section, {}).get("enabled", False)
+        enabled = ds.setdefault(section, {}).get("enabled", "auto")  # not given: as model.dtype says
         if enabled == "auto":
             ds[section]["enabled"] = enabled = model_dtype == dtype
+            out.filled[f"{section}.enabled"] = enabled
         if enabled != (model_dtype == dtype):
-            raise ConfigError(f"DeepSpeed config {section}.enabled={enabled} contradicts model.dtype={cfg.model.dtype}")
-    if "auto" in json.dumps(ds):
-        raise ConfigError("DeepSpeed config: some values are still 'auto' after filling the batch sizes and precision; "
-                          "set them explicitly")
-    return ds
+            raise ConfigError(f"DeepSpeed config {section}.enabled={enabled} contradicts model.dtype="
+                              f"{cfg.model.dtype}; set {section}.enabled to \"auto\" (or model.dtype to match)")
+    for path, parent, key in _auto_leaves(ds):
+        parent[key] = out.filled[path] = _auto_value(path)
+    return out
+
+
+def _auto_leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, dict[str, Any], str]]:
+    """(dotted path, parent mapping, key) of every value that is exactly "auto"."""
+    leaves = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            leaves += _auto_leaves(value, f"{prefix}{key}.")
+        elif value == "auto":
+            leaves.append((f"{prefix}{key}", tree, key))
+    return leaves
+
+
+def _auto_value(path: str) -> Any:
+    """What "auto" becomes at ``path`` (the run's choice, else DeepSpeed's own default); ConfigError for a key
+    nothing fills."""
+    if path in RUN_CHOSEN:
+        return RUN_CHOSEN[path]
+    section, _, rest = path.partition(".")
+    if section == "zero_optimization":
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        default = _model_default(DeepSpeedZeroConfig, rest.split("."))
+        if default is not None:
+            return default
+    raise ConfigError(f"DeepSpeed config: {path} is \"auto\", which neither the run nor DeepSpeed's defaults fill; "
+                      "set a value")
+
+
+def _model_default(model: Any, keys: list[str]) -> bool | int | float | None:
+    """The default of the field at ``keys`` in DeepSpeed's pydantic config ``model`` (by name or alias,
+    through nested config models, as ``zero_optimization.offload_param.buffer_size``); None if there is
+    no plain default."""
+    for name, spec in model.model_fields.items():
+        if keys[0] not in (name, spec.alias):
+            continue
+        if len(keys) == 1:
+            value = spec.default
+            return value if isinstance(value, bool) else int(value) if isinstance(value, int) else \
+                float(value) if isinstance(value, float) else None
+        nested = [t for t in (*typing.get_args(spec.annotation), spec.annotation) if hasattr(t, "model_fields")]
+        return _model_default(nested[0], keys[1:]) if nested else None
+    return None
 
 
 def resolve_mode(cfg: Config, ds: dict[str, Any] | None, world: int) -> str:
@@ -149,20 +288,32 @@ def resolve_device(name: str) -> str:
 
 
 def make_runtime(cfg: Config) -> Runtime:
-    """The runtime the config and the launcher ask for, with its process group up (if any)."""
+    """The runtime the config and the launcher ask for, with its process group up (if any); ``model.dtype``
+    resolved. The DeepSpeed config it ran with (after :func:`reconcile_deepspeed_config`) is the runtime's
+    ``deepspeed_config``."""
     world = world_size()
     if cfg.dist.deepspeed_config is not None:
         ds = read_deepspeed_config(cfg.dist.deepspeed_config)
     elif under_accelerate_deepspeed():
-        ds = accelerate_deepspeed_config(cfg)
+        ds = accelerate_deepspeed_config()
     else:
         ds = None
     if cfg.run.batch_size % world:
         raise ConfigError(f"run.batch_size={cfg.run.batch_size} does not split evenly over {world} ranks")
+    settings = None
     if ds is None:
+        resolve_model_dtype(cfg, None)
         mode = resolve_mode(cfg, ds, world)
     else:
-        mode, ds = check_deepspeed_config(ds, cfg, world)
+        mode, settings = check_deepspeed_config(ds, cfg, world)
+        settings.warn()
+    runtime = _start_runtime(cfg, mode, None if settings is None else settings.config)
+    if settings is not None:  # under ZeRO-3, as its backend completed it (zero3.load_config)
+        runtime.deepspeed_config = getattr(runtime, "config", settings.config)
+    return runtime
+
+
+def _start_runtime(cfg: Config, mode: str, ds: dict[str, Any] | None) -> Runtime:
     if mode == "single":
         return Runtime()
     if cfg.dist.timeout_s <= 0:
@@ -174,6 +325,6 @@ def make_runtime(cfg: Config) -> Runtime:
     from zo_scale.backends.zero3 import Zero3Runtime  # imports DeepSpeed
 
     try:
-        return Zero3Runtime(ds, cfg.dist.backend, cfg.dist.timeout_s)
+        return Zero3Runtime(ds or {}, cfg.dist.backend, cfg.dist.timeout_s)
     except ValueError as e:  # load_config's checks of the ZeRO section
         raise ConfigError(str(e)) from None
