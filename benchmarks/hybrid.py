@@ -27,7 +27,7 @@ are (``lazy=True``): the update lands in the FO pass's forward, with no pass of 
 ``--threads 1`` on a shared machine: a ZO sweep is thousands of small ops (64K-element noise chunks),
 each an OpenMP parallel region; with 2 threads on 2 cores and another process busy, every region
 waits for a descheduled thread. Measured here under such load: 3 sweeps over OPT-125m took 9-27 s
-with 2 threads and 1.15 s with 1 (1.8 s with 2 threads on a quiet machine, see README). Forwards
+with 2 threads and 1.15 s with 1 (1.8 s with 2 threads on a quiet machine, see docs/benchmarks.md). Forwards
 (a few large GEMMs) suffer far less, so 2-thread ratios on a busy machine overstate the ZO cost.
 
 Run (about 10-11 minutes on 2 quiet cores):

@@ -10,7 +10,7 @@ Every method gets the same number of forwards over training batches (``--forward
 k forwards a step gets forwards // k steps (central ZO: 2; FZOO with N perturbations: N + 1; HiZOO: 3; the
 unbiased estimator: 5 on average, the forwards it took recorded; first-order AdamW: counted as 3, a forward
 and a backward of about two). Each method runs at every lr of its grid
-(``--lrs``: the first n values listed below); the table keeps every run, the README the best per method.
+(``--lrs``: the first n values listed below); the table keeps every run, docs/benchmarks.md the best per method.
 Zero-shot is measured in every run (the same number each time: the same model and eval set).
 
     python benchmarks/quality_table.py --forwards 2000 --lrs 2           # the table (a GPU: minutes)

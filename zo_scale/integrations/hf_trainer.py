@@ -27,7 +27,7 @@ Refused, by name: gradient accumulation (a ZO step estimates from the losses of 
 ``per_device_train_batch_size`` gives what accumulation would), ``fp16=True`` (its gradient scaler
 needs gradients; use ``bf16=True`` or a float16 model), ``TrainingArguments(deepspeed=...)``
 (DeepSpeed's engine owns the backward and the step: ZeRO-3 ZO runs through ``deepspeed launch/train.py``,
-see the README) and the optim keys Trainer owns (``lr``, ``weight_decay``, ``schedule``, ``warmup_steps``).
+see docs/trainer.md) and the optim keys Trainer owns (``lr``, ``weight_decay``, ``schedule``, ``warmup_steps``).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class ZOTrainer(transformers.Trainer):
             "fp16=True: its gradient scaler needs gradients, a ZO step has none; use bf16=True or load the "
             "model in float16": args_.fp16,
             "deepspeed=...: DeepSpeed's engine owns the backward and the optimizer step; ZeRO-3 ZO runs "
-            "through `deepspeed launch/train.py` (README: Scale out)": bool(args_.deepspeed),
+            "through `deepspeed launch/train.py` (docs/scale-out.md)": bool(args_.deepspeed),
         }
         for problem, applies in problems.items():
             if applies:
