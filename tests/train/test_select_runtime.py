@@ -139,3 +139,11 @@ def test_bad_devices_are_config_errors(monkeypatch, device, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=message):
         resolve_device(device)
+
+
+@pytest.mark.parametrize(("mixed", "warned"), [("no", False), ("bf16", False), ("fp16", True), ("fp8", True)])
+def test_accelerates_mixed_precision_against_an_explicit_dtype(monkeypatch, caplog, mixed, warned):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", mixed)  # 'no' is accelerate's default: nothing to say
+    cfg = load_config(None, ["model.dtype=bfloat16"])
+    resolve_model_dtype(cfg, None)
+    assert cfg.model.dtype == "bfloat16" and ("set aside" in caplog.text) == warned

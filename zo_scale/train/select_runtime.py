@@ -146,15 +146,16 @@ def resolve_model_dtype(cfg: Config, ds: dict[str, Any] | None) -> None:
     weights in a Trainer script) then only earns a warning, as zo-scale has no autocast. A DeepSpeed
     precision that contradicts an explicit dtype is refused later, by :func:`reconcile_deepspeed_config`."""
     mixed = accelerate_mixed_precision()
-    if mixed is not None and mixed not in MIXED_PRECISION:
-        raise ConfigError(f"accelerate's mixed_precision={mixed}: zo-scale trains the weights in float32, bfloat16 or "
-                          f"float16; set mixed_precision to one of {sorted(MIXED_PRECISION)} or model.dtype")
     if cfg.model.dtype != "auto":
-        if mixed is not None and resolve_dtype(MIXED_PRECISION[mixed]) != resolve_dtype(cfg.model.dtype):
+        asked = MIXED_PRECISION.get(mixed or "no")  # 'no' is accelerate's default: no request to set aside
+        if mixed not in (None, "no") and (asked is None or resolve_dtype(asked) != resolve_dtype(cfg.model.dtype)):
             if is_main_process():
                 log.warning("accelerate's mixed_precision=%s set aside: model.dtype=%s was given, and zo-scale trains "
                             "the weights in model.dtype (no autocast)", mixed, cfg.model.dtype)
         return
+    if mixed is not None and mixed not in MIXED_PRECISION:
+        raise ConfigError(f"accelerate's mixed_precision={mixed}: zo-scale trains the weights in float32, bfloat16 or "
+                          f"float16; set mixed_precision to one of {sorted(MIXED_PRECISION)} or model.dtype")
     enabled = [s for s in DTYPE_SECTIONS.values() if ds is not None and (ds.get(s) or {}).get("enabled") is True]
     if len(enabled) > 1:
         raise ConfigError("DeepSpeed config: bf16.enabled and fp16.enabled are both true; enable one of them")
