@@ -222,8 +222,8 @@ def zero3_shard(param: torch.Tensor, name: str) -> ParamShard:
     if param.ds_persist:
         return _persistent_shard(param, name)
     if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
-        # A gathered full copy (in a forward, a GatheredParameters block, or a persistent parameter)
-        # is what the forward reads; editing the partition under it would silently be lost.
+        # A gathered full copy (in a forward, or a GatheredParameters block) is what the forward reads;
+        # editing the partition under it would silently be lost.
         raise RuntimeError(f"ZeRO-3 parameter {name!r} is {param.ds_status.name} (gathered): the ZO update must run "
                            "between forwards")
     if getattr(param, "ds_secondary_tensor", None) is not None or hasattr(param.ds_tensor, "ds_quant_scale"):

@@ -38,6 +38,7 @@ from zo_scale.train.learn_scales import learn_scales
 from zo_scale.train.loop import TrainingError, train
 from zo_scale.train.mezo_flags import describe, mezo_overrides
 from zo_scale.train.seedlog import replay
+from zo_scale.train.select_runtime import is_main_process
 
 DEMO_CONFIG = resources.files("zo_scale") / "configs" / "demo.yaml"
 # ImportError: an optional extra the config asks for is missing (the message names the pip command)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         _report_error(e)
         return 2
     if summary["world_size"] > 1:
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_process():
             _report(summary)
         # The run is saved and the process group closed. A finished ZeRO-3 rank has been seen to abort
         # in interpreter teardown ('terminate called without an active exception': a C++ thread object

@@ -242,10 +242,11 @@ def _model_default(model: Any, keys: list[str]) -> bool | int | float | None:
     for name, spec in model.model_fields.items():
         if keys[0] not in (name, spec.alias):
             continue
-        if len(keys) == 1:
+        if len(keys) == 1:  # DeepSpeed's defaults are bools, or int / float subclasses that print with commas
             value = spec.default
-            return value if isinstance(value, bool) else int(value) if isinstance(value, int) else \
-                float(value) if isinstance(value, float) else None
+            if isinstance(value, bool):
+                return value
+            return int(value) if isinstance(value, int) else float(value) if isinstance(value, float) else None
         nested = [t for t in (*typing.get_args(spec.annotation), spec.annotation) if hasattr(t, "model_fields")]
         return _model_default(nested[0], keys[1:]) if nested else None
     return None
