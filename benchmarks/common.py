@@ -122,10 +122,11 @@ SYNC_OPS = ("aten::_local_scalar_dense",)  # what .item(), float(), int(), tolis
 def counting_zo_bytes() -> Iterator[dict[str, int]]:
     """Counts the bytes each ZO pass reads and writes (sweep_shard and perturbed_copies both run
     ``sweep._pass``): the shard (read; written unless the pass only makes copies), the rule's buffers and
-    master copy (read and written when it updates or uses them), each copy written."""
+    master copy (read and written when it updates or uses them), each copy written; a flat bucket's sweep
+    (``flat_buckets.bucket_pass``) the same over the elements it covers, padding included."""
     import torch
 
-    from zo_scale.core import sweep
+    from zo_scale.core import flat_buckets, sweep
 
     tally = {"read": 0, "written": 0}
     inner = sweep._pass
@@ -145,27 +146,49 @@ def counting_zo_bytes() -> Iterator[dict[str, int]]:
             tally["written"] += size
         return moved, outs
 
-    sweep._pass = counted
+    inner_bucket = flat_buckets.bucket_pass
+
+    def counted_bucket(bucket, start, stop, before=(), update=None, after=(), copies=(), kernel_mode=None):
+        outs = inner_bucket(bucket, start, stop, before, update, after, copies, kernel_mode)
+        if outs is not None:
+            size = (stop - start) * bucket.flat.element_size()
+            tally["read"] += size
+            tally["written"] += sum(size for out in outs if out is not None)
+            if before or after or update is not None:
+                tally["written"] += size
+        return outs
+
+    sweep._pass, flat_buckets.bucket_pass = counted, counted_bucket
     try:
         yield tally
     finally:
-        sweep._pass = inner
+        sweep._pass, flat_buckets.bucket_pass = inner, inner_bucket
 
 
-def work_per_step(run: Callable[[], object], model_bytes: int) -> dict[str, Any]:
+CUDA_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")  # the runtime/driver calls that launch
+
+
+def work_per_step(run: Callable[[], object], model_bytes: int, cuda: bool = False) -> dict[str, Any]:
     """One call of ``run`` under the torch profiler and :func:`counting_zo_bytes`: aten ops (on a GPU each op
     on a device tensor is a kernel launch), host reads, calls of the compiled ZO kernel, and the bytes the
-    ZO passes read and write, also over ``model_bytes``."""
+    ZO passes read and write, also over ``model_bytes``. ``cuda``: also trace CUDA (its launch calls are
+    only recorded then) and count ``cuda_kernel_launches``; the device is synchronized before the trace ends."""
     import torch.profiler
 
-    with counting_zo_bytes() as tally, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with counting_zo_bytes() as tally, torch.profiler.profile(activities=activities) as prof:
         run()
+        if cuda:
+            torch.cuda.synchronize()
     events = prof.key_averages()
-    return {"aten_ops": sum(e.count for e in events if e.key.startswith("aten::")),
-            "host_reads": sum(e.count for e in events if e.key in SYNC_OPS),
-            "zo_kernel_calls": sum(e.count for e in events if e.key.startswith("## Call CompiledFxGraph")),
-            "zo_bytes_read": tally["read"], "zo_bytes_written": tally["written"],
-            "zo_bytes_per_model_bytes": (tally["read"] + tally["written"]) / model_bytes}
+    out = {"aten_ops": sum(e.count for e in events if e.key.startswith("aten::")),
+           "host_reads": sum(e.count for e in events if e.key in SYNC_OPS),
+           "zo_kernel_calls": sum(e.count for e in events if e.key.startswith("## Call CompiledFxGraph")),
+           "zo_bytes_read": tally["read"], "zo_bytes_written": tally["written"],
+           "zo_bytes_per_model_bytes": (tally["read"] + tally["written"]) / model_bytes}
+    if cuda:
+        out["cuda_kernel_launches"] = sum(e.count for e in events if e.key in CUDA_LAUNCHES)
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -10,6 +10,9 @@ warmup; the variants are timed round-robin, each on its own copy of the model):
                          library's defaults (kernel 'auto': one compiled kernel per shard of >= 64K elements)
     (b') ZO eager, eager kernel  the same with kernel="eager": the chunked tensor-op reference sweep
     (c) ZO lazy          the same as (b) with lazy=True; the warmup step makes the timed ones steady state
+    (c') ZO lazy, buckets  the same with kernel="compiled": parameters in flat buckets, one sweep kernel call per
+                         bucket instead of one per tensor (zo_scale.core.flat_buckets; a GPU's 'auto' does this,
+                         a CPU's 'auto' keeps the per-tensor sweep)
     (d) ZO lazy rad.     ZOOptimizer(..., sampler=DenseSampler("rademacher"), lazy=True)
     (e) MeZO reference   the published MeZO step (mezo_reference.py): 4 passes over the named parameters
                          (+eps z, -2 eps z, +eps z, update), each regenerating z with torch.normal from a
@@ -22,8 +25,10 @@ warmup; the variants are timed round-robin, each on its own copy of the model):
 The warmup step also compiles the sweep kernels. Each is reported as a ratio to (a): 1.0 would mean
 the parameter passes cost nothing. A ZO step
 does the same 2 forwards plus passes over the 125M parameters (eager: 3, lazy: 2, MeZO: 4), so
-ratio - 1 is the price of the perturb / restore / update passes. ``--profile`` adds a cProfile of
-one eager step (top functions by own time) to the JSON.
+ratio - 1 is the price of the perturb / restore / update passes. ``sweep_work_per_step``: the work of one
+more step of each in-place variant minus that of two forwards of the same closure under torch.no_grad
+(the step's own forwards): aten ops (each a kernel launch on a GPU), compiled sweep calls, host reads.
+``--profile`` adds a cProfile of one eager step (top functions by own time) to the JSON.
 
 Run (2-core CPU: a forward at 16 x 128 takes about 5 s in fp32, so the full run takes
 about 5 min in fp32 and 3 min in bf16 with 5 repeats):
@@ -99,7 +104,7 @@ def new_copy() -> torch.nn.Module:
     return copy.deepcopy(model)
 
 
-m_eager, m_ref, m_lazy, m_rad, m_mezo, m_fwd = (new_copy() for _ in range(6))
+m_eager, m_ref, m_lazy, m_buckets, m_rad, m_mezo, m_fwd = (new_copy() for _ in range(7))
 opt_f = zo_scale.ZOSGD(m_fwd.named_parameters(), lr=LR, eps=EPS, perturb="in_forward", model=m_fwd, lazy=True)
 variants: dict[str, Callable[[], None]] = {
     "(a) 2 forwards": two_forwards(model),
@@ -107,6 +112,8 @@ variants: dict[str, Callable[[], None]] = {
     "(b') ZO eager, eager kernel": optimizer_step(m_ref, zo_scale.ZOSGD(m_ref.named_parameters(), lr=LR, eps=EPS,
                                                                         kernel="eager")),
     "(c) ZO lazy": optimizer_step(m_lazy, zo_scale.ZOSGD(m_lazy.named_parameters(), lr=LR, eps=EPS, lazy=True)),
+    "(c') ZO lazy, buckets": optimizer_step(m_buckets, zo_scale.ZOSGD(m_buckets.named_parameters(), lr=LR, eps=EPS,
+                                                                      lazy=True, kernel="compiled")),
     "(d) ZO lazy rademacher": optimizer_step(m_rad, zo_scale.ZOOptimizer(
         m_rad.named_parameters(), lr=LR, eps=EPS, sampler=zo_scale.DenseSampler("rademacher"), lazy=True)),
     "(e) MeZO reference": optimizer_step(m_mezo, MeZOReference(m_mezo, LR, EPS)),
@@ -114,6 +121,7 @@ variants: dict[str, Callable[[], None]] = {
 }
 # (f): one pass that lands the last update and writes 2 perturbed copies (read theta, write theta and 2 copies)
 passes = {"(a) 2 forwards": 0, "(b) ZO eager": 3, "(b') ZO eager, eager kernel": 3, "(c) ZO lazy": 2,
+          "(c') ZO lazy, buckets": 2,
           "(d) ZO lazy rademacher": 2, "(e) MeZO reference": 4, "(f) ZO in_forward": 1}
 
 # -----------------------------------------------------------------------------
@@ -145,6 +153,21 @@ for label, run in variants.items():
     print(f"{label:24s} {w['aten_ops']:6d} aten ops, {w['zo_kernel_calls']:4d} compiled ZO kernel calls, "
           f"{w['host_reads']:4d} host reads; its ZO passes move {w['zo_bytes_per_model_bytes']:.2f}x the model's bytes")
 
+
+def two_forwards_no_grad() -> None:  # what an in-place step's own forwards cost, to subtract
+    with torch.no_grad():
+        lm_loss(m_lazy)
+        lm_loss(m_lazy)
+
+
+forwards_work = common.work_per_step(two_forwards_no_grad, model_bytes)
+for label in variants:
+    if label.startswith(("(b", "(c", "(d")):
+        w = results[label]["work_per_step"]
+        results[label]["sweep_work_per_step"] = {key: w[key] - forwards_work[key]
+                                                 for key in ("aten_ops", "zo_kernel_calls", "host_reads")}
+        print(f"{label:24s} sweeps: {results[label]['sweep_work_per_step']}")
+
 profile: list[dict[str, object]] = []
 if args.profile:  # one eager ZO step (the model has had its warmup), top functions by own time
     profiler = cProfile.Profile()
@@ -170,7 +193,8 @@ settings = {
     "repeats": args.repeats,
     "timing": "round-robin over the variants, median of repeats, each variant on its own model copy",
     "noise_chunk_elements": noise.CHUNK,
-    "sweep_kernel": {label: ("eager" if "eager kernel" in label else "auto") for label in variants
+    "sweep_kernel": {label: ("eager" if "eager kernel" in label else "compiled" if "buckets" in label else "auto")
+                     for label in variants
                      if label.startswith(("(b", "(c", "(d", "(f"))},
     "quick": args.quick,
 }

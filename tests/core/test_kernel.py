@@ -19,24 +19,25 @@ def model_and_loss(dtype):
     return model, (lambda m: (m(x) - y).float().pow(2).mean())
 
 
-OPTIMIZERS = {
-    "sgd": lambda p, k: zo_scale.ZOSGD(p, lr=1e-2, kernel=k),
-    "sgd-q3-wd-lazy": lambda p, k: zo_scale.ZOSGD(p, lr=1e-2, queries=3, weight_decay=0.1, lazy=True, kernel=k),
-    "momentum": lambda p, k: zo_scale.ZOSGD(p, lr=1e-2, momentum=0.9, kernel=k),
-    "sign": lambda p, k: zo_scale.ZOSignSGD(p, lr=1e-3, kernel=k),
-    "adam-wd": lambda p, k: zo_scale.ZOAdam(p, lr=1e-3, weight_decay=0.01, kernel=k),
-    "rademacher-forward": lambda p, k: ZOOptimizer(p, lr=1e-2, estimator="forward", queries=2, kernel=k,
+OPTIMIZERS = {  # the per-tensor kernel (flat=False): flat buckets have their own tests (test_flat_buckets.py)
+    "sgd": lambda p, k: zo_scale.ZOSGD(p, lr=1e-2, kernel=k, flat=False),
+    "sgd-q3-wd-lazy": lambda p, k: zo_scale.ZOSGD(p, lr=1e-2, queries=3, weight_decay=0.1, lazy=True, kernel=k,
+                                                  flat=False),
+    "momentum": lambda p, k: zo_scale.ZOSGD(p, lr=1e-2, momentum=0.9, kernel=k, flat=False),
+    "sign": lambda p, k: zo_scale.ZOSignSGD(p, lr=1e-3, kernel=k, flat=False),
+    "adam-wd": lambda p, k: zo_scale.ZOAdam(p, lr=1e-3, weight_decay=0.01, kernel=k, flat=False),
+    "rademacher-forward": lambda p, k: ZOOptimizer(p, lr=1e-2, estimator="forward", queries=2, kernel=k, flat=False,
                                                    sampler=zo_scale.DenseSampler("rademacher")),
-    "conservative": lambda p, k: zo_scale.ZOConservative(p, lr=1e-2, kernel=k),
-    "block": lambda p, k: zo_scale.BlockZO(p, lr=1e-2, queries=2, kernel=k),
-    "lozo-m": lambda p, k: zo_scale.LOZOM(p, lr=1e-3, rank=2, nu=2, kernel=k),
-    "lozo-lazy": lambda p, k: zo_scale.LOZO(p, lr=1e-2, rank=3, nu=2, lazy=True, kernel=k),
-    "sparse": lambda p, k: zo_scale.SparseZO(p, lr=1e-2, sparsity=0.5, kernel=k),
-    "master-adam": lambda p, k: zo_scale.ZOAdam(p, lr=1e-3, master_weights=True, lazy=True, kernel=k),
-    "hizoo": lambda p, k: zo_scale.HiZOO(p, lr=1e-3, alpha=0.1, kernel=k),  # H^-1/2 z generated in the kernel
-    "ardd": lambda p, k: zo_scale.ARDD(p, lr=1e-2, dimension=8, kernel=k),
+    "conservative": lambda p, k: zo_scale.ZOConservative(p, lr=1e-2, kernel=k, flat=False),
+    "block": lambda p, k: zo_scale.BlockZO(p, lr=1e-2, queries=2, kernel=k, flat=False),
+    "lozo-m": lambda p, k: zo_scale.LOZOM(p, lr=1e-3, rank=2, nu=2, kernel=k, flat=False),
+    "lozo-lazy": lambda p, k: zo_scale.LOZO(p, lr=1e-2, rank=3, nu=2, lazy=True, kernel=k, flat=False),
+    "sparse": lambda p, k: zo_scale.SparseZO(p, lr=1e-2, sparsity=0.5, kernel=k, flat=False),
+    "master-adam": lambda p, k: zo_scale.ZOAdam(p, lr=1e-3, master_weights=True, lazy=True, kernel=k, flat=False),
+    "hizoo": lambda p, k: zo_scale.HiZOO(p, lr=1e-3, alpha=0.1, kernel=k, flat=False),  # H^-1/2 z made in the kernel
+    "ardd": lambda p, k: zo_scale.ARDD(p, lr=1e-2, dimension=8, kernel=k, flat=False),
     "zo-fine-tuner": lambda p, k: zo_scale.ZOFineTuner(p, {"0.weight": 2.0, "0.bias": 0.3, "2.weight": 0.7,
-                                                           "2.bias": 1.5}, lr=1e-2, kernel=k),
+                                                           "2.bias": 1.5}, lr=1e-2, kernel=k, flat=False),
 }
 
 
@@ -132,7 +133,7 @@ def test_no_recompiles_across_shapes_steps_and_seeds():
 
     def run(sizes, seed):
         params = [(f"w{i}", torch.nn.Parameter(torch.randn(n))) for i, n in enumerate(sizes)]
-        opt = zo_scale.ZOAdam(params, lr=1e-3, seed=seed, kernel="compiled", weight_decay=0.1)
+        opt = zo_scale.ZOAdam(params, lr=1e-3, seed=seed, kernel="compiled", weight_decay=0.1, flat=False)
         for _ in range(3):
             opt.step(lambda: sum(p.sum() for _, p in params))
 
@@ -166,26 +167,58 @@ def test_the_log_says_which_kernel_runs(caplog):
         zo_scale.ZOSGD([torch.nn.Parameter(torch.ones(3))], kernel="eager")
         zo_scale.ZOSGD([torch.nn.Parameter(torch.ones(3))], kernel="compiled")
     assert "eager tensor ops (reference)" in caplog.text
-    assert "one torch.compile kernel per shard (inductor, C++/OpenMP)" in caplog.text
+    assert "kernel per flat bucket of parameters, else per shard (inductor, C++/OpenMP)" in caplog.text
 
 
-def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
-    def broken(fn, **kwargs):
-        raise RuntimeError("no C compiler")
+def test_an_accelerator_compiles_with_eager_rounding_and_the_cpu_as_before():
+    gpu = kernel.compile_options("cuda", exact_casts=False)
+    assert gpu["emulate_precision_casts"]  # in Triton: no fused multiply-add
+    assert gpu["eager_numerics.division_rounding"] and gpu["eager_numerics.disable_ftz"]
+    assert not kernel.compile_options("cpu", exact_casts=False)["emulate_precision_casts"]
+    assert kernel.compile_options("cpu", exact_casts=True)["emulate_precision_casts"]
+    for options in (gpu, kernel.compile_options("cpu", exact_casts=False)):
+        assert options["cpp.enable_floating_point_contract_flag"] == "off"
+        torch.compile(lambda x: x, options=options)  # inductor knows every key, with its type
 
+
+def test_inductor_turns_the_options_into_no_fma_and_ieee_division():
+    """What inductor's Triton and C++ code generation read (no GPU needed): with the options, Triton gets
+    enable_fp_fusion=False and div_rn; without them, fusion and approximate division."""
+    from torch._inductor import config, cpp_builder
+    from torch._inductor.codegen.triton import TritonKernel, TritonOverrides
+
+    class Fp32:  # a generated variable, as truediv sees it: a name with a dtype
+        dtype = torch.float32
+
+        def __init__(self, name):
+            self.name = name
+
+        def __str__(self):
+            return self.name
+
+    def generated():
+        return TritonKernel.triton_meta_common(), TritonOverrides.truediv(Fp32("a"), Fp32("b"))
+
+    with config.patch({"emulate_precision_casts": False, "eager_numerics.division_rounding": False}):
+        meta, division = generated()
+    assert meta["enable_fp_fusion"] and division == "(a / b)"
+    with config.patch(kernel.compile_options("cuda", exact_casts=False)):
+        meta, division = generated()
+    assert not meta["enable_fp_fusion"] and meta["disable_ftz"] and division == "triton.language.div_rn(a, b)"
+    compiler = cpp_builder.get_cpp_compiler()
+    with config.patch({"cpp.enable_floating_point_contract_flag": "fast"}):  # as TORCHINDUCTOR_CPP_... sets it
+        with config.patch(kernel.compile_options("cpu", exact_casts=False)):
+            assert "ffp-contract=off" in cpp_builder._get_optimization_cflags(compiler)[0]
+
+
+def test_each_sweep_compiles_with_the_options_of_its_device(monkeypatch):
+    seen = []
     monkeypatch.setattr(kernel, "_compiled", {})
-    monkeypatch.setattr(kernel, "_failure", None)
-    monkeypatch.setattr(torch, "compile", broken)
-    x = torch.randn(kernel.MIN_COMPILED_NUMEL)
-    reference = noise.add_noise_(x.clone(), "normal", 1, 2, 0, 0.5, kernel="eager")
-    with caplog.at_level(logging.WARNING, logger="zo_scale.core.kernel"):
-        out = noise.add_noise_(x.clone(), "normal", 1, 2, 0, 0.5, kernel="auto")
-    assert torch.equal(out, reference)
-    assert "torch.compile failed" in caplog.text and "no C compiler" in caplog.text
-    assert "torch.compile failed" in kernel.describe("auto", torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="no C compiler"):
-        monkeypatch.setattr(kernel, "_compiled", {})
-        noise.add_noise_(x.clone(), "normal", 1, 2, 0, 0.5, kernel="compiled")
+    monkeypatch.setattr(kernel, "_tallies", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)  # runs uncompiled
+    noise.add_noise_(torch.zeros(100), "normal", 1, 2, 0, 0.5, kernel="compiled")
+    assert kernel.run("compiled", lambda plan: lambda t: None, "plan", torch.empty(3, device="meta"), numel=3)
+    assert seen == [kernel.compile_options("cpu", False), kernel.compile_options("meta", False)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run benchmarks/gpu_check.py there)")
@@ -200,12 +233,17 @@ def test_cuda_compiled_equals_cuda_eager_and_cpu(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run benchmarks/gpu_check.py there)")
-@pytest.mark.parametrize("name", ["sgd-q3-wd-lazy", "adam-wd", "master-adam"])
-def test_cuda_steps_compiled_equal_eager(name):
+@pytest.mark.parametrize("name,dtype", [("sgd-q3-wd-lazy", torch.float32), ("sgd-q3-wd-lazy", torch.bfloat16),
+                                        ("adam-wd", torch.float32), ("adam-wd", torch.bfloat16),
+                                        ("hizoo", torch.float32), ("master-adam", torch.bfloat16)])
+def test_cuda_steps_compiled_equal_eager(name, dtype):
+    """fp32 shows what bf16's final rounding can hide: a fused multiply-add or an approximate division
+    (compile_options turns both off)."""
+
     def run(mode):
-        model, loss = model_and_loss(torch.bfloat16)
+        model, loss = model_and_loss(dtype)
         model = model.cuda()
-        x = torch.randn(32, 13, dtype=torch.bfloat16, device="cuda")
+        x = torch.randn(32, 13, dtype=dtype, device="cuda")
         opt = OPTIMIZERS[name](model.named_parameters(), mode)
         for _ in range(3):
             opt.step(lambda: model(x).float().pow(2).mean())

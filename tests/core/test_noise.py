@@ -83,3 +83,10 @@ def test_neighbours_and_offsets_are_uncorrelated(kind):
         assert abs(r) < bound, (lag, r)
     shifted = noise.generate(kind, seed=6, stream=3, start=1 << 40, count=1 << 21).double()
     assert abs(torch.corrcoef(torch.stack([z, shifted]))[0, 1].item()) < bound
+
+
+def test_keys_of_equals_stream_key_elementwise():
+    streams = [0, 1, 12345, (1 << 63) - 1, 0x5DEECE66D]
+    for seed in (0, 7, (1 << 63) - 25):
+        keys = noise.keys_of(noise.seed_key(seed), torch.tensor(streams, dtype=torch.int64))
+        assert keys.tolist() == [noise.stream_key(seed, s) for s in streams]

@@ -66,6 +66,17 @@ def stream_key(seed: int, stream: int) -> int:
     return _signed(mix64(mix64(seed) ^ (stream & _MASK64)))
 
 
+def seed_key(seed: int) -> int:
+    """mix64(seed) as a signed int64 value: the seed's half of :func:`stream_key`, for :func:`keys_of`."""
+    return _signed(mix64(seed))
+
+
+def keys_of(seed_part: int, streams: torch.Tensor) -> torch.Tensor:
+    """:func:`stream_key` of one seed (``seed_part`` = :func:`seed_key` of it) and each int64 stream id,
+    elementwise: equal to the Python form bit for bit (``tests/core/test_noise.py``)."""
+    return _mix64_(streams ^ seed_part)
+
+
 def _mix64_(w: torch.Tensor) -> torch.Tensor:
     """SplitMix64's finalizer in place on an int64 tensor.
 

@@ -46,6 +46,7 @@ all groups' moves, so per-group eps would not give per-group projected gradients
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -53,8 +54,8 @@ from typing import Any
 
 import torch
 
+from zo_scale.core import flat_buckets, noise
 from zo_scale.core import kernel as sweep_kernel
-from zo_scale.core import noise
 from zo_scale.core.directions import DenseSampler, Direction, DirectionSampler, LowRankSampler
 from zo_scale.core.estimators import CentralCurvature, Estimator, ForwardGradient, make_estimator
 from zo_scale.core.forward_grad import loss_and_directional_derivative
@@ -66,6 +67,8 @@ from zo_scale.core.updates import SGD, DiagonalHessian, LozoMomentum, UpdateRule
 ESTIMATOR_DRAW = -5  # the tag of a step's seed for an estimator's random choices (samplers use -1 to -3)
 # where the perturbed points live: the stored weights, moved in place, or transient copies inside the forward
 PERTURB = ("in_place", "in_forward")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -132,6 +135,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         store_fn: ``store_fn(param, name)`` writes a parameter's whole value, updated in ``param.data``
             inside the forward (lazy in_forward), to where the parameter is stored; None where
             ``param.data`` is the stored tensor (one process, replicated ranks). A ZeRO-3 backend gives one.
+        flat: store each param group's parameters (per device and dtype) as views of flat buckets
+            (:mod:`zo_scale.core.flat_buckets`), so that a sweep is one kernel call per bucket instead of
+            one per tensor, with equal results; the parameters stay the same objects, their ``.data`` moves.
+            Only with whole parameters (the default ``shard_fn``), under ``kernel='compiled'`` or on an
+            accelerator under 'auto' (on the CPU a bucket kernel is one more compile to save milliseconds).
     """
 
     def __init__(
@@ -155,6 +163,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         kernel: str | None = None,
         perturb: str = "in_place",
         store_fn: Callable[[torch.Tensor, str], None] | None = None,
+        flat: bool = True,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -217,6 +226,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.last_record: StepRecord | None = None
         self._pending: _Pending | None = None
+        self.buckets: list[flat_buckets.FlatBucket] = []
+        if flat and shard_fn is whole_param_shard and any(
+                flat_buckets.runs_compiled(self.kernel, p.device) for g in self.param_groups for p in g["params"]):
+            self.buckets = flat_buckets.flatten([list(zip(g["params"], self._names(g, gi), strict=True))
+                                                 for gi, g in enumerate(self.param_groups)])
         shards = self.local_shards()
         # where each shard sits never changes; kept so that checkpoints need not fetch the data (under
         # NVMe offload local_shards() reads and writes every partition)
@@ -280,6 +294,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                     self._offsets[id(d)] = (d, total)
             offsets = list(self._offsets.values())
         updates = self._updates(pending_update)
+        if not self.master_weights:
+            skip = {*skip, *self._sweep_buckets(before, updates, after, skip)}
         for gi, shard in self._shards(skip):
             update = updates[gi]
             state = self._state_for(shard) if update or self.master_weights else None
@@ -289,6 +305,41 @@ class ZOOptimizer(torch.optim.Optimizer):
                     state["master"] = shard.flat.to(torch.float32, copy=True)
                 master = state["master"]
             sweep_shard(shard, before, update, after, state if update else None, master, offsets, self.kernel)
+
+    def _sweep_buckets(self, before: Moves, updates: list[Update | None], after: Moves,
+                       skip: Container[torch.Tensor]) -> set[torch.Tensor]:
+        """Sweep each bucket whose parameters all take part and whose moves a bucket sweep covers, one
+        kernel call each; returns the parameters swept (the rest go one by one). A bucket whose parameters
+        were given other data since it was built is dropped, with a warning."""
+        swept: set[torch.Tensor] = set()
+        for bucket in list(self.buckets):
+            update = updates[bucket.group]
+            if any(p in skip for p in bucket.params) or not flat_buckets.covers((before, after), update, False):
+                continue
+            if not bucket.intact():
+                log.warning("ZO sweep: parameters of a flat bucket (%s, ...) were given new data (e.g. module.to); "
+                            "they are swept one tensor at a time from now on", bucket.names[0])
+                self.buckets.remove(bucket)
+                continue
+            if flat_buckets.sweep_bucket(bucket, before, update, after, self.kernel):
+                if update is not None:  # the step counts the per-tensor sweep advances, in one op
+                    self._step_counts(bucket).add_(1)
+                swept.update(bucket.params)
+        return swept
+
+    def _step_counts(self, bucket: flat_buckets.FlatBucket) -> torch.Tensor:
+        """The bucket's parameters' step counts as one 1-D tensor whose elements are their states' 0-dim
+        ``step`` (views), made (or remade, after ``load_state_dict``) where they are not."""
+        states = [self.state[p] for p in bucket.params]
+        if bucket.steps is None or not all(s.get("step") is v for s, v in zip(states, bucket.step_views, strict=True)):
+            for p, name, state in zip(bucket.params, bucket.names, states, strict=True):
+                if not state:
+                    state.update(self.rule.init_state(whole_param_shard(p, name)))
+            bucket.steps = torch.stack([s["step"] for s in states])
+            bucket.step_views = list(bucket.steps.unbind())
+            for state, view in zip(states, bucket.step_views, strict=True):
+                state["step"] = view
+        return bucket.steps
 
     def flush(self) -> None:
         """Apply the pending restore and update now (a no-op unless ``lazy``)."""
@@ -420,11 +471,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         updates = self._updates(pending)
         group_of = {p: gi for gi, group in enumerate(self.param_groups) for p in group["params"]}
         landed: set[torch.Tensor] = set()
+        windows = flat_buckets.CopyWindows(self.buckets, groups, lambda bucket: updates[bucket.group], self.kernel,
+                                           flat_buckets.COPY_WINDOW_BYTES)
 
         def land_and_copy(p: torch.nn.Parameter, name: str) -> list[torch.Tensor]:
-            """The copies of p, the pending update landed on it in the same pass at its first use."""
+            """The copies of p, the pending update landed on it in the same pass at its first use (a window of
+            a flat bucket at a time where it can)."""
+            made = windows.copies(p)
+            if made is not None:
+                return made
             whole = whole_param_shard(p, name)
-            update = None if p in landed else updates[group_of[p]]
+            update = None if p in landed or p in windows.landed else updates[group_of[p]]
             copies = perturbed_copies(whole, groups, self.kernel, update, self._state_for(whole) if update else None)
             if update is not None:
                 landed.add(p)
@@ -433,12 +490,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             return copies
 
         try:
-            with perturbed_forward(self.model, names, groups, self.kernel,
-                                   land_and_copy if pending is not None else None):
+            with perturbed_forward(self.model, names, groups, self.kernel, land_and_copy):
                 yield
         finally:
             if pending is not None:
-                self._sweep(pending.restore, pending, skip=landed)
+                self._sweep(pending.restore, pending, skip=landed | windows.landed)
 
     @contextlib.contextmanager
     def landing(self) -> Iterator[None]:

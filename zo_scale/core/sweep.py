@@ -107,7 +107,7 @@ class Scalars:
     copies: list[list[float]] = field(default_factory=list)
 
 
-def _sweep_into(
+def sweep_formula(
     plan: Plan, theta: torch.Tensor, master: torch.Tensor | None, state: dict[str, torch.Tensor],
     zs: Sequence[torch.Tensor], k: Scalars, outs: Sequence[torch.Tensor] = (),
 ) -> None:
@@ -148,7 +148,7 @@ def _compiled_sweep(plan: Plan) -> Callable[..., None]:
         k = Scalars(before, weights, after, lr, weight_decay, tuple(rule), copies)
         index = torch.arange(theta.numel(), dtype=torch.int64, device=theta.device) + start
         zs = [z_at(spec, index, args, theta.dtype) for spec, args in zip(plan.specs, inputs, strict=True)]
-        _sweep_into(plan, theta, master, state, zs, k, outs)
+        sweep_formula(plan, theta, master, state, zs, k, outs)
 
     return sweep
 
@@ -160,7 +160,7 @@ def _eager_chunks(shard: ParamShard, directions: Sequence[Direction]) -> Iterato
         yield s, n, [d.z(shard, shard.offset + s, n).float() for d in directions]
 
 
-def _exact_casts(plan: Plan, dtype: torch.dtype) -> bool:
+def exact_casts(plan: Plan, dtype: torch.dtype) -> bool:
     """Whether a kernel must keep its explicit roundings: low-rank z (and a preconditioned or scaled one) is
     formed in fp32 and rounded to the weights' dtype mid-kernel, and the copies of a pass that also moves
     a low-precision theta start from theta rounded; those roundings must stay."""
@@ -235,12 +235,14 @@ def _pass(
     buffers = {b: state[b] for b in rule.buffers} if rule is not None else {}
     targets = [out for out, _, _ in moving]
     compiled = wanted and all(fused)
+    if wanted and not compiled:  # a direction with no fused form: this pass runs eager after all
+        kernel.note_eager(flat.device)
     if not (compiled and kernel.run(kernel_mode, _compiled_sweep, plan, flat, master, buffers, [f[1] for f in fused],
                                     shard.offset, k.before, k.weights, k.after, k.lr, k.weight_decay, list(k.rule),
                                     targets, k.copies, numel=flat.numel(),
-                                    exact_casts=_exact_casts(plan, flat.dtype))):
+                                    exact_casts=exact_casts(plan, flat.dtype))):
         for s, n, zs in _eager_chunks(shard, directions):
-            _sweep_into(plan, flat[s : s + n], None if master is None else master[s : s + n],
+            sweep_formula(plan, flat[s : s + n], None if master is None else master[s : s + n],
                         {name: buf[s : s + n] for name, buf in buffers.items()}, zs, k,
                         [out[s : s + n] for out in targets])
     if rule is not None and state is not None and "step" in state:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from zo_scale.core.kernel import KernelCompileError
 from zo_scale.models import ModelLoadError
 from zo_scale.plan.report import add_arguments as add_plan_arguments
 from zo_scale.plan.report import run as run_plan
@@ -42,8 +43,9 @@ from zo_scale.train.select_runtime import is_main_process
 
 DEMO_CONFIG = resources.files("zo_scale") / "configs" / "demo.yaml"
 # ImportError: an optional extra the config asks for is missing (the message names the pip command)
+# a sweep kernel that cannot compile on an accelerator is named in one line too: its fix is a setting
 USER_ERRORS = (ConfigError, TaskDataError, ModelLoadError, TrainingError, CheckpointWriteError, FileNotFoundError,
-               ValueError, ImportError)
+               ValueError, ImportError, KernelCompileError)
 
 
 def _parser() -> argparse.ArgumentParser:
