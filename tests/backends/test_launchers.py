@@ -46,10 +46,12 @@ BOUNDED_EXIT_S = 60
 
 
 def overrides(model_dir: Path, out: Path, steps: int = STEPS, save_every: int = 0) -> list[str]:
+    """The runs' common config: in place unless a test appends IN_FORWARD (auto would take the perturbed
+    forward under ZeRO-3 and in place on one process, and these tests compare the two steps knowingly)."""
     return [f"model.name={model_dir}", "task.name=sst2-demo", "task.num_train=64", "task.num_eval=32",
-            "task.max_length=64", "optim.rule=adam", "optim.lr=1e-3", "optim.eps=1e-3", f"run.steps={steps}",
-            "run.batch_size=8", "run.eval_batch_size=8", "run.log_every=1", f"run.save_every={save_every}",
-            "run.progress=false", f"run.output_dir={out}"]
+            "task.max_length=64", "optim.rule=adam", "optim.lr=1e-3", "optim.eps=1e-3", "optim.perturb=in_place",
+            f"run.steps={steps}", "run.batch_size=8", "run.eval_batch_size=8", "run.log_every=1",
+            f"run.save_every={save_every}", "run.progress=false", f"run.output_dir={out}"]
 
 
 def launch(cmd: list[str], log: Path, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:

@@ -47,7 +47,7 @@ def test_a_run_moves_only_the_small_weights_resumes_and_replays_bitwise(run_cli,
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["optim.sampler=magnitude"], "set optim.perturb=in_forward"),
+    (["optim.sampler=magnitude", "optim.perturb=in_place"], "set optim.perturb=in_forward"),  # auto: in_forward
     ([*SPARSE_MEZO, "optim.estimator=jvp"], "needs optim.perturb=in_forward, which cannot run here: optim.estimator"),
     ([*SPARSE_MEZO, "optim.resample_every=5"], "follows the weights every step"),
     ([*SPARSE_MEZO, "peft.method=lora"], "Sparse-MeZO is for full-parameter tuning"),

@@ -129,7 +129,10 @@ def load_config(config: PathOrConfig) -> dict[str, Any]:
     (the total is derived). A hybrid ZO-FO engine does read ``gradient_accumulation_steps``
     (``engine.backward`` divides the loss by it): 1 here and in the trainer, which refuses others.
     "auto" precision (``bf16``/``fp16`` ``enabled``) becomes false (fp32) here; the trainer fills it
-    from ``model.dtype`` first.
+    from ``model.dtype`` first. An "auto" NVMe swap buffer (``offload_param.buffer_size``, as the shipped
+    zero3_offload_nvme.json has it) becomes DeepSpeed's default (1e8 elements) here, which holds partitions of
+    up to 1e8 elements; the trainer sizes it from the model first
+    (:func:`zo_scale.plan.memory.nvme_buffer_size`).
     """
     if isinstance(config, Mapping):
         cfg = copy.deepcopy(dict(config))
@@ -150,6 +153,9 @@ def load_config(config: PathOrConfig) -> dict[str, Any]:
         raise ValueError("ZeRO-3 ZO config must have no 'optimizer' section: DeepSpeed's optimizer keeps an fp32 "
                          "master copy of each partition and writes it over the ZO updates at engine.step()")
     zero = cfg.setdefault("zero_optimization", {})
+    offload = zero.get("offload_param")
+    if isinstance(offload, dict) and offload.get("buffer_size") == "auto":
+        del offload["buffer_size"]  # DeepSpeed's default: this function does not know the model
     if zero.get("stage") != 3:
         raise ValueError(f"zero_optimization.stage must be 3, got {zero.get('stage')!r}")
     if not ({"stage3_param_persistence_threshold", "param_persistence_threshold"} & zero.keys()):

@@ -95,6 +95,36 @@ def model_head(name: str) -> str:
     return "masked" if is_masked_lm(config) else "causal"
 
 
+def model_config(name: str) -> PretrainedConfig:
+    """The architecture config of model ``name`` (as :func:`load_model` takes it), without its weights: what
+    a run sizes its memory from before the model loads (the NVMe swap buffers, the perturbed forward's fit).
+    A tiny built-in is built for it (a few hundred kB); SmolLM2's folder is converted on first use, as its
+    load would. ModelLoadError, as :func:`load_model`'s, when there is no config to read."""
+    if name in TINY_MODELS:
+        return build_tiny_model(TINY_MODELS[name]).config
+    if name in TINY_MASKED_MODELS:
+        return build_tiny_masked_lm(TINY_MASKED_MODELS[name]).config
+    if name.startswith(RANDOM_PREFIX):
+        try:
+            return architecture_config(name.removeprefix(RANDOM_PREFIX))
+        except ValueError as err:
+            raise ModelLoadError(f"model {name}: {err}") from None
+    try:
+        return AutoConfig.from_pretrained(str(smollm2_folder()) if name == SMOLLM2_NAME else name)
+    except (OSError, ValueError) as err:
+        raise _not_loadable(name, None, err) from err
+
+
+def largest_parameter(name: str) -> int:
+    """Elements of the largest parameter tensor of model ``name``, counted on a meta-device build of its
+    config (nothing allocated, nothing read but the config)."""
+    config = model_config(name)
+    auto = AutoModelForMaskedLM if model_head(name) == "masked" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    return max(p.numel() for p in model.parameters())
+
+
 def _not_loadable(name: str, weights: str | Path | None, err: Exception) -> ModelLoadError:
     if weights is not None and not Path(weights).is_dir():
         return ModelLoadError(f"cannot load model {name!r} with weights from {weights}: no such folder")

@@ -57,7 +57,11 @@ from zo_scale.plan.shapes import ModelShape
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 # fp32 buffers per trained element (LOZO-M: an m x r factor per matrix, about 4 r / n bytes an element: ~0)
-STATE_BYTES = {"sgd": 0, "sign": 0, "sign-momentum": 4, "momentum": 4, "adam": 8, "lozo-m": 0, "hizoo": 4}
+STATE_BYTES = {"sgd": 0, "sign": 0, "sign-momentum": 4, "momentum": 4, "adam": 8, "lozo-m": 0, "hizoo": 4, "ardd": 4}
+# DeepSpeed's default zero_optimization.offload_param.buffer_size (elements; DeepSpeed 0.19's
+# DeepSpeedZeroOffloadParamConfig; tests/train/test_swap_buffer.py checks it): the smallest swap buffer a plan or a
+# run uses.
+DEEPSPEED_SWAP_BUFFER = 100_000_000
 
 # Measured by benchmarks/plan_calibration.py (results/plan_calibration.json, coefficients_used):
 # activation elements per token of a run's forwards without autograd (a_h per hidden unit, a_i per
@@ -174,6 +178,13 @@ class MemoryPlan:
         return sum(self.nvme.values())
 
     @property
+    def node_host_bytes(self) -> int:
+        """Host RAM a node needs at its peak: its host terms, plus its ranks' device terms where the ranks
+        compute on the CPU (``device=cpu``: their "GPU" memory is host memory)."""
+        s = self.settings
+        return self.host_bytes + (self.per_gpu_bytes * s.gpus // s.nodes if s.device == "cpu" else 0)
+
+    @property
     def rank_bytes(self) -> int:
         """Rank 0's peak when its GPU memory is host memory (``device=cpu``): what its resident set reaches."""
         ranks = self.settings.gpus // self.settings.nodes
@@ -185,7 +196,7 @@ class MemoryPlan:
         s, out = self.settings, []
         if s.device == "cuda" and s.gpu_memory is not None and self.per_gpu_bytes > s.gpu_memory:
             out.append(f"each GPU needs {self.per_gpu_bytes / GiB:.1f} GiB, it has {s.gpu_memory / GiB:.1f} GiB")
-        host = self.host_bytes + (self.per_gpu_bytes * s.gpus // s.nodes if s.device == "cpu" else 0)
+        host = self.node_host_bytes
         if s.host_memory is not None and host > s.host_memory:
             out.append(f"each node needs {host / GiB:.1f} GiB of host RAM, it has {s.host_memory / GiB:.1f} GiB")
         if s.nvme_space is not None and self.nvme_bytes > s.nvme_space:
@@ -340,5 +351,22 @@ def ds_config(s: RunSettings, shape: ModelShape, nvme_path: str = "/local_nvme")
     if s.offload == "nvme":
         offload = cfg["zero_optimization"]["offload_param"]
         offload["nvme_path"] = nvme_path
-        offload["buffer_size"] = max(offload["buffer_size"], math.ceil(shape.largest_parameter / s.gpus))
+        given = offload["buffer_size"]
+        offload["buffer_size"] = nvme_buffer_size(shape.largest_parameter, s.gpus, None if given == "auto" else given)
     return cfg
+
+
+def nvme_buffer_size(largest_parameter: int, world: int, given: int | None = None) -> int:
+    """Elements of each NVMe swap buffer (``zero_optimization.offload_param.buffer_size``) for a model whose
+    largest parameter has ``largest_parameter`` elements, partitioned over ``world`` ranks.
+
+    DeepSpeed swaps a parameter's whole partition into one buffer and asserts, as it partitions each
+    parameter at start-up, that the partition fits (``AsyncPartitionedParameterSwapper.get_buffer``:
+    ``numel <= buffer_size``). A partition is ceil(n / W) elements (the parameter padded to a multiple of
+    W), so the largest parameter sets the size: LLaMA-2-7B's embedding (131M elements) overflows DeepSpeed's
+    default of 1e8 on one rank. ``given`` (the config's number; None for "auto" or absent) is kept when it
+    is large enough, else raised to the largest partition; "auto" starts from DeepSpeed's default, which
+    only grows. One function for the planner (:func:`ds_config`) and the trainer
+    (:func:`zo_scale.train.select_runtime.fit_swap_buffer`), so that the plan's swap buffers are the run's.
+    """
+    return max(DEEPSPEED_SWAP_BUFFER if given is None else given, -(-largest_parameter // world))

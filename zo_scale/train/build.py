@@ -1,9 +1,10 @@
-"""Build the ZO optimizer and its lr schedule from the ``optim`` section of a config."""
+"""Build the ZO optimizer and its lr schedule from the ``optim`` section of a config, and decide where its
+perturbed points live (``optim.perturb``: in place, in the forward, or auto, :func:`choose_perturb`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -90,19 +91,37 @@ def build_rule(cfg: OptimConfig) -> UpdateRule:
     return rules[cfg.rule]()
 
 
-def in_forward_unsupported(cfg: Config, runtime: str = "single") -> str | None:
-    """Why ``optim.perturb=in_forward`` cannot run this config on ``runtime`` (the runtime's ``name``; then the
-    run takes the in-place step), or None. A ConfigError where the run needs it: ``optim.sampler=magnitude``
-    has no in-place step."""
-    if cfg.optim.sampler == "magnitude" and cfg.optim.perturb != "in_forward":
-        raise ConfigError("optim.sampler=magnitude (Sparse-MeZO) masks z by the weights themselves, which the "
-                          "in-place step moves between its points: set optim.perturb=in_forward")
-    if cfg.optim.sampler == "magnitude" and cfg.peft.method != "none":
-        raise ConfigError(f"optim.sampler=magnitude with peft.method={cfg.peft.method}: an adapter starts at zero "
-                          "(LoRA's B) or constant, where a threshold fixed at the first step masks out every element "
-                          "after it; Sparse-MeZO is for full-parameter tuning")
-    if cfg.optim.perturb != "in_forward":
-        return None
+MAGNITUDE_NEEDS_IN_FORWARD = ("optim.sampler=magnitude (Sparse-MeZO) needs optim.perturb=in_forward, which cannot "
+                              "run here")
+HALF_PRECISION = ("bfloat16", "bf16", "float16", "fp16")
+# what the perturbed forward saves a ZeRO-3 step, by offload_param.device
+ZERO3_GAINS = {
+    "none": "ZeRO-3 gathers the model once a step instead of twice",
+    "cpu": "ZeRO-3 uploads the CPU-offloaded model and gathers it once a step instead of twice",
+    "nvme": "ZeRO-3 reads the NVMe-offloaded model and gathers it once a step instead of twice",
+}
+
+
+class PerturbChoice(NamedTuple):
+    """What ``optim.perturb=auto`` became, and why (in words, for the log)."""
+
+    perturb: str
+    why: str
+
+
+class Fit(NamedTuple):
+    """The planner's verdict on a run with ``optim.perturb=in_forward``: ``fits`` the device's memory, and
+    ``numbers`` says so in words (the stacked step's bytes, the peak and the memory there is)."""
+
+    fits: bool
+    numbers: str
+
+
+def in_forward_blocker(cfg: Config, runtime: str = "single") -> str | None:
+    """Why ``optim.perturb=in_forward`` cannot run this config on ``runtime`` (the runtime's ``name``), or
+    None: the stacked batch's row groups must not see each other (one prompt encoder, a KV cache, masked-LM
+    positions), and each perturbed point must be module parameters copied whole (not quantized scales, not
+    HiZOO's per-partition Hessian under ZeRO-3)."""
     reasons = {
         "peft.method=prompt: the prompt encoder runs once for the whole batch, not per row group":
             cfg.peft.method == "prompt",
@@ -117,23 +136,90 @@ def in_forward_unsupported(cfg: Config, runtime: str = "single") -> str | None:
         "a masked LM: its position embeddings and mask-position scoring see the whole batch, not row groups":
             model_head(cfg.model.name) == "masked",
     }
-    reason = next((reason for reason, applies in reasons.items() if applies), None)
+    return next((reason for reason, applies in reasons.items() if applies), None)
+
+
+def in_forward_unsupported(cfg: Config, runtime: str = "single") -> str | None:
+    """Why ``optim.perturb=in_forward`` cannot run this config on ``runtime`` (the runtime's ``name``; then the
+    run takes the in-place step), or None (also for a run that asks for in place). A ConfigError where the
+    run needs it: ``optim.sampler=magnitude`` has no in-place step."""
+    if cfg.optim.sampler == "magnitude" and cfg.optim.perturb == "in_place":
+        raise ConfigError("optim.sampler=magnitude (Sparse-MeZO) masks z by the weights themselves, which the "
+                          "in-place step moves between its points: set optim.perturb=in_forward (or auto)")
+    if cfg.optim.sampler == "magnitude" and cfg.peft.method != "none":
+        raise ConfigError(f"optim.sampler=magnitude with peft.method={cfg.peft.method}: an adapter starts at zero "
+                          "(LoRA's B) or constant, where a threshold fixed at the first step masks out every element "
+                          "after it; Sparse-MeZO is for full-parameter tuning")
+    if cfg.optim.perturb != "in_forward":
+        return None
+    reason = in_forward_blocker(cfg, runtime)
     if reason is not None and cfg.optim.sampler == "magnitude":
-        raise ConfigError(f"optim.sampler=magnitude (Sparse-MeZO) needs optim.perturb=in_forward, which cannot run "
-                          f"here: {reason}")
+        raise ConfigError(f"{MAGNITUDE_NEEDS_IN_FORWARD}: {reason}")
     return reason
+
+
+def in_forward_gains(cfg: Config, runtime: str = "single", offload: str = "none") -> list[str]:
+    """What the perturbed forward saves this run over the in-place step, in words (empty: nothing).
+
+    Under ZeRO-3 (``runtime`` "zero3", ``offload`` its ``offload_param.device`` or "none") each forward
+    gathers every parameter, and offload moves it to the GPU first: one forward a step instead of two halves
+    that traffic. Half-precision weights without ``optim.master_weights`` are rounded by every in-place
+    round trip (+eps z, -2 eps z, +eps z: 21 of 21 tensors of tiny-llama moved in 10 steps at lr 0 in
+    bfloat16); in the forward they never move."""
+    gains = [ZERO3_GAINS[offload]] if runtime == "zero3" else []
+    if cfg.model.dtype in HALF_PRECISION and not cfg.optim.master_weights:
+        gains.append(f"{cfg.model.dtype} weights without optim.master_weights stay put, where each in-place "
+                     "round trip (+eps, -2 eps, +eps) rounds them")
+    return gains
+
+
+def choose_perturb(cfg: Config, fit: Callable[[], Fit], runtime: str = "single", offload: str = "none"
+                   ) -> PerturbChoice:
+    """What ``optim.perturb=auto`` means for this run on ``runtime`` with ``offload`` (see
+    :func:`in_forward_gains`). The rule, in order:
+
+    1. ``optim.sampler=magnitude`` has no in-place step: in_forward, or a ConfigError saying why it cannot run;
+    2. in_forward cannot run this config (:func:`in_forward_blocker`): in_place;
+    3. ``hybrid.fo_layers=-1`` (backprop alone) has no ZO step to place: in_place;
+    4. in_forward saves nothing here (float32 or master weights, no ZeRO-3): in_place, which stacks no batch;
+    5. ``fit()`` (called only here: it builds the model's shape) says the planner's peak with the batch
+       stacked K times does not fit the device: in_place; else in_forward.
+    """
+    blocker = in_forward_blocker(cfg, runtime)
+    if cfg.optim.sampler == "magnitude":
+        if blocker is not None:
+            raise ConfigError(f"{MAGNITUDE_NEEDS_IN_FORWARD}: {blocker}")
+        return PerturbChoice("in_forward", "auto: optim.sampler=magnitude masks z by the weights, which only the "
+                                           "perturbed forward leaves in place between its points")
+    if blocker is not None:
+        return PerturbChoice("in_place", f"auto: in_forward cannot run here: {blocker}")
+    if cfg.hybrid.fo_layers == -1:
+        return PerturbChoice("in_place", "auto: hybrid.fo_layers=-1 trains by backprop alone, there is no ZO step")
+    gains = in_forward_gains(cfg, runtime, offload)
+    if not gains:
+        return PerturbChoice("in_place", f"auto: {cfg.model.dtype} weights"
+                                         f"{' with master weights' if cfg.optim.master_weights else ''}, no ZeRO-3: "
+                                         "in place loses nothing and stacks no batch")
+    verdict = fit()
+    if not verdict.fits:
+        return PerturbChoice("in_place", f"auto: in_forward would pay ({'; '.join(gains)}), but {verdict.numbers}")
+    return PerturbChoice("in_forward", f"auto: {'; '.join(gains)}; {verdict.numbers}")
 
 
 def build_optimizer(
     named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimConfig, seed: int, total_steps: int, **kwargs: Any
 ) -> tuple[ZOOptimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimizer over the named trainable parameters, and its LambdaLR schedule."""
+    """The optimizer over the named trainable parameters, and its LambdaLR schedule.
+
+    ``optim.perturb=auto`` is the trainer's to resolve (:func:`choose_perturb`, before the run is recorded);
+    a caller without a runtime gets ZOOptimizer's default, in place (what a seed log written before
+    ``optim.perturb`` existed ran)."""
     try:
         optimizer = ZOOptimizer(
             list(named_params), cfg.lr, cfg.eps, rule=build_rule(cfg), sampler=build_sampler(cfg),
             estimator=cfg.estimator, queries=cfg.queries, weight_decay=cfg.weight_decay, seed=seed, lazy=cfg.lazy,
             conservative=cfg.conservative, master_weights=cfg.master_weights, kernel=cfg.kernel,
-            perturb=cfg.perturb, **kwargs,
+            perturb="in_place" if cfg.perturb == "auto" else cfg.perturb, **kwargs,
         )
         schedule = build_schedule(optimizer, cfg, total_steps)
     except ValueError as e:

@@ -76,7 +76,10 @@ class OptimConfig:
     schedule: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
     kernel: str | None = None  # what runs each sweep: auto | compiled | eager; None: $ZO_SCALE_KERNEL, else auto
-    perturb: str = "in_place"  # in_place: move the weights, a forward per point | in_forward: one forward, K row groups
+    # in_place: move the weights, a forward per point | in_forward: one forward, K row groups | auto: the trainer
+    # picks (select_runtime.resolve_perturb); zo-scale train's default is auto (Config.optim), a bare OptimConfig's
+    # (the HF Trainer's zo settings, MeZO's defaults) in_place
+    perturb: str = "in_place"
     scales: str | None = None  # ZO Fine-tuner: a perturbation-scales file (zo-scale learn-scales) scaling z per tensor
 
 
@@ -146,7 +149,8 @@ class DistConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    # perturb=auto: only the trainer resolves it (it weighs the runtime, the precision and the planner's memory)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(perturb="auto"))
     peft: PeftConfig = field(default_factory=PeftConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)

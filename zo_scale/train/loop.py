@@ -21,6 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from zo_scale.backends.runtime import Runtime, quiet_unless_main
+from zo_scale.core import kernel as sweep_kernel
 from zo_scale.core import noise
 from zo_scale.models import model_head
 from zo_scale.models.sharded_safetensors import parse_size
@@ -157,6 +158,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     if checkpoint is not None:
         state = check_checkpoint(checkpoint)  # a damaged file is named before the model loads
         defaults = Config().as_json()  # a checkpoint from before a key existed ran with its default
+        defaults["optim"]["perturb"] = "in_place"  # the default before 'auto' (which a checkpoint never records)
         changed = [f"{s}.{k}" for s, keys in TRAJECTORY.items() for k in config_json[s]
                    if (keys is None or k in keys)
                    and state["config"].get(s, {}).get(k, defaults[s][k]) != config_json[s][k]]
@@ -282,7 +284,11 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
     final = evaluate(cfg.run.steps, eval_enc, "eval")
     save(cfg.run.steps)
-    peaks = runtime.gather(peak_memory())  # a collective: every rank's high-water marks, on rank 0
+    # one collective: every rank's high-water marks and what ran its sweeps (a rank that lost its compiled
+    # kernel shows here), on rank 0
+    ranks = runtime.gather((peak_memory(), sweep_kernel.report()))
+    peaks = [peak for peak, _ in ranks] if ranks is not None else None
+    kernels = [ran for _, ran in ranks] if ranks is not None else None
     summary = {
         "metric": headline, f"zero_shot_{headline}": zero_shot, **{f"final_{m}": v for m, v in final.items()},
         "steps": cfg.run.steps,
@@ -290,6 +296,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         "skipped_updates": optimizer.skipped_by_part() or {"zo": optimizer.skipped_steps},
         "output_dir": str(out), "model": str(checkpoint_dir / trainable.folder),
         "runtime": runtime.name, "world_size": runtime.world_size, "peak_memory_bytes": peaks,
+        "sweep_kernel": kernels,
     }
     if metrics is not None:
         metrics.close()

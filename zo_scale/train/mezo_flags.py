@@ -81,8 +81,8 @@ def _train_count(value: str, _: dict[str, str]) -> list[str]:
 
 
 def _trainer(value: str, _: dict[str, str]) -> list[str]:
-    if value == "zo":
-        return []
+    if value == "zo":  # MeZO moves the weights in place (+eps, -2 eps, +eps), in fp16 too: not zo-scale's auto
+        return ["optim.perturb=in_place"]
     if value == "regular":  # MeZO's first-order fine-tuning: all blocks by backprop, AdamW
         return ["hybrid.fo_layers=-1", "hybrid.fo_optimizer=adamw"]
     if value == "none":

@@ -28,7 +28,11 @@ from typing import Any
 import torch
 
 from zo_scale.backends.runtime import Runtime
-from zo_scale.models.loading import resolve_dtype
+from zo_scale.models.loading import largest_parameter, model_config, resolve_dtype
+from zo_scale.plan.memory import DEEPSPEED_SWAP_BUFFER, GiB, MemoryPlan, RunSettings, nvme_buffer_size, plan_memory
+from zo_scale.plan.shapes import ModelShape
+from zo_scale.train.build import Fit, PerturbChoice, choose_perturb
+from zo_scale.train.checkpoint import latest_checkpoint, load_trainer_state
 from zo_scale.train.config import Config, ConfigError, read_json
 
 log = logging.getLogger("zo_scale")
@@ -54,11 +58,20 @@ LOSS_SCALING = ("loss_scale", "loss_scale_window", "initial_scale_power", "hyste
 # would hold the small ones whole on every rank).
 RUN_CHOSEN = {"zero_optimization.stage3_param_persistence_threshold": 0,
               "zero_optimization.stage3_model_persistence_threshold": 0}
+BUFFER_SIZE_KEY = "zero_optimization.offload_param.buffer_size"  # NVMe swap buffers: sized from the model
+# peft.method as the planner names the tuning (prompt, which the perturbed forward cannot run, it has not)
+PLANNED_TUNING = {"none": "full", "lora": "lora", "prefix": "prefix"}
 
 
 def world_size() -> int:
     """Processes in the job, as the launcher's env says (1 without a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def ranks_on_this_node() -> int:
+    """Processes of the job on this machine: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE;
+    without either, every rank (one machine)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size())
 
 
 def is_main_process() -> bool:
@@ -111,14 +124,18 @@ class DeepSpeedSettings:
     config: dict[str, Any]
     set_aside: dict[str, str] = field(default_factory=dict)
     filled: dict[str, Any] = field(default_factory=dict)
+    raised: list[str] = field(default_factory=list)  # values given too small for the model, and why they grew
 
     def warn(self) -> None:
-        """One warning for what was set aside, one info line for what "auto" became (rank 0 only)."""
+        """One warning for what was set aside, one for each value raised, one info line for what "auto"
+        became (rank 0 only)."""
         if not is_main_process():
             return
         if self.set_aside:
             reasons = "; ".join(f"{key} ({why})" for key, why in self.set_aside.items())
             log.warning("DeepSpeed config: set aside %s", reasons)
+        for line in self.raised:
+            log.warning("DeepSpeed config: %s", line)
         if self.filled:
             log.info("DeepSpeed config: 'auto' filled as %s", ", ".join(f"{k}={v}" for k, v in self.filled.items()))
 
@@ -203,9 +220,41 @@ def reconcile_deepspeed_config(ds: dict[str, Any], cfg: Config, world: int) -> D
         if enabled != (model_dtype == dtype):
             raise ConfigError(f"DeepSpeed config {section}.enabled={enabled} contradicts model.dtype="
                               f"{cfg.model.dtype}; set {section}.enabled to \"auto\" (or model.dtype to match)")
+    fit_swap_buffer(out, cfg, world)
     for path, parent, key in _auto_leaves(ds):
         parent[key] = out.filled[path] = _auto_value(path)
     return out
+
+
+def fit_swap_buffer(settings: DeepSpeedSettings, cfg: Config, world: int) -> None:
+    """Size NVMe offload's swap buffers (``zero_optimization.offload_param.buffer_size``, elements) to the
+    model, as :func:`~zo_scale.plan.memory.nvme_buffer_size` says (the planner's function): "auto" is filled
+    with that size; a number too small for the largest parameter's partition, or none (DeepSpeed's default,
+    1e8), is raised to it with one warning, as DeepSpeed would assert at start-up. The largest parameter is
+    counted on a meta-device build of ``model.name``'s config. Without NVMe offload nothing changes."""
+    offload = (settings.config.get("zero_optimization") or {}).get("offload_param")
+    if not isinstance(offload, dict) or offload.get("device") != "nvme":
+        return
+    given = offload.get("buffer_size")
+    if given not in (None, "auto") and not _whole_number(given):
+        return  # not a count: DeepSpeed's own check names it (zo_scale.backends.zero3.load_config)
+    largest = largest_parameter(cfg.model.name)
+    size = nvme_buffer_size(largest, world, None if given in (None, "auto") else int(given))
+    if given == "auto":
+        offload["buffer_size"] = settings.filled[BUFFER_SIZE_KEY] = size
+    elif size > (DEEPSPEED_SWAP_BUFFER if given is None else given):
+        offload["buffer_size"] = size
+        written = f"{BUFFER_SIZE_KEY} (not given: DeepSpeed's default {DEEPSPEED_SWAP_BUFFER})" if given is None \
+            else f"{BUFFER_SIZE_KEY}={given}"
+        settings.raised.append(
+            f"{written} raised to {size}: NVMe offload swaps each parameter's partition into one buffer, and "
+            f"{cfg.model.name}'s largest parameter ({largest:,} elements) over {world} rank(s) has partitions of "
+            f"{-(-largest // world):,}; DeepSpeed would assert at start-up that each fits")
+
+
+def _whole_number(value: Any) -> bool:
+    """An int, or a float without a fraction (JSON's 1e8), as DeepSpeed's integer fields take it."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
 
 
 def _auto_leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, dict[str, Any], str]]:
@@ -274,10 +323,21 @@ def resolve_mode(cfg: Config, ds: dict[str, Any] | None, world: int) -> str:
     return mode
 
 
-def resolve_device(name: str) -> str:
-    """``model.device`` for this rank: 'auto' is this rank's GPU (``cuda:$LOCAL_RANK``, as launchers set
-    it) where CUDA is available, else 'cpu'; a bare 'cuda' is this rank's GPU too; anything else as given."""
-    local = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+def rank_device(name: str) -> str:
+    """``model.device`` for this rank, as a torch device string; ConfigError naming the key for one it cannot be.
+
+    Under a launcher each rank's process group (NCCL) and DeepSpeed use the rank's own GPU, cuda:$LOCAL_RANK,
+    and the model must live there too; one config speaks for every rank. So:
+
+    - 'auto': this rank's GPU where CUDA is available, else 'cpu'; 'cuda': this rank's GPU;
+    - 'cuda:N' without a launcher (WORLD_SIZE 1): GPU N, as written;
+    - 'cuda:N' under a launcher of several ranks: N = LOCAL_RANK is this rank's GPU; N = 0, the index a
+      single-GPU config carries, means each rank's own GPU, cuda:$LOCAL_RANK (:func:`resolve_device` says so
+      once); any other N names one GPU for every rank, other than the one each rank's process group uses,
+      which cannot run: refused, naming 'cuda' (and CUDA_VISIBLE_DEVICES to choose the GPUs).
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local = f"cuda:{local_rank}"
     if name == "auto":
         return local if torch.cuda.is_available() else "cpu"
     try:
@@ -286,13 +346,137 @@ def resolve_device(name: str) -> str:
         raise ConfigError(f"model.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"model.device={name}, but CUDA is not available here; use model.device=auto or cpu")
-    return str(device)
+    if device.type != "cuda" or device.index is None or world_size() == 1 or device.index == local_rank:
+        return str(device)
+    if device.index == 0:
+        return local
+    raise ConfigError(f"model.device={name} under a launcher of {world_size()} ranks: this rank's process group "
+                      f"and DeepSpeed use its own GPU, {local} (LOCAL_RANK), and one index in the config would put "
+                      f"every rank on GPU {device.index}; use model.device=cuda (each rank its own GPU), and "
+                      "CUDA_VISIBLE_DEVICES to choose which GPUs the launcher's ranks get")
+
+
+def resolve_device(name: str) -> str:
+    """:func:`rank_device`, with one warning (from rank 0) where an explicit 'cuda:0' under a launcher of
+    several ranks became each rank's own GPU."""
+    device = rank_device(name)
+    if name == "cuda:0" and world_size() > 1 and ranks_on_this_node() > 1 and is_main_process():
+        log.warning("model.device=cuda:0 under a launcher of %d ranks: each rank trains on its own GPU, "
+                    "cuda:$LOCAL_RANK (as model.device=cuda says), the GPU its process group uses", world_size())
+    return device
+
+
+def resolve_perturb(cfg: Config, mode: str, ds: dict[str, Any] | None, world: int) -> None:
+    """Set ``optim.perturb=auto`` to the path this run takes, before anything records the config (so that
+    config.yaml, the checkpoints and the seed log say in_place or in_forward), and say which and why in one
+    info line (rank 0). ``mode``: the runtime's name; ``ds``: its DeepSpeed config (the offload); ``world``:
+    its ranks.
+
+    A run that resumes a checkpoint takes the path that checkpoint's run took: the choice weighs the ranks
+    and the device's memory, which a resume may change, and the path is part of the trajectory. Otherwise
+    :func:`~zo_scale.train.build.choose_perturb` decides, with :func:`stacked_forward_fit` as the planner's
+    verdict on the memory."""
+    if cfg.optim.perturb != "auto":
+        return
+    resumed = checkpoint_perturb(Path(cfg.run.output_dir) / "checkpoint")
+    if resumed is not None:
+        choice = PerturbChoice(resumed, "auto: as the run it resumes took it")
+    else:
+        offload = offload_device(ds) if mode == "zero3" else "none"
+        choice = choose_perturb(cfg, lambda: stacked_forward_fit(cfg, mode, offload, world), mode, offload)
+    cfg.optim.perturb = choice.perturb
+    if is_main_process():
+        log.info("perturb: %s (%s)", choice.perturb, choice.why)
+
+
+def checkpoint_perturb(directory: Path) -> str | None:
+    """``optim.perturb`` of the run whose checkpoint is at ``directory`` (in_place for one written before the
+    key existed, the only path then); None without a checkpoint. A damaged one is a CheckpointReadError
+    naming the file, as the resume itself would raise."""
+    checkpoint = latest_checkpoint(directory)
+    if checkpoint is None:
+        return None
+    taken = (load_trainer_state(checkpoint)["config"].get("optim") or {}).get("perturb", "in_place")
+    return taken if taken in ("in_place", "in_forward") else None
+
+
+def offload_device(ds: dict[str, Any] | None) -> str:
+    """Where ZeRO-3 keeps the partitions between forwards: ``zero_optimization.offload_param.device`` 'cpu' or
+    'nvme', else 'none' (on the GPU)."""
+    offload = ((ds or {}).get("zero_optimization") or {}).get("offload_param") or {}
+    device = offload.get("device") if isinstance(offload, dict) else None
+    return device if device in ("cpu", "nvme") else "none"
+
+
+def stacked_forward_fit(cfg: Config, mode: str, offload: str, world: int) -> Fit:
+    """The planner's verdict on this run with ``optim.perturb=in_forward`` (:func:`planned_run`): its peak
+    against the memory of this rank's device, the GPU's (all of it: the planner counts every term, the CUDA
+    context too), or on a CPU the host RAM that the node's ranks share (the planner measures CPU forwards
+    too). Where that memory cannot be read, it fits; a run the planner cannot size does not."""
+    on_gpu = rank_device(cfg.model.device).startswith("cuda")
+    memory = torch.cuda.get_device_properties(rank_device(cfg.model.device)).total_memory if on_gpu else host_memory()
+    try:
+        plan = planned_run(cfg, mode, offload, world, memory)
+    except ValueError as err:
+        return Fit(False, f"the planner cannot size it ({err})")
+    stacked = sum(b for name, b in plan.gpu.items() if plan.phase.get(name) == "step")
+    peak = plan.per_gpu_bytes if on_gpu else plan.node_host_bytes
+    where = "the GPU's" if on_gpu else "host RAM's"
+    if memory is None:
+        return Fit(True, f"stacked step {stacked / GiB:.2f} GiB, peak {peak / GiB:.2f} GiB ({where} size unknown)")
+    if plan.problems():
+        return Fit(False, f"with the batch stacked the planner's peak is {peak / GiB:.2f} GiB, over {where} "
+                          f"{memory / GiB:.2f} GiB")
+    return Fit(True, f"stacked step {stacked / GiB:.2f} GiB, peak {peak / GiB:.2f} GiB of {where} "
+                     f"{memory / GiB:.2f} GiB")
+
+
+def planned_run(cfg: Config, mode: str, offload: str, world: int, memory: int | None,
+                perturb: str = "in_forward") -> MemoryPlan:
+    """The memory plan (:func:`zo_scale.plan.memory.plan_memory`) of this run as ``mode`` with ``offload`` over
+    ``world`` ranks, ``memory`` bytes on this rank's device (host RAM on a CPU), taking ``perturb``.
+
+    What the planner is told is what the config says before any data loads: ``run.batch_size`` sequences of
+    ``task.max_length`` tokens, one scored token each, as ``zo-scale plan`` takes them. Sequences padded to
+    ``task.max_length`` bound the activations from above; a multiple-choice task whose options do not share
+    one token stacks a sequence per option, which the planner does not see. ValueError for a run the
+    planner cannot size (e.g. an architecture without one list of blocks)."""
+    on_gpu = rank_device(cfg.model.device).startswith("cuda")
+    per_node = ranks_on_this_node()
+    fo_layers = max(cfg.hybrid.fo_layers, 0)
+    settings = RunSettings(
+        mode=mode, offload=offload, gpus=world, nodes=world // per_node if world % per_node == 0 else 1,
+        device="cuda" if on_gpu else "cpu", gpu_memory=memory if on_gpu else None,
+        host_memory=None if on_gpu else memory, batch=cfg.run.batch_size, seq=cfg.task.max_length,
+        dtype=cfg.model.dtype, tuning=PLANNED_TUNING.get(cfg.peft.method, cfg.peft.method),
+        quantization=cfg.model.quantization, lora_r=cfg.peft.lora_r, virtual_tokens=cfg.peft.num_virtual_tokens,
+        fo_layers=fo_layers, rule=cfg.optim.rule, master_weights=cfg.optim.master_weights, perturb=perturb,
+        estimator=cfg.optim.estimator, queries=cfg.optim.queries)
+    return plan_memory(ModelShape.of(model_config(cfg.model.name), fo_layers), settings)
+
+
+def host_memory() -> int | None:
+    """Bytes of RAM this process may use: the machine's, or its cgroup's limit where lower (a container);
+    None where neither can be read."""
+    try:
+        total: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        total = None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        try:
+            limit = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = int(limit) if total is None else min(total, int(limit))
+        break
+    return total
 
 
 def make_runtime(cfg: Config) -> Runtime:
     """The runtime the config and the launcher ask for, with its process group up (if any); ``model.dtype``
-    resolved. The DeepSpeed config it ran with (after :func:`reconcile_deepspeed_config`) is the runtime's
-    ``deepspeed_config``."""
+    and ``optim.perturb`` resolved (:func:`resolve_model_dtype`, :func:`resolve_perturb`). The DeepSpeed config
+    it ran with (after :func:`reconcile_deepspeed_config`) is the runtime's ``deepspeed_config``."""
     world = world_size()
     if cfg.dist.deepspeed_config is not None:
         ds = read_deepspeed_config(cfg.dist.deepspeed_config)
@@ -309,6 +493,7 @@ def make_runtime(cfg: Config) -> Runtime:
     else:
         mode, settings = check_deepspeed_config(ds, cfg, world)
         settings.warn()
+    resolve_perturb(cfg, mode, None if settings is None else settings.config, world)
     runtime = _start_runtime(cfg, mode, None if settings is None else settings.config)
     if settings is not None:  # under ZeRO-3, as its backend completed it (zero3.load_config)
         runtime.deepspeed_config = getattr(runtime, "config", settings.config)
