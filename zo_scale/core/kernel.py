@@ -173,7 +173,8 @@ def compile_options(device_type: str, exact_casts: bool) -> dict[str, Any]:
 
 
 def compiled(factory: Callable[[Any], Callable[..., Any]], plan: Hashable, large: bool = True,
-             exact_casts: bool = False, device_type: str = "cpu") -> Callable[..., Any]:
+             exact_casts: bool = False, device_type: str = "cpu", dtype: torch.dtype | None = None
+             ) -> Callable[..., Any]:
     """``factory(plan)`` compiled with dynamic shapes and scalars for ``device_type``, made once per plan.
 
     ``plan`` is the static part of a kernel (which noise kinds, which moves, which rule); everything
@@ -185,8 +186,10 @@ def compiled(factory: Callable[[Any], Callable[..., Any]], plan: Hashable, large
     decides from the first call's size whether the C++ kernel runs on several threads, so small and
     large shards get kernels of their own. ``exact_casts``: the plan rounds to a narrower dtype mid-way
     (:func:`compile_options`). ``device_type``: the options differ between the CPU and accelerators.
+    ``dtype``: the shard's.
     """
-    key = (factory, plan, large, exact_casts, device_type)
+    # the dtype too: each key is a code object of its own, and dynamo's recompile limit (8) counts per code object
+    key = (factory, plan, large, exact_casts, device_type, dtype)
     if key not in _compiled:
         fn = factory(plan)
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_compiled)}")
@@ -228,7 +231,7 @@ def run(mode: str | None, factory: Callable[[Any], Callable[..., Any]], plan: Ha
     device = args[0].device
     try:
         with torch.no_grad():  # one grad mode for every call: dynamo guards on it (a flip recompiles)
-            compiled(factory, plan, numel >= MIN_COMPILED_NUMEL, exact_casts, device.type)(*args)
+            compiled(factory, plan, numel >= MIN_COMPILED_NUMEL, exact_casts, device.type, args[0].dtype)(*args)
     except Exception as error:  # inductor raises many types (no compiler, codegen, backend errors)
         reason = _reason(error)
         if not fallback_allowed(mode, device):
