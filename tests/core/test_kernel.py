@@ -49,9 +49,11 @@ def train(name, dtype, mode, steps=4):
     return model, losses, opt.state_dict()
 
 
-# the master copy is for 16-bit weights only
+# the master copy is for 16-bit weights only. fp16 rounds through the same casts as bf16 (each a kernel of its
+# own to compile): checked for the rules with state, decay or a master copy, not again for every direction
+FP16 = ("adam-wd", "master-adam", "sgd-q3-wd-lazy", "lozo-m", "hizoo")
 CASES = [(n, d) for n in sorted(OPTIMIZERS) for d in (torch.float32, torch.bfloat16, torch.float16)
-         if not (n.startswith("master") and d == torch.float32)]
+         if not (n.startswith("master") and d == torch.float32) and (d != torch.float16 or n in FP16)]
 
 
 @pytest.mark.parametrize("name,dtype", CASES)
@@ -174,6 +176,7 @@ def test_an_accelerator_compiles_with_eager_rounding_and_the_cpu_as_before():
     gpu = kernel.compile_options("cuda", exact_casts=False)
     assert gpu["emulate_precision_casts"]  # in Triton: no fused multiply-add
     assert gpu["eager_numerics.division_rounding"] and gpu["eager_numerics.disable_ftz"]
+    assert gpu["triton.autotune_pointwise"] is False  # no benchmarking on clones of the shard at the first call
     assert not kernel.compile_options("cpu", exact_casts=False)["emulate_precision_casts"]
     assert kernel.compile_options("cpu", exact_casts=True)["emulate_precision_casts"]
     for options in (gpu, kernel.compile_options("cpu", exact_casts=False)):

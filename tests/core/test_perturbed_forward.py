@@ -278,3 +278,113 @@ def test_a_closure_that_raises_mid_forward_still_lands_the_whole_update():
     with pytest.raises(RuntimeError, match="data loader died"):
         opts[0].step(half_a_forward)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("perturb", ["in_place", "in_forward"])
+def test_every_write_is_bracketed_by_writing_and_no_forward_runs_inside_it(perturb):
+    """``writing`` (ZeRO-3 orders DeepSpeed's gather stream by it) is entered around every pass that writes
+    the stored weights: each sweep, and in_forward's stores, which the sweep after the forward closes; no
+    closure runs inside it, and every store lands between a forward's start and the bracket that closes it."""
+    import contextlib
+
+    model = build_tiny_model("llama")
+    events = []
+
+    @contextlib.contextmanager
+    def writing():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    def forward(*groups):  # in_place: closure(); in_forward: closure(K)
+        events.append("forward")
+        return losses(model, groups[0]) if groups else losses(model, 1)[0]
+
+    opt = zo_scale.ZOSGD(model.named_parameters(), lr=1e-3, seed=3, model=model, perturb=perturb, lazy=True,
+                         writing=writing, store_fn=lambda p, n: events.append("store"))
+    for _ in range(3):
+        opt.step(forward)
+    opt.flush()
+    depth = 0
+    for event in events:
+        depth += {"enter": 1, "exit": -1}.get(event, 0)
+        assert depth in (0, 1)
+        assert event != "forward" or depth == 0
+    assert depth == 0
+    bracketed = "".join({"enter": "(", "exit": ")", "forward": "f", "store": "s"}[e] for e in events)
+    if perturb == "in_place":  # lazy: the step's first move carries the last update, then -2 eps z
+        assert bracketed == "()f()f" + "()f()f" * 2 + "()"
+    else:  # the first step has nothing to land; later ones store inside the forward, closed by the sweep after it
+        stores = "s" * len(list(model.parameters()))
+        assert bracketed == "f" + f"f{stores}()" * 2 + "()"
+
+
+def test_a_matrix_larger_than_a_copy_window_gives_the_whole_copys_outputs_a_block_of_rows_at_a_time(monkeypatch):
+    """An Embedding's and a Linear's weight over a copy window are copied a block of rows at a time, every
+    block's K copies within the window: the embedding's outputs are the whole copies' bit for bit, the
+    linear layer's equal them to its products' rounding; a small matrix still gets whole copies."""
+    from zo_scale.core import flat_buckets, sweep
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(300, 16), "head": torch.nn.Linear(16, 300),
+                                 "small": torch.nn.Linear(16, 8)})
+    names = {p: n for n, p in model.named_parameters()}
+    direction = zo_scale.core.directions.DenseDirection(7)
+    groups = [[(direction, 1e-2)], [(direction, -1e-2)], []]
+    ids = torch.randint(0, 300, (6, 5), generator=gen)  # 3 row groups of 2 rows
+    x = torch.randn(6, 5, 16, generator=gen)
+
+    def outputs():
+        copied = []
+
+        def make_copies(p, name, span):
+            whole = whole_param_shard(p, name)
+            out = sweep.perturbed_copies(whole if span is None else whole.narrow(*span), groups)
+            copied.append((name, span, sum(c.numel() * c.element_size() for c in out if c is not p.data.view(-1))))
+            return out
+
+        with torch.no_grad(), perturbed_forward(model, names, groups, make_copies=make_copies):
+            return (model["embed"](ids), model["head"](x), model["small"](x)), copied
+
+    whole, whole_copies = outputs()
+    window = 300 * 16 * 4 // 3  # the two 300 x 16 fp32 weights are over it, the 8 x 16 one is not
+    monkeypatch.setattr(flat_buckets, "COPY_WINDOW_BYTES", window)
+    blocks, block_copies = outputs()
+    assert torch.equal(blocks[0], whole[0])
+    assert torch.allclose(blocks[1], whole[1], rtol=1e-6, atol=1e-6) and torch.equal(blocks[2], whole[2])
+    spans = {name: [span for n, span, _ in block_copies if n == name] for name in names.values()}
+    for name in ("embed.weight", "head.weight"):
+        assert len(spans[name]) > 3 and spans[name][0][0] == 0 and spans[name][-1][1] == 300 * 16
+        assert all(a[1] == b[0] for a, b in zip(spans[name], spans[name][1:], strict=False))  # contiguous, in order
+    assert spans["small.weight"] == [None] and spans["head.bias"] == [None]
+    assert max(size for _, span, size in block_copies if span) <= window < max(size for *_, size in whole_copies)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_steps_with_the_embedding_and_head_copied_by_blocks_follow_the_whole_copies(arch, monkeypatch):
+    """Lazy in_forward steps whose embedding and LM head (tied in OPT) are copied a block at a time: the
+    update lands once per step on them (in a pass before the first block), the projected gradients follow
+    the whole copies' to the linear layers' rounding, and the weights with them."""
+    from zo_scale.core import flat_buckets, optimizer
+
+    whole_model, whole = run(arch, "in_forward", 3, lazy=True)
+    monkeypatch.setattr(flat_buckets, "COPY_WINDOW_BYTES", 1 << 15)  # under the 259 x 64 fp32 embedding
+    blocked = set()
+
+    def perturbed_copies(shard, *args):
+        if shard.flat.numel() < shard.full_numel:
+            blocked.add(shard.name)
+        return real(shard, *args)
+
+    real = optimizer.perturbed_copies
+    monkeypatch.setattr(optimizer, "perturbed_copies", perturbed_copies)
+    block_model, blocks = run(arch, "in_forward", 3, lazy=True)
+    assert blocked == {"model.embed_tokens.weight", "lm_head.weight"} if arch == "llama" else \
+        {"model.decoder.embed_tokens.weight"}  # OPT ties its head to the embedding
+    grads = [[g for gs in r[1::2] for g in gs] for r in (blocks, whole)]
+    assert grads[0] == pytest.approx(grads[1], rel=1e-3)
+    start = build_tiny_model(arch).parameters()
+    moved = max((p - q).abs().max().item() for p, q in zip(whole_model.parameters(), start, strict=True))
+    for (n, p), q in zip(block_model.named_parameters(), whole_model.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-3 * moved), n

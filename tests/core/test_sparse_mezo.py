@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 
 import zo_scale
-from zo_scale.core.directions import BlockSampler, DenseDirection, LayerSubsetSampler, MagnitudeSampler
+from zo_scale.core.directions import (
+    BlockSampler,
+    DenseDirection,
+    LayerSubsetSampler,
+    MagnitudeSampler,
+    kth_magnitude,
+)
 from zo_scale.core.shards import whole_param_shard
 from zo_scale.models.tiny import build_tiny_model, learnable_token_batch
 
@@ -20,6 +26,22 @@ def losses(model, groups):
     ids = IDS.repeat(groups, 1)
     logits = model(input_ids=ids).logits[:, :-1].float()
     return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(-1).view(groups, -1).mean(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_threshold_is_kthvalue_of_the_magnitudes_without_their_copy(dtype):
+    """kth_magnitude (radix select over bit patterns, a chunk at a time) equals kthvalue of |x| in fp32 at
+    every rank: zeros of both signs, ties, subnormals, chunks that split the tensor unevenly."""
+    gen = torch.Generator().manual_seed(1)
+    for n in (1, 5, 1000, 30011):
+        x = (torch.randn(n, generator=gen, dtype=torch.float64) * 0.02).to(dtype)
+        x[: n // 7] = 0.0
+        x[n // 7 : n // 5] = -0.0
+        x[n // 5 : n // 4] = x[n // 4]  # ties
+        x[n // 4 : n // 3] *= torch.finfo(dtype).tiny  # subnormals (and zeros where they round away)
+        for k in {1, n // 3 + 1, n // 2 + 1, n - 1, n} - {0}:
+            expected = x.double().abs().kthvalue(k).values.item()
+            assert kth_magnitude(x, k, chunk=997) == expected, (n, k)
 
 
 class Quadratic(torch.nn.Module):

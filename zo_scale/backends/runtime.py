@@ -64,7 +64,8 @@ class Runtime:
         return load()
 
     def optimizer_kwargs(self) -> dict[str, Any]:
-        """``shard_fn`` / ``loss_reduce`` for :class:`~zo_scale.core.optimizer.ZOOptimizer`."""
+        """``shard_fn`` / ``loss_reduce`` / ``store_fn`` / ``writing``: the backend's hooks of
+        :class:`~zo_scale.core.optimizer.ZOOptimizer`."""
         return {}
 
     def sum(self, values: list[float]) -> list[float]:

@@ -273,25 +273,81 @@ def _partition_span(param: torch.Tensor, name: str) -> tuple[int, int]:
     return offset, max(0, min(n, param.ds_numel - offset))
 
 
-def zero3_store(param: torch.Tensor, name: str) -> None:
+def zero3_store(param: torch.Tensor, name: str, non_blocking: bool = False) -> bool:
     """Store a gathered parameter's updated whole value (``param.data``, inside its module's forward) in
-    this rank's partition (``ZOOptimizer(store_fn=...)``): the rank's elements are copied into
-    ``ds_tensor``; with NVMe offload the partition, still in the swap buffer DeepSpeed read it into
-    for the gather, is written to its file and stays in the buffer, which DeepSpeed's release after
-    the module drops (unwritten, as after any forward). Per step and parameter that is the one write
-    of the lazy in-forward update, and no second read: keeping the buffer matters for a parameter
-    used twice (a tied embedding / LM head), which DeepSpeed keeps gathered between its uses and
-    would otherwise prefetch from the file again."""
+    this rank's partition (``ZOOptimizer(store_fn=...)``, through :class:`PartitionWrites`): the rank's
+    elements are copied into ``ds_tensor``; with NVMe offload the partition, still in the swap buffer
+    DeepSpeed read it into for the gather, is written to its file and stays in the buffer, which
+    DeepSpeed's release after the module drops (unwritten, as after any forward). Per step and parameter
+    that is the one write of the lazy in-forward update, and no second read: keeping the buffer matters
+    for a parameter used twice (a tied embedding / LM head), which DeepSpeed keeps gathered between its
+    uses and would otherwise prefetch from the file again.
+
+    ``non_blocking``: a copy from an accelerator into a host partition (CPU offload) is queued on the
+    current stream and not waited for; returns whether it was (the caller synchronizes before the host
+    reads the partition). An NVMe partition's copy always completes first: its file write reads it."""
     if not hasattr(param, "ds_tensor"):  # replicated (a PEFT adapter): param.data is the stored tensor
-        return
+        return False
     partition = param.ds_tensor
     if param.ds_status != ZeroParamStatus.AVAILABLE or partition.status != PartitionedParamStatus.AVAILABLE:
         raise RuntimeError(f"ZeRO-3 parameter {name!r} is not gathered with its partition at hand "
                            f"({param.ds_status.name}, partition {partition.status.name}): nothing to store it from")
     offset, valid = _partition_span(param, name)
-    partition.data.view(-1)[:valid].copy_(param.data.view(-1)[offset : offset + valid])
-    if getattr(partition, "final_location", None) == OffloadDeviceEnum.nvme:
+    nvme = getattr(partition, "final_location", None) == OffloadDeviceEnum.nvme
+    queued = non_blocking and not nvme and partition.device.type == "cpu" and param.device.type != "cpu"
+    partition.data.view(-1)[:valid].copy_(param.data.view(-1)[offset : offset + valid], non_blocking=queued)
+    if nvme:
         _write_partition_file(param)
+    return queued
+
+
+class PartitionWrites:
+    """The order of the ZO core's writes of the partitions and DeepSpeed's reads of them, on a GPU
+    (``ZOOptimizer(writing=self, store_fn=self.store)``).
+
+    DeepSpeed all-gathers the partitions (under CPU offload: uploads them) on a stream of its own and makes
+    only the compute stream wait for it (``PartitionedParameterCoordinator.fetch_sub_module``); nothing
+    makes that stream wait for work on the compute stream. A sweep writes ``ds_tensor`` on the compute
+    stream, so the next forward's gather could read a partition half written, with no error. Around each
+    pass that writes: on entry the compute stream waits for gathers in flight (a prefetch may still read a
+    partition), on exit DeepSpeed's stream waits for the writes; neither is a host sync.
+
+    The in-forward store under CPU offload copies each updated parameter into its host partition without
+    blocking (a blocking copy per parameter would stall the forward at every module: 720 host syncs a step
+    at 7B, and DeepSpeed's prefetch with it); the pass that follows the forward synchronizes once, on exit,
+    before the host reads a partition. ``stream``: DeepSpeed's gather stream (:func:`allgather_stream`),
+    None on a synchronized device (the CPU), where every method is a no-op but the store itself.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.queued = 0  # copies to host partitions not yet waited for
+        self.host_syncs = 0  # the synchronizations they cost, counted
+
+    def store(self, param: torch.Tensor, name: str) -> None:
+        self.queued += zero3_store(param, name, non_blocking=self.stream is not None)
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        compute = None if self.stream is None else get_accelerator().current_stream()
+        if compute is not None:
+            compute.wait_stream(self.stream)
+        yield
+        if compute is not None:
+            if self.queued:
+                compute.synchronize()
+                self.queued, self.host_syncs = 0, self.host_syncs + 1
+            self.stream.wait_stream(compute)
+
+
+def allgather_stream(engine: Any) -> Any:
+    """The stream DeepSpeed's ZeRO-3 gathers run on (a private attribute of DeepSpeed 0.19.8's
+    ``DeepSpeedZeRoOffload``, which a hybrid run's ZeRO-3 optimizer holds as ``parameter_offload``); None on
+    a synchronized device (the CPU accelerator)."""
+    offload = engine.optimizer
+    if not isinstance(offload, DeepSpeedZeRoOffload):
+        offload = offload.parameter_offload
+    return offload._DeepSpeedZeRoOffload__allgather_stream
 
 
 def _write_partition_file(param: torch.Tensor) -> None:
@@ -435,7 +491,8 @@ class Zero3Runtime(DistributedRuntime):
         return self.engine.module, tokenizer
 
     def optimizer_kwargs(self) -> dict[str, Any]:
-        return {"shard_fn": zero3_shard, "loss_reduce": self.mean, "store_fn": zero3_store}
+        writes = PartitionWrites(allgather_stream(self.engine))
+        return {"shard_fn": zero3_shard, "loss_reduce": self.mean, "store_fn": writes.store, "writing": writes}
 
     # -- first-order hooks: the FO pass goes through the engine -----------------------------------
     def _engine_optimizer(self, fo: Any = None) -> DeepSpeedZeroOptimizer_Stage3:

@@ -158,6 +158,12 @@ def compile_options(device_type: str, exact_casts: bool) -> dict[str, Any]:
       several threads, and its on-disk graph cache would hand a kernel made for a small shard in another
       process to a large one (:func:`compiled`); the generated code is still cached by its source.
 
+    - ``triton.autotune_pointwise`` False: one launch configuration per kernel. With it on, the first
+      call of a one-dimensional pointwise kernel benchmarks two or more configurations, each on clones of
+      every argument the kernel writes (``CachingAutotuner.clone_args``): a second copy of the shard
+      (2 GB for a 1e9-element bf16 tensor) at the first step, on a device sized for one. The sweep is
+      bound by memory traffic, which the configurations do not change.
+
     Square roots need no option: the sweep takes them in fp64 (``directions.sqrt64``), correctly rounded
     on every path.
     """
@@ -169,6 +175,7 @@ def compile_options(device_type: str, exact_casts: bool) -> dict[str, Any]:
         "cpp.enable_unsafe_math_opt_flag": False,
         "cpu_backend": "cpp",
         "fx_graph_cache": False,
+        "triton.autotune_pointwise": False,
     }
 
 

@@ -135,6 +135,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         store_fn: ``store_fn(param, name)`` writes a parameter's whole value, updated in ``param.data``
             inside the forward (lazy in_forward), to where the parameter is stored; None where
             ``param.data`` is the stored tensor (one process, replicated ranks). A ZeRO-3 backend gives one.
+        writing: a context manager factory entered around every pass that writes the stored parameters
+            (each sweep, and the forward's landing, whose stores the sweep after it closes): a backend that
+            reads them on another stream (ZeRO-3's all-gathers run on DeepSpeed's) orders those reads
+            after the writes, and the writes after reads in flight. None: one stream, nothing to order.
         flat: store each param group's parameters (per device and dtype) as views of flat buckets
             (:mod:`zo_scale.core.flat_buckets`), so that a sweep is one kernel call per bucket instead of
             one per tensor, with equal results; the parameters stay the same objects, their ``.data`` moves.
@@ -164,6 +168,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         perturb: str = "in_place",
         store_fn: Callable[[torch.Tensor, str], None] | None = None,
         flat: bool = True,
+        writing: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -221,6 +226,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.master_weights = master_weights
         self.perturb = perturb
         self.store_fn = store_fn
+        self.writing = writing or contextlib.nullcontext
         self._offsets: dict[int, tuple[Direction, float]] = {}  # master_weights: perturbation the shards carry
         self.step_count = 0  # t: steps taken, skipped ones included
         self.skipped_steps = 0
@@ -294,17 +300,18 @@ class ZOOptimizer(torch.optim.Optimizer):
                     self._offsets[id(d)] = (d, total)
             offsets = list(self._offsets.values())
         updates = self._updates(pending_update)
-        if not self.master_weights:
-            skip = {*skip, *self._sweep_buckets(before, updates, after, skip)}
-        for gi, shard in self._shards(skip):
-            update = updates[gi]
-            state = self._state_for(shard) if update or self.master_weights else None
-            master = None
-            if self.master_weights:
-                if "master" not in state:  # first sweep: the shard is still unperturbed
-                    state["master"] = shard.flat.to(torch.float32, copy=True)
-                master = state["master"]
-            sweep_shard(shard, before, update, after, state if update else None, master, offsets, self.kernel)
+        with self.writing():
+            if not self.master_weights:
+                skip = {*skip, *self._sweep_buckets(before, updates, after, skip)}
+            for gi, shard in self._shards(skip):
+                update = updates[gi]
+                state = self._state_for(shard) if update or self.master_weights else None
+                master = None
+                if self.master_weights:
+                    if "master" not in state:  # first sweep: the shard is still unperturbed
+                        state["master"] = shard.flat.to(torch.float32, copy=True)
+                    master = state["master"]
+                sweep_shard(shard, before, update, after, state if update else None, master, offsets, self.kernel)
 
     def _sweep_buckets(self, before: Moves, updates: list[Update | None], after: Moves,
                        skip: Container[torch.Tensor]) -> set[torch.Tensor]:
@@ -474,15 +481,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         windows = flat_buckets.CopyWindows(self.buckets, groups, lambda bucket: updates[bucket.group], self.kernel,
                                            flat_buckets.COPY_WINDOW_BYTES)
 
-        def land_and_copy(p: torch.nn.Parameter, name: str) -> list[torch.Tensor]:
-            """The copies of p, the pending update landed on it in the same pass at its first use (a window of
-            a flat bucket at a time where it can)."""
-            made = windows.copies(p)
+        def land_and_copy(p: torch.nn.Parameter, name: str, span: tuple[int, int] | None) -> list[torch.Tensor]:
+            """The copies of p (of its elements in ``span``), the pending update landed on it in the same pass at
+            its first use (a window of a flat bucket at a time where it can). A parameter copied a block at a
+            time (larger than a window, so alone in its own) gets the update whole at its first block, in a
+            pass of its own: landed block by block, a forward stopped between blocks would leave it half landed."""
+            made = windows.copies(p) if span is None else None
             if made is not None:
                 return made
             whole = whole_param_shard(p, name)
             update = None if p in landed or p in windows.landed else updates[group_of[p]]
-            copies = perturbed_copies(whole, groups, self.kernel, update, self._state_for(whole) if update else None)
+            state = self._state_for(whole) if update else None
+            if update is not None and span is not None:
+                sweep_shard(whole, update=update, state=state, kernel_mode=self.kernel)
+            shard = whole if span is None else whole.narrow(*span)
+            copies = perturbed_copies(shard, groups, self.kernel, update if span is None else None, state)
             if update is not None:
                 landed.add(p)
                 if self.store_fn is not None:

@@ -33,6 +33,15 @@ lazy update, the same pass lands the last step's update on theta first (and writ
 ``nn.Linear`` writes each group's rows straight into one output tensor; other modules' group outputs
 are concatenated.
 Activations are those of a forward over K times the batch.
+
+A huge matrix (a plain ``nn.Linear`` or ``nn.Embedding`` weight larger than a copy window,
+:data:`~zo_scale.core.flat_buckets.COPY_WINDOW_BYTES`, 128 MiB: LLaMA-70B's 2.1 GB embedding and head) is
+copied a block of rows at a time, the K copies of a block together within a window's bytes, so its copies
+never hold K times the matrix (4.2 GB at K = 2); the optimizer lands a pending update on such a matrix in
+a pass of its own before the first block (one read and write of it more). An embedding looks up each
+group's ids in the block that holds them (the values of the whole copy's lookup); a linear layer computes
+each block of its output features by a product of its own, which BLAS may round differently in the last
+bits of the outputs from one product over all of them (the copies, and the weights, are the same bits).
 """
 
 from __future__ import annotations
@@ -43,10 +52,13 @@ from typing import Any
 
 import torch
 
+from zo_scale.core import flat_buckets
 from zo_scale.core.shards import whole_param_shard
 from zo_scale.core.sweep import Moves, perturbed_copies
 
-CopyMaker = Callable[[torch.nn.Parameter, str], list[torch.Tensor]]  # (param, name) -> its K flat copies
+# (param, name, span) -> its K flat copies: of elements [start, stop) of the flattened parameter for a span
+# (start, stop), of all of it for None
+CopyMaker = Callable[[torch.nn.Parameter, str, tuple[int, int] | None], list[torch.Tensor]]
 
 
 def _rows(args: Sequence[Any], kwargs: dict[str, Any]) -> int | None:
@@ -104,15 +116,29 @@ def _linear_into(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) ->
         torch.mm(x, module.weight.t(), out=out)
 
 
+def _row_blocks(module: torch.nn.Module, groups: int) -> list[tuple[int, int]] | None:
+    """Blocks of rows [a, b) of a module's 2-D ``weight`` larger than a copy window, each small enough that its
+    ``groups`` copies together fit in one; None for a weight that fits whole."""
+    weight = module.weight
+    if weight.dim() != 2 or weight.numel() * weight.element_size() <= flat_buckets.COPY_WINDOW_BYTES:
+        return None
+    row_bytes = weight.shape[1] * weight.element_size()
+    rows = max(1, flat_buckets.COPY_WINDOW_BYTES // (groups * row_bytes))
+    return [(a, min(a + rows, weight.shape[0])) for a in range(0, weight.shape[0], rows)]
+
+
 class _GroupedForward:
     """A module's forward, run once per row group with that group's perturbed copies of its parameters."""
 
     def __init__(self, module: torch.nn.Module, name: str, forward: Callable[..., Any],
                  params: list[tuple[torch.nn.Parameter, str]], groups: int, make_copies: CopyMaker,
-                 plain_linear: bool) -> None:
+                 plain: bool) -> None:
         self.module, self.name, self.forward = module, name, forward
         self.params, self.groups, self.make_copies = params, groups, make_copies
-        self.plain_linear = plain_linear  # then its groups skip forward(): F.linear's kernel, into one output
+        # its class's own forward, unwrapped: a Linear's groups skip forward() (F.linear's kernel, into one
+        # output), a huge Linear or Embedding weight is copied a block of rows at a time
+        self.plain_linear = plain and type(module) is torch.nn.Linear
+        self.plain_embedding = plain and type(module) is torch.nn.Embedding and module.max_norm is None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rows, groups = _rows(args, kwargs), self.groups
@@ -120,11 +146,16 @@ class _GroupedForward:
             raise ValueError(f"module {self.name!r} got {'no tensor input' if rows is None else f'{rows} rows'}: the "
                              f"perturbed forward splits dim 0 of its input into {groups} row groups, so the closure "
                              f"must stack its batch {groups} times along dim 0")
+        linear = _linear_rows(self.plain_linear, self.module, args, kwargs)
+        embedding = self.plain_embedding and len(args) == 1 and not kwargs and not torch.is_grad_enabled()
+        huge = (linear is not None or embedding) and any(p is self.module.weight for p, _ in self.params)
+        blocks = _row_blocks(self.module, groups) if huge else None
+        if blocks is not None:
+            return self._by_row_blocks(blocks, linear, args[0])
         params = [p for p, _ in self.params]
         stored = [p.data for p in params]  # under ZeRO-3: the gathered whole parameter
         # every group's copy of each parameter in one pass over it (z generated once for all groups)
-        copies = [self.make_copies(p, n) for p, n in self.params]
-        linear = _linear_rows(self.plain_linear, self.module, args, kwargs)
+        copies = [self.make_copies(p, n, None) for p, n in self.params]
         outputs = []
         try:
             for k in range(groups):
@@ -140,6 +171,32 @@ class _GroupedForward:
                 p.data = data
         return linear[1].view(*args[0].shape[:-1], -1) if linear is not None else _merge(outputs, self.name)
 
+    def _by_row_blocks(self, blocks: list[tuple[int, int]], linear: tuple[torch.Tensor, torch.Tensor] | None,
+                       x: torch.Tensor) -> torch.Tensor:
+        """The groups' outputs of a plain Linear (``linear``: its input and output rows) or Embedding (input
+        ``x``: ids) whose weight is copied a block of rows at a time: each block's K copies made once, each
+        group's outputs that depend on those rows (its output features; its ids in the block) from them."""
+        weight, groups = self.module.weight, self.groups
+        copied = {p: n for p, n in self.params}
+        width = weight.shape[1]
+        bias = getattr(self.module, "bias", None)
+        biases = self.make_copies(bias, copied[bias], None) if bias in copied else [bias] * groups
+        size = len(x) // groups
+        out = linear[1] if linear is not None else weight.new_empty(*x.shape, width)
+        for a, b in blocks:
+            copies = self.make_copies(weight, copied[weight], (a * width, b * width))
+            for k in range(groups):
+                block = copies[k].view(b - a, width)
+                if linear is not None:
+                    xs = linear[0][k * len(linear[0]) // groups : (k + 1) * len(linear[0]) // groups]
+                    part = xs @ block.t() if biases[k] is None else torch.addmm(biases[k].view(-1)[a:b], xs, block.t())
+                    out[k * len(xs) : (k + 1) * len(xs), a:b] = part
+                else:
+                    ids, rows = x[k * size : (k + 1) * size], out[k * size : (k + 1) * size]
+                    hit = (ids >= a) & (ids < b)
+                    rows[hit] = block[ids[hit] - a]
+        return out.view(*x.shape[:-1], -1) if linear is not None else out
+
 
 @contextlib.contextmanager
 def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], groups: Sequence[Moves],
@@ -152,14 +209,17 @@ def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], gr
     that no module of ``model`` owns (e.g. a quantized weight's scale, an attribute of the weight)
     cannot be reached this way: a ValueError names it.
 
-    ``make_copies(param, name)``: the K copies at every use of a perturbed parameter, with its
-    (gathered) data in ``param.data``, each flat; by default :func:`~zo_scale.core.sweep.perturbed_copies`
-    of its whole value at ``groups`` with ``kernel_mode``. It may write ``param.data`` first (the
-    optimizer lands its pending update there in the same pass: :class:`~zo_scale.core.optimizer.ZOOptimizer`).
+    ``make_copies(param, name, span)``: the K copies at every use of a perturbed parameter, with its
+    (gathered) data in ``param.data``, each flat, of its elements [start, stop) for a ``span`` (a huge
+    weight's block of rows) or of all of them for None; by default :func:`~zo_scale.core.sweep.perturbed_copies`
+    at ``groups`` with ``kernel_mode``. It may write ``param.data`` first (the optimizer lands its pending
+    update there, in the same pass where it copies the whole parameter:
+    :class:`~zo_scale.core.optimizer.ZOOptimizer`).
     """
     if make_copies is None:
-        def make_copies(p: torch.nn.Parameter, name: str) -> list[torch.Tensor]:
-            return perturbed_copies(whole_param_shard(p, name), groups, kernel_mode)
+        def make_copies(p: torch.nn.Parameter, name: str, span: tuple[int, int] | None) -> list[torch.Tensor]:
+            whole = whole_param_shard(p, name)
+            return perturbed_copies(whole if span is None else whole.narrow(*span), groups, kernel_mode)
     wrapped: list[tuple[torch.nn.Module, bool, Any]] = []
     owned: set[torch.Tensor] = set()
     try:
@@ -170,9 +230,8 @@ def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], gr
             owned.update(p for p, _ in own)
             had = "forward" in module.__dict__  # e.g. an accelerate hook's wrapper: keep it, restore it after
             wrapped.append((module, had, module.__dict__.get("forward")))
-            plain_linear = type(module) is torch.nn.Linear and not had
             module.forward = _GroupedForward(module, name, module.forward, own, len(groups), make_copies,
-                                             plain_linear)
+                                             plain=not had)
         missing = [n for p, n in names.items() if p not in owned]
         if missing:
             raise ValueError(f"the perturbed forward perturbs the parameters modules own, and no module of the model "

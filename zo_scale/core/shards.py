@@ -62,6 +62,15 @@ class ParamShard:
     def span(self) -> ShardSpan:
         return ShardSpan(self.param, self.offset, self.flat.numel(), self.flat.device)
 
+    def narrow(self, start: int, stop: int) -> ParamShard:
+        """The shard of elements [start, stop) of the flattened parameter, within this one (no release hook:
+        the caller's shard keeps it)."""
+        if not self.offset <= start <= stop <= self.offset + self.flat.numel():
+            raise ValueError(f"elements [{start}, {stop}) of {self.name!r} are not in its shard "
+                             f"[{self.offset}, {self.offset + self.flat.numel()})")
+        flat = self.flat[start - self.offset : stop - self.offset]
+        return ParamShard(self.param, self.name, self.stream, flat, start, self.shape)
+
     @property
     def full_numel(self) -> int:
         return self.shape.numel()

@@ -376,13 +376,19 @@ def resolve_perturb(cfg: Config, mode: str, ds: dict[str, Any] | None, world: in
     and the device's memory, which a resume may change, and the path is part of the trajectory. Otherwise
     :func:`~zo_scale.train.build.choose_perturb` decides, with :func:`stacked_forward_fit` as the planner's
     verdict on the memory."""
+    offload = offload_device(ds) if mode == "zero3" else "none"
+    if cfg.optim.perturb == "in_place" and offload != "none" and rank_device(cfg.model.device).startswith("cuda"):
+        if is_main_process():  # the user's choice, kept: it is correct, only slow
+            log.warning("optim.perturb: in_place with offload_param.device %s moves the partitions where they are "
+                        "stored: every ZO pass runs on the host's cores over the whole model, not on "
+                        "the GPU; optim.perturb: in_forward (or auto) moves each gathered parameter on the GPU",
+                        offload)
     if cfg.optim.perturb != "auto":
         return
     resumed = checkpoint_perturb(Path(cfg.run.output_dir) / "checkpoint")
     if resumed is not None:
         choice = PerturbChoice(resumed, "auto: as the run it resumes took it")
     else:
-        offload = offload_device(ds) if mode == "zero3" else "none"
         choice = choose_perturb(cfg, lambda: stacked_forward_fit(cfg, mode, offload, world), mode, offload)
     cfg.optim.perturb = choice.perturb
     if is_main_process():
