@@ -30,7 +30,9 @@ on the CPU (``--quick`` only: tiny sizes).
                    offsets; time and bytes per second of each pass.
     launchers      ``deepspeed --num_gpus 1 launch/train.py`` under ZeRO-3, CPU offload and NVMe offload
                    (skipped where libaio is missing), and ``accelerate launch --mixed_precision bf16``,
-                   3 steps of a tiny LLaMA each (--quick on the CPU: the ZeRO-3 run only).
+                   3 steps of a tiny LLaMA each (--quick on the CPU: the ZeRO-3 run only); the offloaded
+                   runs' weights must equal ZeRO-3's bit for bit (a gather racing a partition write would
+                   not).
     quantized      ``zo-scale train`` with bitsandbytes int8 (ZO on the scales, the codes unchanged) and
                    NF4 + LoRA (the adapter moves), 3 steps each.
     checkpoint     ``zo-scale train``: a run resumed from its step-2 checkpoint ends on the weights and
@@ -66,6 +68,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -652,8 +655,11 @@ def launched_run(cmd: list[str], out: Path, timeout: float, runtime: str, on_cud
     summary = json.loads((out / "summary.json").read_text())
     losses = train_losses(out)
     weights = checkpoint_tensors(out)
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode() + weights[name].contiguous().view(torch.uint8).numpy().tobytes())
     row.update(runtime=summary["runtime"], world_size=summary["world_size"], losses=losses,
-               peak_memory_bytes=summary["peak_memory_bytes"],
+               peak_memory_bytes=summary["peak_memory_bytes"], weights_sha256=digest.hexdigest(),
                weights_dtype=str(next(iter(weights.values())).dtype) if weights else None)
     good = summary["runtime"] == runtime and len(losses) == 3 and all(math.isfinite(x) for x in losses)
     if not good:
@@ -702,17 +708,28 @@ def stage_launchers(ctx: Context) -> None:
         "zero3_offload_cpu": lambda: deepspeed("ds_configs/zero3_offload_cpu.json", "zero3_offload_cpu"),
         "zero3_offload_nvme": nvme,
     }
-    failures = []
+    failures, rows = [], {}
     for name, run in runs.items():
         if cpu_quick and name != "zero3":
             row = {"status": "skipped", "reason": "--quick on the CPU: the ZeRO-3 run only"}
         else:
             row = run()
+        rows[name] = row
         ctx.record(**{name: row})
         print(f"{name}: {row['status']} {row.get('error', row.get('reason', ''))}", flush=True)
         if row["status"] in ("failed", "timed_out"):
             failures.append(f"{name} ({row.get('error')})")
     shutil.rmtree(tmp, ignore_errors=True)
+    # offload moves where the partitions live, not what the forward computes: the same weights bit for bit
+    # (on the CPU tested so). A gather that read a partition half written (stream order) would show here.
+    plain = rows["zero3"]
+    for name in ("zero3_offload_cpu", "zero3_offload_nvme"):
+        row = rows[name]
+        if plain["status"] == row["status"] == "ok":
+            same = plain["weights_sha256"] == row["weights_sha256"]
+            ctx.record(**{f"{name}_equals_zero3": same})
+            if not same:
+                failures.append(f"{name}'s weights differ from zero3's after the same 3 steps")
     if failures:
         raise CheckFailed("; ".join(failures))
 

@@ -51,7 +51,7 @@ def train(name, dtype, mode, steps=4):
 
 # the master copy is for 16-bit weights only. fp16 rounds through the same casts as bf16 (each a kernel of its
 # own to compile): checked for the rules with state, decay or a master copy, not again for every direction
-FP16 = ("adam-wd", "master-adam", "sgd-q3-wd-lazy", "lozo-m", "hizoo")
+FP16 = ("adam-wd", "master-adam", "sgd-q3-wd-lazy")
 CASES = [(n, d) for n in sorted(OPTIMIZERS) for d in (torch.float32, torch.bfloat16, torch.float16)
          if not (n.startswith("master") and d == torch.float32) and (d != torch.float16 or n in FP16)]
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import zo_scale
+from zo_scale.core import perturbed_forward as perturbed_forward_module
 from zo_scale.core.directions import (
     BlockSampler,
     DenseSampler,
@@ -320,7 +321,7 @@ def test_every_write_is_bracketed_by_writing_and_no_forward_runs_inside_it(pertu
 
 
 def test_a_matrix_larger_than_a_copy_window_gives_the_whole_copys_outputs_a_block_of_rows_at_a_time(monkeypatch):
-    """An Embedding's and a Linear's weight over a copy window are copied a block of rows at a time, every
+    """An Embedding's and a Linear's weight over BLOCKED_BYTES are copied a block of rows at a time, every
     block's K copies within the window: the embedding's outputs are the whole copies' bit for bit, the
     linear layer's equal them to its products' rounding; a small matrix still gets whole copies."""
     from zo_scale.core import flat_buckets, sweep
@@ -350,6 +351,7 @@ def test_a_matrix_larger_than_a_copy_window_gives_the_whole_copys_outputs_a_bloc
     whole, whole_copies = outputs()
     window = 300 * 16 * 4 // 3  # the two 300 x 16 fp32 weights are over it, the 8 x 16 one is not
     monkeypatch.setattr(flat_buckets, "COPY_WINDOW_BYTES", window)
+    monkeypatch.setattr(perturbed_forward_module, "BLOCKED_BYTES", window)
     blocks, block_copies = outputs()
     assert torch.equal(blocks[0], whole[0])
     assert torch.allclose(blocks[1], whole[1], rtol=1e-6, atol=1e-6) and torch.equal(blocks[2], whole[2])
@@ -370,6 +372,7 @@ def test_steps_with_the_embedding_and_head_copied_by_blocks_follow_the_whole_cop
 
     whole_model, whole = run(arch, "in_forward", 3, lazy=True)
     monkeypatch.setattr(flat_buckets, "COPY_WINDOW_BYTES", 1 << 15)  # under the 259 x 64 fp32 embedding
+    monkeypatch.setattr(perturbed_forward_module, "BLOCKED_BYTES", 1 << 15)
     blocked = set()
 
     def perturbed_copies(shard, *args):

@@ -183,6 +183,13 @@ class LowRankDirection(Direction):
         u = noise.normal(self.seed, shard.stream, row0 * self.rank, nrows * self.rank, torch.float32, shard.flat.device)
         return u.view(nrows, self.rank)
 
+    def u_at(self, shard: ParamShard, rows: torch.Tensor) -> torch.Tensor:
+        """The rows of U at the int64 indices ``rows`` (any shape), shape (*rows.shape, rank): the same values
+        as :meth:`u_rows` (an embedding's looked-up rows)."""
+        index = rows.unsqueeze(-1) * self.rank + torch.arange(self.rank, device=rows.device)
+        table = noise.table("normal", torch.float32, rows.device)
+        return noise.at("normal", index, noise.stream_key(self.seed, shard.stream), table).float()
+
     def v(self, shard: ParamShard) -> torch.Tensor:
         """V, shape (ncols, rank); cached for the life of this direction (one step)."""
         if shard.stream not in self._v_cache:

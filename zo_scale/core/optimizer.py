@@ -481,21 +481,31 @@ class ZOOptimizer(torch.optim.Optimizer):
         windows = flat_buckets.CopyWindows(self.buckets, groups, lambda bucket: updates[bucket.group], self.kernel,
                                            flat_buckets.COPY_WINDOW_BYTES)
 
+        def land(p: torch.nn.Parameter, name: str) -> None:
+            """The pending update on p at its first use, in a pass of its own: for a weight the forward reads
+            without copies (LOZO's low-rank points, which no copy window covers) or copies a block at a time
+            (landed block by block, a forward stopped between blocks would leave it half landed)."""
+            if p in landed or p in windows.landed or updates[group_of[p]] is None:
+                return
+            whole = whole_param_shard(p, name)
+            sweep_shard(whole, update=updates[group_of[p]], state=self._state_for(whole), kernel_mode=self.kernel)
+            landed.add(p)
+            if self.store_fn is not None:
+                self.store_fn(p, name)
+
         def land_and_copy(p: torch.nn.Parameter, name: str, span: tuple[int, int] | None) -> list[torch.Tensor]:
             """The copies of p (of its elements in ``span``), the pending update landed on it in the same pass at
-            its first use (a window of a flat bucket at a time where it can). A parameter copied a block at a
-            time (larger than a window, so alone in its own) gets the update whole at its first block, in a
-            pass of its own: landed block by block, a forward stopped between blocks would leave it half landed."""
+            its first use (a window of a flat bucket at a time where it can; :func:`land` first for a parameter
+            copied a block at a time, which is over a window, so alone in its own)."""
             made = windows.copies(p) if span is None else None
             if made is not None:
                 return made
+            if span is not None:
+                land(p, name)
             whole = whole_param_shard(p, name)
             update = None if p in landed or p in windows.landed else updates[group_of[p]]
-            state = self._state_for(whole) if update else None
-            if update is not None and span is not None:
-                sweep_shard(whole, update=update, state=state, kernel_mode=self.kernel)
             shard = whole if span is None else whole.narrow(*span)
-            copies = perturbed_copies(shard, groups, self.kernel, update if span is None else None, state)
+            copies = perturbed_copies(shard, groups, self.kernel, update, self._state_for(whole) if update else None)
             if update is not None:
                 landed.add(p)
                 if self.store_fn is not None:
@@ -503,7 +513,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             return copies
 
         try:
-            with perturbed_forward(self.model, names, groups, self.kernel, land_and_copy):
+            with perturbed_forward(self.model, names, groups, self.kernel, land_and_copy, land):
                 yield
         finally:
             if pending is not None:

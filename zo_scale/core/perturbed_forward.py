@@ -34,10 +34,11 @@ lazy update, the same pass lands the last step's update on theta first (and writ
 are concatenated.
 Activations are those of a forward over K times the batch.
 
-A huge matrix (a plain ``nn.Linear`` or ``nn.Embedding`` weight larger than a copy window,
-:data:`~zo_scale.core.flat_buckets.COPY_WINDOW_BYTES`, 128 MiB: LLaMA-70B's 2.1 GB embedding and head) is
-copied a block of rows at a time, the K copies of a block together within a window's bytes, so its copies
-never hold K times the matrix (4.2 GB at K = 2); the optimizer lands a pending update on such a matrix in
+A huge matrix (a plain ``nn.Linear`` or ``nn.Embedding`` weight over :data:`BLOCKED_BYTES`, 512 MiB:
+Llama-3-8B's 1 GB and LLaMA-70B's 2.1 GB embedding and head in bf16) is copied a block of rows at a time,
+the K copies of a block together within a copy window
+(:data:`~zo_scale.core.flat_buckets.COPY_WINDOW_BYTES`, 128 MiB), so its copies never hold K times the
+matrix (4.2 GB at K = 2); the optimizer lands a pending update on such a matrix in
 a pass of its own before the first block (one read and write of it more). An embedding looks up each
 group's ids in the block that holds them (the values of the whole copy's lookup); a linear layer computes
 each block of its output features by a product of its own, which BLAS may round differently in the last
@@ -53,9 +54,14 @@ from typing import Any
 import torch
 
 from zo_scale.core import flat_buckets
+from zo_scale.core.lowrank_forward import low_rank_embedding, low_rank_linear, low_rank_only
 from zo_scale.core.shards import whole_param_shard
 from zo_scale.core.sweep import Moves, perturbed_copies
 
+# a plain Linear / Embedding weight over this many bytes is copied a block of rows at a time; at least a copy window
+# (flat_buckets.COPY_WINDOW_BYTES), so such a weight is alone in its window
+BLOCKED_BYTES = 1 << 29
+Lander = Callable[[torch.nn.Parameter, str], None]  # (param, name): land a pending update on the stored value
 # (param, name, span) -> its K flat copies: of elements [start, stop) of the flattened parameter for a span
 # (start, stop), of all of it for None
 CopyMaker = Callable[[torch.nn.Parameter, str, tuple[int, int] | None], list[torch.Tensor]]
@@ -117,10 +123,11 @@ def _linear_into(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) ->
 
 
 def _row_blocks(module: torch.nn.Module, groups: int) -> list[tuple[int, int]] | None:
-    """Blocks of rows [a, b) of a module's 2-D ``weight`` larger than a copy window, each small enough that its
-    ``groups`` copies together fit in one; None for a weight that fits whole."""
+    """Blocks of rows [a, b) of a module's 2-D ``weight`` over :data:`BLOCKED_BYTES`, each small enough that its
+    ``groups`` copies together fit in a copy window; None for a weight copied whole."""
     weight = module.weight
-    if weight.dim() != 2 or weight.numel() * weight.element_size() <= flat_buckets.COPY_WINDOW_BYTES:
+    over = max(BLOCKED_BYTES, flat_buckets.COPY_WINDOW_BYTES)  # alone in its window if it has one
+    if weight.dim() != 2 or weight.numel() * weight.element_size() <= over:
         return None
     row_bytes = weight.shape[1] * weight.element_size()
     rows = max(1, flat_buckets.COPY_WINDOW_BYTES // (groups * row_bytes))
@@ -131,10 +138,11 @@ class _GroupedForward:
     """A module's forward, run once per row group with that group's perturbed copies of its parameters."""
 
     def __init__(self, module: torch.nn.Module, name: str, forward: Callable[..., Any],
-                 params: list[tuple[torch.nn.Parameter, str]], groups: int, make_copies: CopyMaker,
-                 plain: bool) -> None:
+                 params: list[tuple[torch.nn.Parameter, str]], moves: Sequence[Moves], make_copies: CopyMaker,
+                 land: Lander, plain: bool) -> None:
         self.module, self.name, self.forward = module, name, forward
-        self.params, self.groups, self.make_copies = params, groups, make_copies
+        self.params, self.moves, self.groups = params, moves, len(moves)
+        self.make_copies, self.land = make_copies, land
         # its class's own forward, unwrapped: a Linear's groups skip forward() (F.linear's kernel, into one
         # output), a huge Linear or Embedding weight is copied a block of rows at a time
         self.plain_linear = plain and type(module) is torch.nn.Linear
@@ -148,10 +156,13 @@ class _GroupedForward:
                              f"must stack its batch {groups} times along dim 0")
         linear = _linear_rows(self.plain_linear, self.module, args, kwargs)
         embedding = self.plain_embedding and len(args) == 1 and not kwargs and not torch.is_grad_enabled()
-        huge = (linear is not None or embedding) and any(p is self.module.weight for p, _ in self.params)
-        blocks = _row_blocks(self.module, groups) if huge else None
-        if blocks is not None:
-            return self._by_row_blocks(blocks, linear, args[0])
+        weight = self.module.weight if (linear is not None or embedding) else None
+        if weight is not None and any(p is weight for p, _ in self.params):
+            if low_rank_only(self.moves):
+                return self._low_rank(linear, args[0])
+            blocks = _row_blocks(self.module, groups)
+            if blocks is not None:
+                return self._by_row_blocks(blocks, linear, args[0])
         params = [p for p, _ in self.params]
         stored = [p.data for p in params]  # under ZeRO-3: the gathered whole parameter
         # every group's copy of each parameter in one pass over it (z generated once for all groups)
@@ -170,6 +181,22 @@ class _GroupedForward:
             for p, data in zip(params, stored, strict=True):
                 p.data = data
         return linear[1].view(*args[0].shape[:-1], -1) if linear is not None else _merge(outputs, self.name)
+
+    def _low_rank(self, linear: tuple[torch.Tensor, torch.Tensor] | None, x: torch.Tensor) -> torch.Tensor:
+        """A plain Linear (``linear``: its input and output rows) or Embedding (ids ``x``) whose weight every
+        group moves along LOZO directions only: one product (lookup) over all groups with the stored weight,
+        each group's low-rank correction added (:mod:`~zo_scale.core.lowrank_forward`); no copies of the
+        weight, its pending update landed on it first."""
+        named = {p: n for p, n in self.params}
+        weight = self.module.weight
+        self.land(weight, named[weight])
+        shard = whole_param_shard(weight, named[weight])
+        if linear is None:
+            return low_rank_embedding(x, shard, self.moves)
+        bias = self.module.bias
+        biases = self.make_copies(bias, named[bias], None) if bias in named else [bias] * self.groups
+        low_rank_linear(*linear, shard, biases, self.moves)
+        return linear[1].view(*x.shape[:-1], -1)
 
     def _by_row_blocks(self, blocks: list[tuple[int, int]], linear: tuple[torch.Tensor, torch.Tensor] | None,
                        x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +227,8 @@ class _GroupedForward:
 
 @contextlib.contextmanager
 def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], groups: Sequence[Moves],
-                      kernel_mode: str | None = None, make_copies: CopyMaker | None = None) -> Iterator[None]:
+                      kernel_mode: str | None = None, make_copies: CopyMaker | None = None,
+                      land: Lander | None = None) -> Iterator[None]:
     """While inside, every forward of ``model`` runs K = len(groups) row groups, group k at theta + groups[k].
 
     ``names``: each perturbed parameter and its name (which fixes its noise stream). A parameter's
@@ -215,7 +243,14 @@ def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], gr
     at ``groups`` with ``kernel_mode``. It may write ``param.data`` first (the optimizer lands its pending
     update there, in the same pass where it copies the whole parameter:
     :class:`~zo_scale.core.optimizer.ZOOptimizer`).
+
+    A plain Linear or Embedding whose weight every group moves along LOZO's low-rank directions makes no
+    copies of it (:mod:`~zo_scale.core.lowrank_forward`): ``land(param, name)`` is called instead, before the
+    weight is read, to land a pending update on it (by default nothing is pending).
     """
+    if land is None:
+        def land(p: torch.nn.Parameter, name: str) -> None:
+            del p, name
     if make_copies is None:
         def make_copies(p: torch.nn.Parameter, name: str, span: tuple[int, int] | None) -> list[torch.Tensor]:
             whole = whole_param_shard(p, name)
@@ -230,7 +265,7 @@ def perturbed_forward(model: torch.nn.Module, names: dict[torch.Tensor, str], gr
             owned.update(p for p, _ in own)
             had = "forward" in module.__dict__  # e.g. an accelerate hook's wrapper: keep it, restore it after
             wrapped.append((module, had, module.__dict__.get("forward")))
-            module.forward = _GroupedForward(module, name, module.forward, own, len(groups), make_copies,
+            module.forward = _GroupedForward(module, name, module.forward, own, groups, make_copies, land,
                                              plain=not had)
         missing = [n for p, n in names.items() if p not in owned]
         if missing:

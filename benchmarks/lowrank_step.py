@@ -1,0 +1,132 @@
+"""LOZO's step inside the forward: low-rank points in the matmul (no weight copies) vs copies vs in place.
+
+Model: ``OPTForCausalLM(OPTConfig())`` (OPT-125m's shape, random init, eval mode, fp32), one fixed batch of
+``--batch`` x ``--seq`` random ids; each ZO variant is ``zo_scale.LOZO(rank=2, nu=50, lazy=True)`` with q
+queries (K = 2q row groups). Timed round-robin (median of ``--repeats`` after one warmup), each variant on its
+own copy of the model:
+
+    (a) 1 forward, K x B rows     one plain forward over the batch stacked K times (torch.no_grad)   (baseline)
+    (b) 2q forwards of B rows     what the in-place step's forwards cost
+    (c) LOZO in_forward           perturb='in_forward': every Linear and Embedding weight at its K points
+                                  by zo_scale.core.lowrank_forward (one product over all rows, each group's
+                                  rank-r correction), no copies of them; 1-D parameters and OPT's learned
+                                  positions by copies
+    (d) LOZO in_forward, copies   the same with the low-rank path switched off (``perturbed_forward.low_rank_only``
+                                  answering no): K transient copies of every weight, as before
+    (e) LOZO in place             perturb='in_place': the weights moved to each point, 2q forwards
+
+Ratios: (c), (d), (e) over (a) and over (b). Peak memory is not measured here (no copies is by construction:
+``tests/core/test_lowrank_forward.py`` asserts no Linear or Embedding weight is copied).
+
+Run (2-core CPU, fp32):
+    .venv/bin/python benchmarks/lowrank_step.py                        # batch 8 x 128, q 1, 3 repeats (~4 min)
+    .venv/bin/python benchmarks/lowrank_step.py --queries 16 --batch 1 # K = 32 row groups of 1 x 128
+    .venv/bin/python benchmarks/lowrank_step.py --quick                # batch 2 x 32, 2 repeats
+
+Writes benchmarks/results/lowrank_step_q<q>[_quick].{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Callable
+
+import common
+import torch
+
+import zo_scale
+from zo_scale.core import perturbed_forward
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--batch", type=int, default=8)
+parser.add_argument("--seq", type=int, default=128)
+parser.add_argument("--queries", type=int, default=1)
+parser.add_argument("--repeats", type=int, default=3)
+parser.add_argument("--quick", action="store_true", help="batch 2 x 32, 2 repeats")
+args = parser.parse_args()
+if args.quick:
+    args.batch, args.seq, args.repeats = 2, 32, 2
+name = f"lowrank_step_q{args.queries}" + ("_quick" if args.quick else "")
+LR, EPS, RANK, NU = 1e-6, 1e-3, 2, 50
+K = 2 * args.queries
+
+model = common.opt_125m("fp32")
+ids = common.lm_batch(args.batch, args.seq)
+stacked = ids.repeat(K, 1)
+print(f"OPT-125m shape, fp32, batch {args.batch} x {args.seq}, q {args.queries} (K = {K}), "
+      f"{torch.get_num_threads()} threads")
+
+
+def lozo(m: torch.nn.Module, perturb: str) -> zo_scale.ZOOptimizer:
+    return zo_scale.LOZO(m.named_parameters(), lr=LR, eps=EPS, rank=RANK, nu=NU, queries=args.queries, lazy=True,
+                         perturb=perturb, model=m if perturb == "in_forward" else None)
+
+
+def one_stacked_forward() -> None:
+    with torch.no_grad():
+        model(input_ids=stacked)
+
+
+def separate_forwards() -> None:
+    with torch.no_grad():
+        for _ in range(K):
+            model(input_ids=ids, labels=ids)
+
+
+def in_forward(copies: bool) -> Callable[[], None]:
+    m = copy.deepcopy(model)
+    opt = lozo(m, "in_forward")
+
+    def step() -> None:
+        real = perturbed_forward.low_rank_only
+        if copies:  # the path before: K copies of every weight
+            perturbed_forward.low_rank_only = lambda groups: False
+        try:
+            opt.step(lambda groups: common.stacked_lm_losses(m, ids, groups))
+        finally:
+            perturbed_forward.low_rank_only = real
+
+    return step
+
+
+m_place = copy.deepcopy(model)
+opt_place = lozo(m_place, "in_place")
+variants: dict[str, Callable[[], None]] = {
+    f"(a) 1 forward, {K} x {args.batch} rows": one_stacked_forward,
+    f"(b) {K} forwards of {args.batch} rows": separate_forwards,
+    "(c) LOZO in_forward": in_forward(copies=False),
+    "(d) LOZO in_forward, copies": in_forward(copies=True),
+    "(e) LOZO in place": lambda: opt_place.step(lambda: m_place(input_ids=ids, labels=ids).loss),
+}
+labels = list(variants)
+timings = common.time_interleaved(variants, warmup=1, repeats=args.repeats)
+stacked_s, separate_s = timings[labels[0]].median_s, timings[labels[1]].median_s
+results = {}
+for label, t in timings.items():
+    results[label] = {"median_s": t.median_s, "times_s": t.times_s,
+                      "ratio_vs_one_stacked_forward": t.median_s / stacked_s,
+                      "ratio_vs_separate_forwards": t.median_s / separate_s}
+    print(f"{label:32s} {t.median_s:7.2f} s  x{t.median_s / stacked_s:.3f} of (a)  x{t.median_s / separate_s:.3f} "
+          f"of (b)  (times {[round(x, 2) for x in t.times_s]})")
+
+settings = {"model": "OPTForCausalLM(OPTConfig()) random init, eval mode", "dtype": "fp32", "batch": args.batch,
+            "seq": args.seq, "queries": args.queries, "row_groups": K, "rank": RANK, "nu": NU, "lr": LR, "eps": EPS,
+            "lazy": True, "warmup_steps": 1, "repeats": args.repeats, "quick": args.quick,
+            "timing": "round-robin over the variants, median of repeats, each ZO variant on its own model copy"}
+notes = ["ratio_vs_one_stacked_forward: median time / that of (a), one forward over the K stacked copies of the batch "
+         "(the in_forward step's own forward, without the loss).",
+         "ratio_vs_separate_forwards: median time / that of (b), K forwards of the batch with the LM loss (the "
+         "in-place step's forwards).",
+         "The in_forward closure is common.stacked_lm_losses (per-row LM loss, averaged per group)."]
+print("wrote", common.write_json(name, settings, results, notes))
+
+fig, ax = common.new_figure()
+common.hbar_with_ratios(ax, labels, [timings[k].median_s for k in labels], [timings[k].times_s for k in labels],
+                        [timings[k].median_s / stacked_s for k in labels],
+                        ["tab:gray", "tab:gray", "tab:blue", "tab:olive", "tab:orange"])
+ax.axvline(stacked_s, color="gray", linestyle="--", linewidth=1)
+ax.set_xlabel("wall-clock time per step (s; bar: median, dots: repeats; lower is better)")
+ax.set_title(f"LOZO step vs forwards: OPT-125m shape, fp32, batch {args.batch} x {args.seq}, K = {K}\n"
+             f"xN: median ratio to (a)\n{common.machine_label()}", fontsize=10)
+print("wrote", common.save_figure(fig, name))
