@@ -88,6 +88,8 @@ def main() -> None:
     if trainer.is_world_process_zero():
         print(f"accuracy {100 * before['eval_accuracy']:.1f}% -> {100 * after['eval_accuracy']:.1f}% "
               f"in {args.steps} ZO steps")
+    if torch.distributed.is_initialized():  # the Trainer's process group, ended before the interpreter's teardown
+        torch.distributed.destroy_process_group()  # (left to it, gloo's threads once aborted a rank at exit)
 
 
 if __name__ == "__main__":
