@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from zo_scale.adapters.peft_tuning import PeftSettings, apply_peft
@@ -364,6 +365,20 @@ def test_in_forward_update_landed_in_the_forward_under_zero3_and_cpu_offload(bas
     assert_close_run(runs["zero3"], single, base_weights)
     assert_same_run(runs["zero3_offload_cpu"], runs["zero3"])
     assert per_step(runs["zero3"], "gathered_bytes_per_step") == [model_bytes(base_model)] * STEPS
+
+
+def test_lozo_in_forward_under_zero3_follows_one_process(base_model, base_weights, tmp_path):
+    """LOZO's points inside the matmul and the lookup (zo_scale.core.lowrank_forward) under ZeRO-3: each rank
+    multiplies by the gathered weight once for all row groups, after landing the last update on it and storing
+    its slice. The run follows the 1-process in-place LOZO run, the reference."""
+    lozo = ["optim.rule=sgd", "optim.sampler=lowrank", "optim.nu=2"]
+    single = tmp_path / "single"
+    train(load_config(None, [*overrides(base_model, single), *lozo]))
+    out = tmp_path / "run"
+    launched([*torchrun(), "--deepspeed", "ds_configs/zero3.json", *overrides(base_model, out), *lozo, *IN_FORWARD],
+             out)
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["perturb"] == "in_forward"  # no fallback
+    assert_close_run(out, single, base_weights)
 
 
 def test_in_forward_replicated_matches_in_forward_one_process(base_model, base_weights, reference, tmp_path):
