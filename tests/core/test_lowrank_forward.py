@@ -1,26 +1,19 @@
-"""LOZO's points inside the matmul (zo_scale.core.lowrank_forward): a Linear at K low-rank points from one
-product with its stored weight plus each group's correction, without copies of the weight."""
+"""LOZO's points inside the matmul and the lookup (zo_scale.core.lowrank_forward): a Linear or Embedding at K
+low-rank points from its stored weight plus each group's correction, without copies of the weight."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_perturbed_forward import losses  # the K row groups' LM losses of one fixed batch
 
 import zo_scale
 from zo_scale.core import optimizer as optimizer_module
 from zo_scale.core.directions import LowRankDirection
 from zo_scale.core.lowrank_forward import low_rank_embedding, low_rank_linear, low_rank_only
 from zo_scale.core.shards import whole_param_shard
-from zo_scale.models.tiny import build_tiny_model, learnable_token_batch
+from zo_scale.models.tiny import build_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-IDS = learnable_token_batch(rows=4, length=24)
-
-
-def losses(model, groups):
-    ids = IDS.repeat(groups, 1)
-    logits = model(input_ids=ids).logits[:, :-1].float()
-    per_row = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(-1)
-    return per_row.view(groups, -1).mean(1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
