@@ -187,16 +187,20 @@ class _GroupedForward:
         group moves along LOZO directions only: one product (lookup) over all groups with the stored weight,
         each group's low-rank correction added (:mod:`~zo_scale.core.lowrank_forward`); no copies of the
         weight, its pending update landed on it first."""
-        named = {p: n for p, n in self.params}
         weight = self.module.weight
-        self.land(weight, named[weight])
-        shard = whole_param_shard(weight, named[weight])
+        name = next(n for p, n in self.params if p is weight)
+        self.land(weight, name)
+        shard = whole_param_shard(weight, name)
         if linear is None:
             return low_rank_embedding(x, shard, self.moves)
-        bias = self.module.bias
-        biases = self.make_copies(bias, named[bias], None) if bias in named else [bias] * self.groups
-        low_rank_linear(*linear, shard, biases, self.moves)
+        low_rank_linear(*linear, shard, self._biases(), self.moves)
         return linear[1].view(*x.shape[:-1], -1)
+
+    def _biases(self) -> list[torch.Tensor | None]:
+        """Each group's bias (flat): its copy where the bias is perturbed, else the module's own (or None)."""
+        bias = getattr(self.module, "bias", None)
+        name = next((n for p, n in self.params if p is bias), None)
+        return self.make_copies(bias, name, None) if name is not None else [bias] * self.groups
 
     def _by_row_blocks(self, blocks: list[tuple[int, int]], linear: tuple[torch.Tensor, torch.Tensor] | None,
                        x: torch.Tensor) -> torch.Tensor:
@@ -204,14 +208,13 @@ class _GroupedForward:
         ``x``: ids) whose weight is copied a block of rows at a time: each block's K copies made once, each
         group's outputs that depend on those rows (its output features; its ids in the block) from them."""
         weight, groups = self.module.weight, self.groups
-        copied = {p: n for p, n in self.params}
+        name = next(n for p, n in self.params if p is weight)
         width = weight.shape[1]
-        bias = getattr(self.module, "bias", None)
-        biases = self.make_copies(bias, copied[bias], None) if bias in copied else [bias] * groups
+        biases = self._biases()
         size = len(x) // groups
         out = linear[1] if linear is not None else weight.new_empty(*x.shape, width)
         for a, b in blocks:
-            copies = self.make_copies(weight, copied[weight], (a * width, b * width))
+            copies = self.make_copies(weight, name, (a * width, b * width))
             for k in range(groups):
                 block = copies[k].view(b - a, width)
                 if linear is not None:
