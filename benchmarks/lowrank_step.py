@@ -15,8 +15,8 @@ second pass compiles a kernel of its own), each variant on its own copy of the m
                                   answering no): K transient copies of every weight, as before
     (e) LOZO in place             perturb='in_place': the weights moved to each point, 2q forwards
 
-Ratios: (c), (d), (e) over (a) and over (b). Peak memory is not measured here (no copies is by construction:
-``tests/core/test_lowrank_forward.py`` asserts no Linear or Embedding weight is copied).
+Ratios: (c), (d), (e) over (a) and over (b); per ZO variant the work of one more step (aten ops, compiled sweep
+calls, host reads, bytes the ZO passes move). Peak memory: ``benchmarks/lowrank_memory.py``.
 
 Run (2-core CPU, fp32):
     .venv/bin/python benchmarks/lowrank_step.py                        # batch 8 x 128, q 1, 3 repeats (~4 min)
@@ -110,6 +110,14 @@ for label, t in timings.items():
     print(f"{label:32s} {t.median_s:7.2f} s  x{t.median_s / stacked_s:.3f} of (a)  x{t.median_s / separate_s:.3f} "
           f"of (b)  (times {[round(x, 2) for x in t.times_s]})")
 
+# work per step, counted on one more step of each ZO variant: aten ops (launches on a GPU), compiled sweep calls,
+# host reads, the bytes the ZO passes read and write over the model's
+model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+for label in labels[2:]:
+    w = results[label]["work_per_step"] = common.work_per_step(variants[label], model_bytes)
+    print(f"{label:32s} {w['aten_ops']:6d} aten ops, {w['zo_kernel_calls']:4d} compiled ZO kernel calls, "
+          f"{w['host_reads']:4d} host reads; ZO passes move {w['zo_bytes_per_model_bytes']:.2f}x the model's bytes")
+
 settings = {"model": "OPTForCausalLM(OPTConfig()) random init, eval mode", "dtype": "fp32", "batch": args.batch,
             "seq": args.seq, "queries": args.queries, "row_groups": K, "rank": RANK, "nu": NU, "lr": LR, "eps": EPS,
             "lazy": True, "warmup_steps": 2, "repeats": args.repeats, "quick": args.quick,
@@ -118,7 +126,10 @@ notes = ["ratio_vs_one_stacked_forward: median time / that of (a), one forward o
          "(the in_forward step's own forward, without the loss).",
          "ratio_vs_separate_forwards: median time / that of (b), K forwards of the batch with the LM loss (the "
          "in-place step's forwards).",
-         "The in_forward closure is common.stacked_lm_losses (per-row LM loss, averaged per group)."]
+         "The in_forward closure is common.stacked_lm_losses (per-row LM loss, averaged per group).",
+         "work_per_step (common.work_per_step, one more step of each ZO variant): every aten op (the forward's "
+         "included), compiled ZO kernel calls, host reads, and the bytes the ZO passes (sweeps and copies) read and "
+         "write over the model's bytes; the low-rank corrections inside the forward are aten ops, not ZO passes."]
 print("wrote", common.write_json(name, settings, results, notes))
 
 fig, ax = common.new_figure()
