@@ -48,6 +48,7 @@ def low_rank_linear(x: torch.Tensor, out: torch.Tensor, weight: ParamShard, bias
     or None. Needs :func:`low_rank_only`."""
     torch.mm(x, weight.flat.view(weight.shape).t(), out=out)
     size = len(x) // len(groups)
+    u: dict[int, torch.Tensor] = {}  # each direction's U, generated once (+eps and -eps groups share it)
     for k, moves in enumerate(groups):
         rows = out[k * size : (k + 1) * size]
         acc = rows.float()  # the correction in fp32, rounded once (fp32 rows: the same tensor, no copy)
@@ -55,8 +56,10 @@ def low_rank_linear(x: torch.Tensor, out: torch.Tensor, weight: ParamShard, bias
             acc += biases[k]
         for d, c in moves:
             assert isinstance(d, LowRankDirection)
+            if id(d) not in u:
+                u[id(d)] = d.u_rows(weight, 0, weight.shape[0])
             projected = x[k * size : (k + 1) * size].float() @ d.v(weight)  # (R / K) x r
-            acc.addmm_(projected, d.u_rows(weight, 0, weight.shape[0]).t(), alpha=c)
+            acc.addmm_(projected, u[id(d)].t(), alpha=c)
         if acc is not rows:
             rows.copy_(acc)
 

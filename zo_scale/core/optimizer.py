@@ -481,17 +481,25 @@ class ZOOptimizer(torch.optim.Optimizer):
         windows = flat_buckets.CopyWindows(self.buckets, groups, lambda bucket: updates[bucket.group], self.kernel,
                                            flat_buckets.COPY_WINDOW_BYTES)
 
+        def pending_of(p: torch.nn.Parameter) -> Update | None:
+            """The update still to land on p this step (None once landed, or where there is none)."""
+            return None if p in landed or p in windows.landed else updates[group_of[p]]
+
+        def stored(p: torch.nn.Parameter, name: str) -> None:
+            """p has its update: remember it, and write it back to where p is stored."""
+            landed.add(p)
+            if self.store_fn is not None:
+                self.store_fn(p, name)
+
         def land(p: torch.nn.Parameter, name: str) -> None:
             """The pending update on p at its first use, in a pass of its own: for a weight the forward reads
             without copies (LOZO's low-rank points, which no copy window covers) or copies a block at a time
             (landed block by block, a forward stopped between blocks would leave it half landed)."""
-            if p in landed or p in windows.landed or updates[group_of[p]] is None:
-                return
-            whole = whole_param_shard(p, name)
-            sweep_shard(whole, update=updates[group_of[p]], state=self._state_for(whole), kernel_mode=self.kernel)
-            landed.add(p)
-            if self.store_fn is not None:
-                self.store_fn(p, name)
+            update = pending_of(p)
+            if update is not None:
+                whole = whole_param_shard(p, name)
+                sweep_shard(whole, update=update, state=self._state_for(whole), kernel_mode=self.kernel)
+                stored(p, name)
 
         def land_and_copy(p: torch.nn.Parameter, name: str, span: tuple[int, int] | None) -> list[torch.Tensor]:
             """The copies of p (of its elements in ``span``), the pending update landed on it in the same pass at
@@ -503,13 +511,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             if span is not None:
                 land(p, name)
             whole = whole_param_shard(p, name)
-            update = None if p in landed or p in windows.landed else updates[group_of[p]]
+            update = pending_of(p)
             shard = whole if span is None else whole.narrow(*span)
             copies = perturbed_copies(shard, groups, self.kernel, update, self._state_for(whole) if update else None)
             if update is not None:
-                landed.add(p)
-                if self.store_fn is not None:
-                    self.store_fn(p, name)
+                stored(p, name)
             return copies
 
         try:
