@@ -272,7 +272,9 @@ def test_nvme_offload_equals_zero3_and_in_forward_swaps_a_third(aio_built, wide_
     sweep and written back. In place a step moves 6x their bytes: 2 forwards read each once, and
     2 sweeps read and write each. perturb=in_forward with ZO-SGD moves 2x: the forward reads each
     once, and the last step's (lazy) update lands on it there and is written back: no update sweep
-    (Adam's moments live with the partition: its in_forward update stays a sweep, 3x). DeepSpeed's
+    (Adam's moments live with the partition: its in_forward update stays a sweep, 3x). LOZO holds its
+    updates of those matrices in windows (pending_window): 1x, and 2x where V is redrawn (every nu = 2
+    steps here: the window folds in the forward and is written back), (nu + 1) / nu a step. DeepSpeed's
     async_io op is JIT-built once a machine (about 3 minutes on 2 cores), in the background while
     the other tests run (tests/conftest.py)."""
     reason = aio_unavailable_reason()
@@ -282,8 +284,10 @@ def test_nvme_offload_equals_zero3_and_in_forward_swaps_a_third(aio_built, wide_
     config["zero_optimization"]["offload_param"]["nvme_path"] = str(tmp_path / "nvme")
     (tmp_path / "nvme.json").write_text(json.dumps(config))
     runs = {}
+    lozo = [*LANDS_IN_FORWARD, "optim.sampler=lowrank", "optim.nu=2"]
     for name, ds_config, extra in [("zero3", "ds_configs/zero3.json", []), ("nvme", tmp_path / "nvme.json", []),
-                                   ("nvme in_forward", tmp_path / "nvme.json", LANDS_IN_FORWARD)]:
+                                   ("nvme in_forward", tmp_path / "nvme.json", LANDS_IN_FORWARD),
+                                   ("nvme lozo", tmp_path / "nvme.json", lozo)]:
         out = tmp_path / name.replace(" ", "-")
         runs[name] = launched([*torchrun(), "--deepspeed", str(ds_config), *overrides(wide_model, out), *extra], out,
                               timeout=900)
@@ -295,9 +299,13 @@ def test_nvme_offload_equals_zero3_and_in_forward_swaps_a_third(aio_built, wide_
     assert per_step(runs["zero3"], "swapped_bytes_per_step") == [0.0] * STEPS
     assert per_step(runs["nvme"], "swapped_bytes_per_step") == [6 * swapped] * STEPS
     assert per_step(runs["nvme in_forward"], "swapped_bytes_per_step") == [swapped] + [2 * swapped] * (STEPS - 1)
-    single = tmp_path / "single"
-    train(load_config(None, [*overrides(wide_model, single), *LANDS_IN_FORWARD]))
-    assert_close_run(runs["nvme in_forward"], single, load_file(wide_model / "model.safetensors"))
+    assert per_step(runs["nvme lozo"], "swapped_bytes_per_step") == [(1 + (t > 0 and t % 2 == 0)) * swapped
+                                                                     for t in range(STEPS)]
+    base = load_file(wide_model / "model.safetensors")
+    for name, extra in [("nvme in_forward", LANDS_IN_FORWARD), ("nvme lozo", lozo)]:
+        single = tmp_path / f"single {name}".replace(" ", "-")
+        train(load_config(None, [*overrides(wide_model, single), *extra]))
+        assert_close_run(runs[name], single, base)
 
 
 def test_checkpoint_from_two_zero3_ranks_resumes_on_one(base_model, base_weights, reference, tmp_path):

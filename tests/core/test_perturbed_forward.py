@@ -231,10 +231,12 @@ LANDS_IN_FORWARD = {  # rules without per-element state: the lazy update lands o
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("name", list(LANDS_IN_FORWARD))
-def test_the_lazy_update_landed_in_the_forward_equals_the_update_pass_bit_for_bit(arch, name):
+def test_the_lazy_update_landed_in_the_forward_equals_the_update_pass_bit_for_bit(arch, name, monkeypatch):
     """The update of step t applied to each parameter as its module runs in step t+1's forward (OPT: the
     tied embedding / LM head once, at its first use) gives the same weights and records, bit for bit,
-    as the separate update pass at the end of step t."""
+    as the separate update pass at the end of step t. (LOZO's matrices hold their lazy updates in windows
+    instead, test_pending_window.py: here each one lands.)"""
+    monkeypatch.setattr(zo_scale.ZOOptimizer, "_holding", lambda self, directions: False)
     a, ra = run(arch, "in_forward", 4, **LANDS_IN_FORWARD[name])
     b, rb = run(arch, "in_forward", 4, lazy=True, **LANDS_IN_FORWARD[name])
     assert ra == rb

@@ -77,22 +77,33 @@ def test_an_unknown_perturb_is_a_config_error(run_cli, capsys):
     assert not (out / "seedlog.jsonl").exists()
 
 
-def test_replay_of_an_in_forward_run_rebuilds_its_weights_bitwise(run_cli, tmp_path):
-    """Replaying needs no forward: with the weights never moved, only the logged updates are applied."""
+# LOZO holds its updates in windows of nu steps (pending_window) that an evaluation or a save folds mid-window
+LOZO = ["optim.sampler=lowrank", "optim.nu=4"]
+
+
+@pytest.mark.parametrize("mode", [["optim.rule=momentum"], [*LOZO, "run.eval_every=3"]], ids=["momentum", "lozo"])
+def test_replay_of_an_in_forward_run_rebuilds_its_weights_bitwise(run_cli, tmp_path, mode):
+    """Replaying needs no forward: with the weights never moved, only the logged updates are applied (and LOZO's
+    windows folded where the run folded them: V redrawn at step 4, the evaluation after step 3)."""
     from zo_scale.train.cli import main
 
-    code, out = run_cli("run.steps=4", "optim.rule=momentum", IN_FORWARD)
+    code, out = run_cli("run.steps=6", *mode, IN_FORWARD)
     assert code == 0
+    records = [json.loads(line) for line in (out / "seedlog.jsonl").read_text().splitlines()[1:]]
+    assert [r["flushed"] for r in records] == [False, False, False, "run.eval_every=3" in mode, False, False]
     assert main(["replay", str(out / "seedlog.jsonl"), str(tmp_path / "replayed")]) == 0
     replayed = load_file(tmp_path / "replayed" / "model.safetensors")
     assert all(torch.equal(v, replayed[k]) for k, v in trained(out).items())
 
 
-def test_a_resumed_in_forward_run_equals_the_uninterrupted_run_bitwise(run_cli):
-    code, straight = run_cli("run.steps=6", "optim.rule=adam", IN_FORWARD, out="straight")
+@pytest.mark.parametrize("mode", [["optim.rule=adam"], LOZO], ids=["adam", "lozo"])
+def test_a_resumed_in_forward_run_equals_the_uninterrupted_run_bitwise(run_cli, mode):
+    """The split run resumes from the checkpoint of step 3, which the straight run writes too (a save folds
+    LOZO's open windows: mid-window here)."""
+    code, straight = run_cli("run.steps=6", "run.save_every=3", *mode, IN_FORWARD, out="straight")
     assert code == 0
     for steps in (3, 6):  # the second run resumes from the first one's checkpoint
-        code, split = run_cli(f"run.steps={steps}", "optim.rule=adam", IN_FORWARD, out="split")
+        code, split = run_cli(f"run.steps={steps}", "run.save_every=3", *mode, IN_FORWARD, out="split")
         assert code == 0
     a, b = trained(straight), trained(split)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

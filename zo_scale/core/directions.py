@@ -173,7 +173,8 @@ class LowRankDirection(Direction):
     seed: int
     v_seed: int
     rank: int
-    _v_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    # V by (stream, device); the sampler shares one among the directions of a V window (the same V, generated once)
+    _v_cache: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def estimate_scale(self, shard: ParamShard) -> float:
         return 1.0 / self.rank if len(shard.shape) == 2 else 1.0
@@ -191,12 +192,13 @@ class LowRankDirection(Direction):
         return noise.at("normal", index, noise.stream_key(self.seed, shard.stream), table).float()
 
     def v(self, shard: ParamShard) -> torch.Tensor:
-        """V, shape (ncols, rank); cached for the life of this direction (one step)."""
-        if shard.stream not in self._v_cache:
+        """V, shape (ncols, rank); cached for the life of this direction (or of its sampler's V window)."""
+        key = (shard.stream, shard.flat.device)
+        if key not in self._v_cache:
             ncols = shard.shape[1]
             v = noise.normal(self.v_seed, shard.stream, 0, ncols * self.rank, torch.float32, shard.flat.device)
-            self._v_cache[shard.stream] = v.view(ncols, self.rank)
-        return self._v_cache[shard.stream]
+            self._v_cache[key] = v.view(ncols, self.rank)
+        return self._v_cache[key]
 
     def z(self, shard: ParamShard, start: int, count: int) -> torch.Tensor:
         if len(shard.shape) != 2:
@@ -249,6 +251,19 @@ class FactorDirection(Direction):
 
     def on(self, shard: ParamShard) -> Direction | None:
         return self if shard.stream == self.stream else None
+
+    # the factors as LowRankDirection gives them (M for U): the low-rank forward takes either
+    def u_rows(self, shard: ParamShard, row0: int, nrows: int) -> torch.Tensor:
+        del shard
+        return self.factor[row0 : row0 + nrows]
+
+    def u_at(self, shard: ParamShard, rows: torch.Tensor) -> torch.Tensor:
+        del shard
+        return self.factor[rows]
+
+    def v(self, shard: ParamShard) -> torch.Tensor:
+        del shard
+        return self.right
 
     def fused(self, shard: ParamShard) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         rank = self.right.shape[1]
@@ -401,6 +416,9 @@ class SparseSampler(DirectionSampler):
 class LowRankSampler(DirectionSampler):
     rank: int = 2
     resample_every: int = 50  # LOZO's nu: V is redrawn once per this many steps
+    # the current window's V cache, shared by its directions: {v_seed: {(stream, device): V}}
+    _v_caches: dict[int, dict[tuple[int, torch.device], torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_period("rank", self.rank)
@@ -410,7 +428,10 @@ class LowRankSampler(DirectionSampler):
         return noise.derive_seed(seed, step // self.resample_every, -2)
 
     def direction(self, query_seed: int, seed: int, step: int, query: int) -> Direction:
-        return LowRankDirection(query_seed, self.v_seed(seed, step), self.rank)
+        v_seed = self.v_seed(seed, step)
+        if v_seed not in self._v_caches:
+            self._v_caches = {v_seed: {}}  # a new window: the last one's V is not needed again
+        return LowRankDirection(query_seed, v_seed, self.rank, self._v_caches[v_seed])
 
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")

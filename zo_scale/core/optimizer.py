@@ -32,12 +32,16 @@ never reads or writes ``.grad``.
     ('sgd', 'sign') and no master copy, that update pass is the next forward itself: each module
     lands the pending update on its (gathered) parameters in the pass that makes their copies, and
     ``store_fn`` writes them back to where they are stored (under ZeRO-3: the rank's partition, its
-    NVMe file). Parameters the forward did not reach are updated by a sweep after it.
+    NVMe file). Parameters the forward did not reach are updated by a sweep after it. With LOZO's directions
+    (and the 'sgd' or 'lozo-m' rule) a matrix's updates are not landed at all until V is redrawn: they are held
+    as an m x r factor P, the forward reads theta = W - P V^T, and W is written once a window
+    (:mod:`zo_scale.core.pending_window`).
 
 .. note::
     With ``lazy=True`` the parameters between two steps sit at theta_t - eps z_t (central) with
     step t's update pending; call :meth:`flush` before evaluating or saving the model
-    (``state_dict`` flushes by itself). A steady-state lazy step is two passes over the parameters.
+    (``state_dict`` flushes by itself; the next step's record says where it was flushed, for replay).
+    A steady-state lazy step is two passes over the parameters.
 
 ``eps`` is one number for the whole model, not per group: the loss difference measures the sum of
 all groups' moves, so per-group eps would not give per-group projected gradients.
@@ -56,9 +60,17 @@ import torch
 
 from zo_scale.core import flat_buckets, noise
 from zo_scale.core import kernel as sweep_kernel
-from zo_scale.core.directions import DenseSampler, Direction, DirectionSampler, LowRankSampler
+from zo_scale.core.directions import (
+    BlockDirection,
+    DenseSampler,
+    Direction,
+    DirectionSampler,
+    LowRankDirection,
+    LowRankSampler,
+)
 from zo_scale.core.estimators import CentralCurvature, Estimator, ForwardGradient, make_estimator
 from zo_scale.core.forward_grad import loss_and_directional_derivative
+from zo_scale.core.pending_window import PendingWindows
 from zo_scale.core.perturbed_forward import perturbed_forward
 from zo_scale.core.shards import ParamShard, ShardSpan, whole_param_shard
 from zo_scale.core.sweep import Moves, Update, perturbed_copies, sweep_shard
@@ -87,6 +99,9 @@ class StepRecord:
     loss: float
     conservative: int | None = None
     measured: list[float] | None = None  # the estimator's numbers beyond the g_i, for the rule (HiZOO's curvatures)
+    # the optimizer was flushed before this step (an evaluation, a save): the pending update landed and LOZO's
+    # pending windows folded there, which replay does at the same point
+    flushed: bool = False
 
 
 @dataclass
@@ -98,6 +113,7 @@ class _Pending:
     lrs: list[float] = field(default_factory=list)
     weight_decays: list[float] = field(default_factory=list)
     measured: list[float] = field(default_factory=list)
+    held: frozenset[torch.Tensor] = frozenset()  # matrices whose update is held in their pending window instead
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -232,6 +248,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.last_record: StepRecord | None = None
         self._pending: _Pending | None = None
+        self._windows = PendingWindows()  # LOZO's updates held per matrix (pending_window)
+        self._flushed = False  # flush() landed something since the last step: the next record says so
         self.buckets: list[flat_buckets.FlatBucket] = []
         if flat and shard_fn is whole_param_shard and any(
                 flat_buckets.runs_compiled(self.kernel, p.device) for g in self.param_groups for p in g["params"]):
@@ -241,6 +259,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         # where each shard sits never changes; kept so that checkpoints need not fetch the data (under
         # NVMe offload local_shards() reads and writes every partition)
         self.shard_spans: list[ShardSpan] = [s.span for s in shards]
+        # each matrix's stream, full shape and the device its forward runs on, no data: where a held update's
+        # factor is made (pending_window)
+        self._layouts = {s.param: ParamShard(s.param, s.name, s.stream, torch.empty(0, device=s.param.device), 0,
+                                             s.shape) for s in shards if len(s.shape) == 2}
+        self._streams = frozenset(s.stream for s in shards)
         self.sampler.bind(shards)
         self.rule.bind(shards)
         for device in {s.flat.device for s in shards}:
@@ -349,10 +372,54 @@ class ZOOptimizer(torch.optim.Optimizer):
         return bucket.steps
 
     def flush(self) -> None:
-        """Apply the pending restore and update now (a no-op unless ``lazy``)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._sweep(pending.restore, pending)
+        """Apply the pending restore and update now, and fold the pending windows (a no-op unless ``lazy``). The
+        next step's record says so (``flushed``): where the weights are rounded depends on it."""
+        self._flushed |= self._land()
+
+    def _land(self) -> bool:
+        """:meth:`flush`; returns whether anything was pending."""
+        pending, self._pending = self._pending, None
+        folds, self._windows = self._windows, PendingWindows()
+        if pending is None and not folds:
+            return False
+        self._sweep(pending.restore if pending else (), pending, [(folds, -1.0)] if folds else ())
+        return True
+
+    def _holding(self, directions: list[Direction]) -> bool:
+        """Whether this step's updates of matrices are held in their pending windows
+        (:mod:`~zo_scale.core.pending_window`): LOZO's directions, the ZO-SGD rule or LOZO-M's, lazy, inside the
+        forward (which reads the windows), no master copy."""
+        return (self.lazy and self.perturb == "in_forward" and not self.master_weights
+                and (type(self.rule) is SGD or isinstance(self.rule, LozoMomentum))
+                and all(type(d) is LowRankDirection for d in directions))
+
+    def _closing(self, directions: list[Direction], weight_decays: list[float]) -> PendingWindows:
+        """The windows that fold this step (removed from the open ones): those whose V this step redraws or whose
+        group decays weights (an update that is not a factor), all where the step holds no update."""
+        if not self._holding(directions):
+            return self._windows.close(lambda stream, v_seed: False)
+        v_seed = directions[0].v_seed  # type: ignore[attr-defined]
+        holdable = {self._layouts[p].stream for gi, group in enumerate(self.param_groups) if not weight_decays[gi]
+                    for p in group["params"] if p in self._layouts}
+        return self._windows.close(lambda stream, window_v: stream in holdable and window_v == v_seed)
+
+    def _hold(self, weights: Moves, lrs: list[float], weight_decays: list[float]) -> frozenset[torch.Tensor]:
+        """Each matrix's share of this step's update added to its window's factor, where its group decays no
+        weights; returns those matrices (the update then skips them). The rule's state advances as the sweep
+        would advance it (LOZO-M's momentum factor, the step count)."""
+        v_seed = weights[0][0].v_seed  # type: ignore[attr-defined]
+        held = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p not in self._layouts or weight_decays[gi]:
+                    continue
+                layout, state = self._layouts[p], self._state_for(self._layouts[p])
+                scaled = [(d, w * d.estimate_scale(layout)) for d, w in weights]
+                update = self.rule.prepare(layout, scaled, state) or scaled  # LOZO-M: (its momentum factor, 1)
+                self._windows.hold(layout, update, lrs[gi], v_seed)  # type: ignore[arg-type]
+                state["step"] += 1
+                held.append(p)
+        return frozenset(held)
 
     # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -368,22 +435,31 @@ class ZOOptimizer(torch.optim.Optimizer):
         def evaluate() -> float:
             return 0.0 if closure is None else float(closure())  # a host sync per forward
 
+        if replay is not None and replay.flushed:
+            self.flush()  # where the run was flushed (an evaluation, a save)
+        flushed, self._flushed = self._flushed, False
         t = self.step_count
         step_seed = noise.derive_seed(self.seed, t)
         directions = self.rule.perturbations(self.sampler.directions(self.seed, t, self.queries), self._state_for)
         estimator = self.estimator.for_step(noise.derive_seed(self.seed, t, ESTIMATOR_DRAW))
+        wds = [g["weight_decay"] for g in self.param_groups] if replay is None else replay.weight_decays
         pending, self._pending = self._pending, None
-        in_forward_update = self.perturb == "in_forward" and closure is not None and self._lands_in_forward(pending)
+        folds = self._closing(directions, wds)
+        in_forward = self.perturb == "in_forward" and closure is not None
+        in_forward_update = in_forward and self._lands_in_forward(pending)
         # these read theta itself (or a copy of it): land the update first, unless the forward does
         reads_theta = estimator.at_theta or not estimator.points or self.perturb == "in_forward"
         if reads_theta and pending is not None and not in_forward_update:
-            self._sweep(pending.restore, pending)
+            self._sweep(pending.restore, pending, skip=pending.held)
             pending = None
+        if folds and not in_forward:  # replay: no forward to fold them in
+            self._sweep(after=[(folds, -1.0)])
+            folds = PendingWindows()
         restore: list[tuple[Direction, float]] = []  # unless moved in place, theta never moves
         if isinstance(self.estimator, ForwardGradient):
             values = self._forward_gradients(closure, directions)
         elif self.perturb == "in_forward":
-            values = self._row_group_losses(closure, estimator, directions, pending)
+            values = self._row_group_losses(closure, estimator, directions, pending, folds)
         else:
             restore, values = self._finite_differences(evaluate, estimator, directions, pending)
 
@@ -392,8 +468,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         measured = estimator.measured(reduced, self.eps, self.queries) if replay is None else replay.measured
         loss = estimator.loss_at_theta(reduced, self.queries)
         lrs = [g["lr"] for g in self.param_groups] if replay is None else replay.lrs
-        wds = [g["weight_decay"] for g in self.param_groups] if replay is None else replay.weight_decays
-        record = StepRecord(t, step_seed, grads, lrs, wds, loss, measured=measured or None)
+        record = StepRecord(t, step_seed, grads, lrs, wds, loss, measured=measured or None, flushed=flushed)
         self.step_count += 1
         self.last_record = record
         if grads is None:  # a non-finite loss: go back to theta, no update
@@ -404,9 +479,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.conservative:
             record.conservative = self._conservative(restore, weights, lrs[0], loss, closure, evaluate, replay)
             return loss
-        self._pending = _Pending(restore, weights, lrs, wds, measured or [])
+        held = self._hold(weights, lrs, wds) if self._holding(directions) else frozenset()
+        if held:  # the update leaves them to their windows
+            active = self._streams - {self._layouts[p].stream for p in held}
+            weights = [(BlockDirection(d, active), w) for d, w in weights]
+        self._pending = _Pending(restore, weights, lrs, wds, measured or [], held)
         if not self.lazy:
-            self.flush()
+            self._land()
         return loss
 
     def _finite_differences(
@@ -441,25 +520,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         return pending is not None and bool(pending.weights) and not self.rule.buffers and not self.master_weights
 
     def _row_group_losses(self, closure: Callable[[int], Any] | None, estimator: Estimator,
-                          directions: list[Direction], pending: _Pending | None = None) -> list[float]:
+                          directions: list[Direction], pending: _Pending | None = None,
+                          folds: PendingWindows | None = None) -> list[float]:
         """The losses of every point of this step from one ``closure(K)`` over K stacked row groups, in the
         order of :meth:`_finite_differences` (placeholders in replay). One host sync for all of them.
 
-        ``pending`` (the last step's update, see :meth:`_lands_in_forward`) lands inside the forward: at a
-        parameter's first use, on its gathered whole value, which ``store_fn`` then stores. Parameters the
-        forward does not reach (or all, if the closure raises) get it from a sweep afterwards."""
+        ``pending`` (the last step's update, see :meth:`_lands_in_forward`) lands inside the forward, and the
+        windows in ``folds`` fold there: at a parameter's first use, on its gathered whole value, which
+        ``store_fn`` then stores. Parameters the forward does not reach (or all, if the closure raises) get
+        them from a sweep afterwards."""
         points = estimator.points
         groups: list[list[tuple[Direction, float]]] = [[]] if estimator.at_theta else []
         groups += [[(d, point * self.eps)] for d in directions for point in points]
-        return self._stacked_losses(closure, groups, pending)
+        return self._stacked_losses(closure, groups, pending, folds)
 
     def _stacked_losses(self, closure: Callable[[int], Any] | None, groups: list[Moves],
-                        pending: _Pending | None = None) -> list[float]:
+                        pending: _Pending | None = None, folds: PendingWindows | None = None) -> list[float]:
         """The loss at theta + each group's moves, from one ``closure(K)`` over K = len(groups) stacked row
-        groups (zeros in replay); ``pending`` as in :meth:`_row_group_losses`."""
+        groups (zeros in replay); ``pending`` and ``folds`` as in :meth:`_row_group_losses`."""
         if closure is None:
             return [0.0] * len(groups)
-        with self._perturbed(groups, pending):
+        with self._perturbed(groups, pending, folds):
             losses = torch.as_tensor(closure(len(groups))).detach()
         if losses.shape != (len(groups),):
             raise ValueError(f"with perturb='in_forward' closure(K) must return the K = {len(groups)} row groups' "
@@ -467,14 +548,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         return losses.double().tolist()
 
     @contextlib.contextmanager
-    def _perturbed(self, groups: list[Moves], pending: _Pending | None) -> Iterator[None]:
+    def _perturbed(self, groups: list[Moves], pending: _Pending | None,
+                   folds: PendingWindows | None = None) -> Iterator[None]:
         """While inside, the model's forward runs K = len(groups) row groups, group k at theta + groups[k]
-        (:func:`~zo_scale.core.perturbed_forward.perturbed_forward`), and ``pending`` lands at each parameter's
-        first use, on its gathered whole value, in the pass that makes its copies; ``store_fn`` then stores it.
+        (:func:`~zo_scale.core.perturbed_forward.perturbed_forward`) less the open windows' held updates, and
+        ``pending`` lands at each parameter's first use, on its gathered whole value, in the pass that makes its
+        copies (the windows in ``folds`` fold there, in a pass of their own); ``store_fn`` then stores it.
         Parameters the forward does not reach (or all, if it raises) get it from a sweep on the way out."""
         names = {p: n for gi, group in enumerate(self.param_groups)
                  for p, n in zip(group["params"], self._names(group, gi), strict=True)}
         assert self.model is not None
+        if self._windows:  # theta = stored - P V^T on each matrix with an open window
+            groups = [[*moves, (self._windows, -1.0)] for moves in groups]
+        folds = folds if folds is not None else PendingWindows()
+        folding = {p for p, layout in self._layouts.items() if layout.stream in folds.windows}
+        held = pending.held if pending is not None else frozenset()
         updates = self._updates(pending)
         group_of = {p: gi for gi, group in enumerate(self.param_groups) for p in group["params"]}
         landed: set[torch.Tensor] = set()
@@ -482,8 +570,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                                            flat_buckets.COPY_WINDOW_BYTES)
 
         def pending_of(p: torch.nn.Parameter) -> Update | None:
-            """The update still to land on p this step (None once landed, or where there is none)."""
-            return None if p in landed or p in windows.landed else updates[group_of[p]]
+            """The update still to land on p this step (None once landed, or where there is none: held in a window)."""
+            return None if p in landed or p in windows.landed or p in held else updates[group_of[p]]
 
         def stored(p: torch.nn.Parameter, name: str) -> None:
             """p has its update: remember it, and write it back to where p is stored."""
@@ -492,13 +580,15 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self.store_fn(p, name)
 
         def land(p: torch.nn.Parameter, name: str) -> None:
-            """The pending update on p at its first use, in a pass of its own: for a weight the forward reads
-            without copies (LOZO's low-rank points, which no copy window covers) or copies a block at a time
-            (landed block by block, a forward stopped between blocks would leave it half landed)."""
+            """The pending update on p at its first use, or p's window folded, in a pass of its own: for a weight
+            the forward reads without copies (LOZO's low-rank points, which no copy window covers) or copies a
+            block at a time (landed block by block, a forward stopped between blocks would leave it half landed),
+            and a window's fold before any copy of p is made."""
             update = pending_of(p)
-            if update is not None:
+            fold: Moves = [(folds, -1.0)] if p in folding and p not in landed else []
+            if update is not None or fold:
                 whole = whole_param_shard(p, name)
-                sweep_shard(whole, update=update, state=self._state_for(whole), kernel_mode=self.kernel)
+                sweep_shard(whole, update=update, after=fold, state=self._state_for(whole), kernel_mode=self.kernel)
                 stored(p, name)
 
         def land_and_copy(p: torch.nn.Parameter, name: str, span: tuple[int, int] | None) -> list[torch.Tensor]:
@@ -508,7 +598,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             made = windows.copies(p) if span is None else None
             if made is not None:
                 return made
-            if span is not None:
+            if span is not None or p in folding:
                 land(p, name)
             whole = whole_param_shard(p, name)
             update = pending_of(p)
@@ -522,18 +612,22 @@ class ZOOptimizer(torch.optim.Optimizer):
             with perturbed_forward(self.model, names, groups, self.kernel, land_and_copy, land):
                 yield
         finally:
-            if pending is not None:
-                self._sweep(pending.restore, pending, skip=landed | windows.landed)
+            done, fold = landed | windows.landed, [(folds, -1.0)] if folds else []
+            if pending is not None:  # held matrices have nothing to land, unless their windows fold
+                self._sweep(pending.restore, pending, fold, skip=done | (held - folding))
+            elif folds:
+                self._sweep(after=fold, skip=set(names) - (folding - done))
 
     @contextlib.contextmanager
     def landing(self) -> Iterator[None]:
         """:meth:`flush` inside the forward run within: with ``perturb='in_forward'`` and an update that can
         land there (:meth:`_lands_in_forward`), each parameter gets the pending update at its first use in
         that forward, in the pass that reads it anyway, instead of in a sweep of its own (one read and
-        write of the parameters fewer); otherwise a flush on entry. The forward itself runs unperturbed,
+        write of the parameters fewer); otherwise (and where LOZO's windows are open: their held updates are
+        folded) a flush on entry. The forward itself runs unperturbed,
         autograd on or off (a hybrid step's backprop pass, :class:`~zo_scale.train.hybrid.HybridOptimizer`)."""
         pending, self._pending = self._pending, None
-        if self.perturb != "in_forward" or not self._lands_in_forward(pending):
+        if self.perturb != "in_forward" or not self._lands_in_forward(pending) or self._windows:
             self._pending = pending
             self.flush()
             yield
@@ -630,4 +724,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_count, self.skipped_steps = zo["step_count"], zo["skipped_steps"]
         self.sampler.load_state_dict(zo.get("sampler", {}))
         self._pending = None
+        self._windows = PendingWindows()
+        self._flushed = True  # the saved weights were flushed: so was the run that goes on from them
         self._offsets = {}

@@ -53,8 +53,9 @@ Moves = Sequence[tuple[Direction, float]]  # [(direction, coefficient)]: theta +
 # The sweep's arithmetic, for the seed log. 1: zo-scale before the compiled kernel moved theta by fused
 # multiply-adds in its own dtype, one rounding per move; 2: the fp32 formula above; 3: as 2, with
 # sparse masks drawn per element (Bernoulli) instead of an exact count through a permutation; 4: as 3,
-# LOZO's z = U V^T with 1/r in the estimate (was U V^T / sqrt(r) for both), LOZO-M's momentum an average.
-ARITHMETIC_VERSION = 4
+# LOZO's z = U V^T with 1/r in the estimate (was U V^T / sqrt(r) for both), LOZO-M's momentum an average; 5: as 4,
+# LOZO's lazy in-forward updates held in pending windows (a matrix rounded once a window, not once a step).
+ARITHMETIC_VERSION = 5
 
 
 @dataclass

@@ -217,6 +217,10 @@ class LozoMomentum(Momentum):
     ) -> list[tuple[Direction, float]] | None:
         if len(shard.shape) != 2:
             return None
+        weights = [(d.on(shard), w) for d, w in weights]  # e.g. an update that leaves held matrices out
+        weights = [(d, w) for d, w in weights if d is not None]
+        if not weights:
+            return []
         directions = [d for d, _ in weights]
         if not all(isinstance(d, LowRankDirection) for d in directions):
             raise TypeError("LOZO-M needs low-rank directions: use sampler=LowRankSampler(...)")
