@@ -4,9 +4,17 @@ A LLaMA-2-13B-shaped model (``model.name=random:llama-2-13b``: the shipped archi
 init, 13.0B parameters, 26 GB in bf16) on a machine with 24 GB of RAM. transformers builds it inside
 ``deepspeed.zero.Init`` with ``offload_param.device=nvme``: each parameter is partitioned and swapped out
 to its file as it is constructed, so the model never exists whole in memory. Then ``deepspeed
-launch/train.py`` (the launcher and the CLI a user runs) takes a few ZO steps (``optim.perturb=in_forward``,
-the update landing in the forward) and saves the checkpoint (the HF folder streamed one parameter at a
-time).
+launch/train.py`` (the launcher and the CLI a user runs) takes a few ZO steps (``optim.perturb=in_forward``)
+and saves the checkpoint (the HF folder streamed one parameter at a time). One run per method, the same disk:
+
+    zo-sgd   ZO-SGD, the update landing in the forward: each step reads every partition and writes it back
+    lozo     LOZO (rank 2, nu = ``--nu``), each matrix's updates held in its pending window
+             (zo_scale/core/pending_window.py): a step reads every partition, and writes the matrices back
+             only where V is redrawn (every nu steps, the window folded in the forward)
+
+and the ratios of their step times: LOZO's steps that hold (read only) and that fold (read and write) over
+ZO-SGD's steps after the first (which has nothing pending), and a window of nu = 50 steps estimated from
+those two (49 holding steps and one fold, per step).
 
 Measured, from the run itself: the peak resident set of the whole job (launcher and ranks, sampled every
 0.5 s by this script, and the ranks' own high-water marks from ``summary.json``) over the model's bytes;
@@ -16,9 +24,9 @@ sequential read and write speed (a file of ``--probe-gb`` written and read back 
 dropped from it by ``posix_fadvise``). Writes ``benchmarks/results/larger_than_memory.{json,png}``.
 
 Needs about 2.2x the model's bytes of free disk under ``--scratch`` (the swap files plus the saved
-checkpoint), deleted at the end unless ``--keep``. Not run by CI: 20-40 minutes on 2 cores::
+checkpoint), deleted after each method's run unless ``--keep``. Not run by CI: about 25 minutes on 2 cores::
 
-    .venv/bin/python benchmarks/larger_than_memory.py                   # llama-2-13b, bf16, 3 steps
+    .venv/bin/python benchmarks/larger_than_memory.py                   # llama-2-13b, bf16, 3 steps a method
     .venv/bin/python benchmarks/larger_than_memory.py --layers 4 --steps 2   # a 2 GB trial of the same shapes
 """
 
@@ -151,35 +159,25 @@ def log_phases(log: str, started: float, ended: float) -> dict[str, float]:
     return phases
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="llama-2-13b", help="a shipped architecture (zo_scale.models.ARCHITECTURES)")
-    parser.add_argument("--layers", type=int, default=0, help="cut the architecture to this many blocks (0: all)")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=32, help="task.max_length")
-    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "zo_scale_larger_than_memory")
-    parser.add_argument("--probe-gb", type=float, default=4.0, help="size of the disk-speed probe file")
-    parser.add_argument("--keep", action="store_true", help="keep the swap files and the checkpoint")
-    args = parser.parse_args()
+METHODS = {  # the optimizer overrides of each method's run
+    "zo-sgd": ["optim.rule=sgd"],
+    "lozo": ["optim.rule=sgd", "optim.sampler=lowrank"],  # + optim.nu
+}
 
-    shutil.rmtree(args.scratch, ignore_errors=True)
-    args.scratch.mkdir(parents=True)
-    name, sizes = architecture(args, args.scratch)
-    need = 2.2 * sizes["model_bytes"]
-    free = shutil.disk_usage(args.scratch).free
-    if free < need:
-        sys.exit(f"--scratch {args.scratch}: {free / 1e9:.0f} GB free, the run needs about {need / 1e9:.0f} GB")
-    disk = disk_speed(args.scratch, args.probe_gb)
-    print("disk:", {k: f"{v / 1e9:.2f} GB/s" if k.endswith("per_s") else v for k, v in disk.items()}, flush=True)
+
+def run_method(method: str, args: argparse.Namespace, name: str, sizes: dict[str, int]) -> tuple[dict, TreeRSS, float]:
+    """One launch of ``method`` under --scratch: its results (memory, bytes and seconds per step, phases), its
+    memory samples and its start time."""
     out = args.scratch / "run"
+    shutil.rmtree(args.scratch / "nvme", ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    extra = [*METHODS[method], *([f"optim.nu={args.nu}"] if method == "lozo" else [])]
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", "29781", str(ROOT / "launch" / "train.py"),
            "--deepspeed", str(ds_config(args.scratch, args)),
            f"model.name=random:{name}", f"model.dtype={args.dtype}", "task.name=sst2-demo", "task.num_train=16",
            "task.num_eval=2", f"task.max_length={args.seq}", f"run.batch_size={args.batch}", "run.eval_batch_size=2",
            f"run.steps={args.steps}", "run.log_every=1", "run.progress=false", f"run.output_dir={out}",
-           "optim.perturb=in_forward", "optim.lr=1e-6", "optim.eps=1e-3"]
+           "optim.perturb=in_forward", "optim.lr=1e-6", "optim.eps=1e-3", *extra]
     print(" ".join(cmd), flush=True)
     started = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -194,7 +192,7 @@ def main() -> None:
     rss.stop()
     log = "".join(lines)
     if proc.returncode != 0:
-        sys.exit(f"the run failed (exit {proc.returncode})")
+        sys.exit(f"the {method} run failed (exit {proc.returncode})")
 
     summary = json.loads((out / "summary.json").read_text())
     train = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
@@ -205,54 +203,112 @@ def main() -> None:
     model_bytes = sizes["model_bytes"]
     rank_peak = max(p["host_rss"] for p in summary["peak_memory_bytes"])
     results = {
-        **sizes,
+        "command": " ".join(cmd),
         "job_peak_rss_bytes": rss.peak,
         "job_peak_rss_over_model_bytes": rss.peak / model_bytes,
         "rank_peak_rss_bytes": rank_peak,
         "rank_peak_rss_over_model_bytes": rank_peak / model_bytes,
-        "machine_ram_bytes": psutil.virtual_memory().total,
-        "model_over_machine_ram": model_bytes / psutil.virtual_memory().total,
         "swapped_bytes_per_step": [r["swapped_bytes_per_step"] for r in train],
         "swapped_bytes_per_step_over_model_bytes": [r["swapped_bytes_per_step"] / model_bytes for r in train],
         "s_per_step": [1 / r["steps_per_s"] for r in train],
         "swap_bytes_per_s_in_a_step": [r["swapped_bytes_per_step"] * r["steps_per_s"] for r in train],
-        "disk": disk,
         "phases_s": log_phases(log, started, ended),
         "total_s": ended - started,
         "checkpoint": {"tensor_bytes": tensor_bytes, "file_bytes": saved,
                        "files": len(list(model_dir.glob("*.safetensors")))},
         "losses": [r["loss"] for r in train],
     }
+    if not args.keep:
+        shutil.rmtree(args.scratch / "nvme", ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return results, rss, started
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def compare(runs: dict[str, dict], nu: int) -> dict[str, float]:
+    """LOZO's holding and folding steps over ZO-SGD's steps after the first, and a window of 50 steps from them."""
+    sgd = mean(runs["zo-sgd"]["s_per_step"][1:])
+    steps = runs["lozo"]["s_per_step"]
+    held = mean([s for t, s in enumerate(steps) if t and t % nu])
+    fold = mean([s for t, s in enumerate(steps) if t and not t % nu])
+    return {"zo_sgd_s_per_step_after_the_first": sgd, "lozo_holding_s_per_step": held, "lozo_folding_s_per_step": fold,
+            "lozo_holding_over_zo_sgd": held / sgd, "lozo_folding_over_zo_sgd": fold / sgd,
+            "lozo_window_of_50_over_zo_sgd_estimated": (49 * held + fold) / 50 / sgd}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="llama-2-13b", help="a shipped architecture (zo_scale.models.ARCHITECTURES)")
+    parser.add_argument("--layers", type=int, default=0, help="cut the architecture to this many blocks (0: all)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=32, help="task.max_length")
+    parser.add_argument("--methods", default="zo-sgd,lozo", help=f"comma-separated, of {list(METHODS)}")
+    parser.add_argument("--nu", type=int, default=2, help="LOZO's nu: with 3 steps, step 2 folds (V redrawn)")
+    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "zo_scale_larger_than_memory")
+    parser.add_argument("--probe-gb", type=float, default=4.0, help="size of the disk-speed probe file")
+    parser.add_argument("--keep", action="store_true", help="keep the swap files and the checkpoint")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    if unknown := set(methods) - set(METHODS):
+        sys.exit(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
+
+    shutil.rmtree(args.scratch, ignore_errors=True)
+    args.scratch.mkdir(parents=True)
+    name, sizes = architecture(args, args.scratch)
+    need = 2.2 * sizes["model_bytes"]
+    free = shutil.disk_usage(args.scratch).free
+    if free < need:
+        sys.exit(f"--scratch {args.scratch}: {free / 1e9:.0f} GB free, the run needs about {need / 1e9:.0f} GB")
+    disk = disk_speed(args.scratch, args.probe_gb)
+    print("disk:", {k: f"{v / 1e9:.2f} GB/s" if k.endswith("per_s") else v for k, v in disk.items()}, flush=True)
+    runs, samples = {}, {}
+    for method in methods:
+        runs[method], rss, started = run_method(method, args, name, sizes)
+        samples[method] = [(t - started, b) for t, b in rss.samples]
+    results = {**sizes, "machine_ram_bytes": psutil.virtual_memory().total,
+               "model_over_machine_ram": sizes["model_bytes"] / psutil.virtual_memory().total, "disk": disk,
+               "runs": runs, **(compare(runs, args.nu) if {"zo-sgd", "lozo"} <= set(runs) else {})}
     notes = [
         f"one rank under the deepspeed launcher (--num_gpus 1 on a CPU machine), ZeRO-3 NVMe parameter offload "
         f"(ds_configs/zero3_offload_nvme.json, nvme_path under --scratch, buffer_size fitted to the largest "
-        f"parameter), model.name=random:{args.arch}, {args.dtype}, optim.perturb=in_forward with optim.rule=sgd "
-        "(the update lands in the forward: one stream of the partitions a step).",
+        f"parameter), model.name=random:{args.arch}, {args.dtype}, optim.perturb=in_forward with optim.rule=sgd; "
+        f"one run per method, one after the other on the same disk (LOZO: optim.sampler=lowrank, optim.nu={args.nu}).",
         "job_peak_rss: launcher + rank, summed, sampled every 0.5 s; rank_peak_rss: the rank's own ru_maxrss "
         "(summary.json peak_memory_bytes). Neither counts the page cache, which the swap files fill.",
         "swapped_bytes_per_step: partition bytes read + written by the NVMe swapper in the step (metrics.jsonl).",
+        "lozo_*_over_zo_sgd: LOZO's steps t > 0 with t % nu != 0 (holding: reads only) and t % nu == 0 (folding: "
+        "reads and writes) over the mean of ZO-SGD's steps t > 0; lozo_window_of_50_over_zo_sgd_estimated: "
+        "(49 holding + 1 folding) / 50 over it, computed from those measured steps, not run.",
         "the loss of a random-init model means nothing; its memory, bytes and seconds are the real model's.",
     ]
-    settings = {k: str(v) for k, v in vars(args).items()} | {"command": " ".join(cmd)}
+    settings = {k: str(v) for k, v in vars(args).items()}
     print("wrote", common.write_json("larger_than_memory", settings, results, notes))
-    print(json.dumps({k: v for k, v in results.items() if k != "disk"}, indent=2))
-    plot(rss, started, results, args)
+    print(json.dumps({k: v for k, v in results.items() if k not in ("disk", "runs")}, indent=2))
+    plot(samples, results, args)
     if not args.keep:
         shutil.rmtree(args.scratch, ignore_errors=True)
 
 
-def plot(rss: TreeRSS, started: float, results: dict, args: argparse.Namespace) -> None:
+def plot(samples: dict[str, list[tuple[float, int]]], results: dict, args: argparse.Namespace) -> None:
     fig, ax = common.new_figure(8, 4)
     gib = 2**30
-    ax.plot([(t - started) / 60 for t, _ in rss.samples], [b / gib for _, b in rss.samples], color="#4c72b0",
-            label="job resident memory (launcher + rank)")
+    for (method, points), color in zip(samples.items(), ["#4c72b0", "#55a868"], strict=False):
+        peak = results["runs"][method]["job_peak_rss_over_model_bytes"]
+        ax.plot([t / 60 for t, _ in points], [b / gib for _, b in points], color=color,
+                label=f"{method}: job resident memory (launcher + rank), peak {peak:.2f}x the model")
     ax.axhline(results["model_bytes"] / gib, color="#c44e52", ls="--", label="model bytes")
     ax.axhline(results["machine_ram_bytes"] / gib, color="k", ls=":", label="machine RAM")
     ax.set_xlabel("minutes since launch")
     ax.set_ylabel("GiB")
-    ax.set_title(f"{args.arch}{f' ({args.layers} blocks)' if args.layers else ''}, {args.dtype}, ZeRO-3 NVMe offload: "
-                 f"peak RSS {results['job_peak_rss_over_model_bytes']:.2f}x the model")
-    ax.legend(loc="center right")
+    ratio = results.get("lozo_holding_over_zo_sgd")
+    ax.set_title(f"{args.arch}{f' ({args.layers} blocks)' if args.layers else ''}, {args.dtype}, ZeRO-3 NVMe offload"
+                 + (f"\nLOZO step (holding) / ZO-SGD step: {ratio:.2f}x" if ratio else ""), fontsize=10)
+    ax.legend(loc="center right", fontsize=8)
     common.save_figure(fig, "larger_than_memory")
 
 

@@ -103,7 +103,7 @@ def test_replay_folds_where_the_run_was_flushed_and_rebuilds_it_bitwise(method):
         if t == 1:
             opt.flush()
     opt.flush()
-    assert [r.flushed for r in records] == [False, False, True, False, False]
+    assert [r.folded for r in records] == [False, False, True, False, False]
 
     def replay(records):
         replayed = copy.deepcopy(base)
@@ -117,27 +117,27 @@ def test_replay_folds_where_the_run_was_flushed_and_rebuilds_it_bitwise(method):
         return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
     assert equal(replay(records), model)
-    unflagged = [dataclasses.replace(r, flushed=False) for r in records]
+    unflagged = [dataclasses.replace(r, folded=False) for r in records]
     assert not equal(replay(unflagged), model)
 
 
 def test_a_run_resumed_from_its_state_dict_goes_on_bitwise():
     """state_dict() folds the open windows (mid-window here); the resumed optimizer's next record says the weights
-    were flushed, and its steps equal the saving run's bit for bit."""
+    were folded, and its steps equal the saving run's bit for bit."""
     model = build_tiny_model("llama")
     opt = lozo(model)
     for _ in range(4):
         step(opt, model)
     state, weights = opt.state_dict(), copy.deepcopy(model.state_dict())
     after = [step(opt, model) for _ in range(3)]
-    flushed = opt.last_record.flushed
+    folded = opt.last_record.folded
     opt.flush()
 
     resumed = build_tiny_model("llama")
     resumed.load_state_dict(weights)
     opt2 = lozo(resumed)
     opt2.load_state_dict(state)
-    assert step(opt2, resumed) == after[0] and opt2.last_record.flushed and not flushed  # step 4 says so, 6 not
+    assert step(opt2, resumed) == after[0] and opt2.last_record.folded and not folded  # step 4 says so, 6 not
     assert [step(opt2, resumed) for _ in range(2)] == after[1:]
     opt2.flush()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters(), strict=True))

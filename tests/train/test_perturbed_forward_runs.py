@@ -90,7 +90,7 @@ def test_replay_of_an_in_forward_run_rebuilds_its_weights_bitwise(run_cli, tmp_p
     code, out = run_cli("run.steps=6", *mode, IN_FORWARD)
     assert code == 0
     records = [json.loads(line) for line in (out / "seedlog.jsonl").read_text().splitlines()[1:]]
-    assert [r["flushed"] for r in records] == [False, False, False, "run.eval_every=3" in mode, False, False]
+    assert [r["folded"] for r in records] == [False, False, False, "run.eval_every=3" in mode, False, False]
     assert main(["replay", str(out / "seedlog.jsonl"), str(tmp_path / "replayed")]) == 0
     replayed = load_file(tmp_path / "replayed" / "model.safetensors")
     assert all(torch.equal(v, replayed[k]) for k, v in trained(out).items())

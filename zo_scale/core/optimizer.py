@@ -40,7 +40,8 @@ never reads or writes ``.grad``.
 .. note::
     With ``lazy=True`` the parameters between two steps sit at theta_t - eps z_t (central) with
     step t's update pending; call :meth:`flush` before evaluating or saving the model
-    (``state_dict`` flushes by itself; the next step's record says where it was flushed, for replay).
+    (``state_dict`` flushes by itself; where a flush folds LOZO's pending windows, the next step's record
+    says so, for replay).
     A steady-state lazy step is two passes over the parameters.
 
 ``eps`` is one number for the whole model, not per group: the loss difference measures the sum of
@@ -99,9 +100,9 @@ class StepRecord:
     loss: float
     conservative: int | None = None
     measured: list[float] | None = None  # the estimator's numbers beyond the g_i, for the rule (HiZOO's curvatures)
-    # the optimizer was flushed before this step (an evaluation, a save): the pending update landed and LOZO's
-    # pending windows folded there, which replay does at the same point
-    flushed: bool = False
+    # a flush before this step (an evaluation, a save) folded LOZO's pending windows into the weights, where they
+    # are rounded: replay flushes at the same point
+    folded: bool = False
 
 
 @dataclass
@@ -249,7 +250,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_record: StepRecord | None = None
         self._pending: _Pending | None = None
         self._windows = PendingWindows()  # LOZO's updates held per matrix (pending_window)
-        self._flushed = False  # flush() landed something since the last step: the next record says so
+        self._folded = False  # a flush folded windows since the last step: the next record says so
         self.buckets: list[flat_buckets.FlatBucket] = []
         if flat and shard_fn is whole_param_shard and any(
                 flat_buckets.runs_compiled(self.kernel, p.device) for g in self.param_groups for p in g["params"]):
@@ -372,26 +373,30 @@ class ZOOptimizer(torch.optim.Optimizer):
         return bucket.steps
 
     def flush(self) -> None:
-        """Apply the pending restore and update now, and fold the pending windows (a no-op unless ``lazy``). The
-        next step's record says so (``flushed``): where the weights are rounded depends on it."""
-        self._flushed |= self._land()
+        """Apply the pending restore and update now, and fold the pending windows (a no-op unless ``lazy``). A fold
+        rounds the weights where it happens: the next step's record says so (``folded``)."""
+        self._folded |= self._land()
 
     def _land(self) -> bool:
-        """:meth:`flush`; returns whether anything was pending."""
+        """:meth:`flush`; returns whether it folded windows."""
         pending, self._pending = self._pending, None
         folds, self._windows = self._windows, PendingWindows()
-        if pending is None and not folds:
-            return False
-        self._sweep(pending.restore if pending else (), pending, [(folds, -1.0)] if folds else ())
-        return True
+        if pending is not None or folds:
+            self._sweep(pending.restore if pending else (), pending, [(folds, -1.0)] if folds else ())
+        return bool(folds)
 
-    def _holding(self, directions: list[Direction]) -> bool:
-        """Whether this step's updates of matrices are held in their pending windows
-        (:mod:`~zo_scale.core.pending_window`): LOZO's directions, the ZO-SGD rule or LOZO-M's, lazy, inside the
-        forward (which reads the windows), no master copy."""
+    @property
+    def _holds(self) -> bool:
+        """Whether LOZO's updates of matrices are held in pending windows (:mod:`~zo_scale.core.pending_window`):
+        its sampler, the ZO-SGD rule or LOZO-M's, lazy, inside the forward (which reads the windows), no master
+        copy."""
         return (self.lazy and self.perturb == "in_forward" and not self.master_weights
                 and (type(self.rule) is SGD or isinstance(self.rule, LozoMomentum))
-                and all(type(d) is LowRankDirection for d in directions))
+                and isinstance(self.sampler, LowRankSampler))
+
+    def _holding(self, directions: list[Direction]) -> bool:
+        """Whether this step's updates of matrices are held (:attr:`_holds`, along LOZO's directions)."""
+        return self._holds and all(type(d) is LowRankDirection for d in directions)
 
     def _closing(self, directions: list[Direction], weight_decays: list[float]) -> PendingWindows:
         """The windows that fold this step (removed from the open ones): those whose V this step redraws or whose
@@ -435,9 +440,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         def evaluate() -> float:
             return 0.0 if closure is None else float(closure())  # a host sync per forward
 
-        if replay is not None and replay.flushed:
-            self.flush()  # where the run was flushed (an evaluation, a save)
-        flushed, self._flushed = self._flushed, False
+        if replay is not None and replay.folded:
+            self.flush()  # where the run's flush folded its windows (an evaluation, a save)
+        folded, self._folded = self._folded, False
         t = self.step_count
         step_seed = noise.derive_seed(self.seed, t)
         directions = self.rule.perturbations(self.sampler.directions(self.seed, t, self.queries), self._state_for)
@@ -468,7 +473,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         measured = estimator.measured(reduced, self.eps, self.queries) if replay is None else replay.measured
         loss = estimator.loss_at_theta(reduced, self.queries)
         lrs = [g["lr"] for g in self.param_groups] if replay is None else replay.lrs
-        record = StepRecord(t, step_seed, grads, lrs, wds, loss, measured=measured or None, flushed=flushed)
+        record = StepRecord(t, step_seed, grads, lrs, wds, loss, measured=measured or None, folded=folded)
         self.step_count += 1
         self.last_record = record
         if grads is None:  # a non-finite loss: go back to theta, no update
@@ -725,5 +730,5 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.sampler.load_state_dict(zo.get("sampler", {}))
         self._pending = None
         self._windows = PendingWindows()
-        self._flushed = True  # the saved weights were flushed: so was the run that goes on from them
+        self._folded = self._holds  # the saved weights had their windows folded: so had the run that wrote them
         self._offsets = {}
