@@ -74,7 +74,7 @@ from zo_scale.core.forward_grad import loss_and_directional_derivative
 from zo_scale.core.pending_window import PendingWindows
 from zo_scale.core.perturbed_forward import perturbed_forward
 from zo_scale.core.shards import ParamShard, ShardSpan, whole_param_shard
-from zo_scale.core.sweep import Moves, Update, perturbed_copies, sweep_shard
+from zo_scale.core.sweep import Moves, Update, on_shard, perturbed_copies, sweep_shard
 from zo_scale.core.updates import SGD, DiagonalHessian, LozoMomentum, UpdateRule, make_rule
 
 ESTIMATOR_DRAW = -5  # the tag of a step's seed for an estimator's random choices (samplers use -1 to -3)
@@ -419,8 +419,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if p not in self._layouts or weight_decays[gi]:
                     continue
                 layout, state = self._layouts[p], self._state_for(self._layouts[p])
-                scaled = [(d, w * d.estimate_scale(layout)) for d, w in weights]
-                update = self.rule.prepare(layout, scaled, state) or scaled  # LOZO-M: (its momentum factor, 1)
+                _, update = on_shard(self.rule, layout, weights, state)  # (U_i, w_i / r), or LOZO-M: (N, 1)
                 self._windows.hold(layout, update, lrs[gi], v_seed)  # type: ignore[arg-type]
                 state["step"] += 1
                 held.append(p)

@@ -193,6 +193,16 @@ def _resolve(shard: ParamShard, phases: Sequence[Moves]) -> tuple[list[Direction
     return directions, resolved
 
 
+def on_shard(rule: UpdateRule, shard: ParamShard, weights: Moves, state: dict[str, torch.Tensor] | None
+             ) -> tuple[UpdateRule, Moves]:
+    """The update's rule and weighted directions on this shard: each weight times its direction's
+    ``estimate_scale`` there, and where the rule states u itself as weighted directions (LOZO-M's momentum
+    factor: :meth:`~zo_scale.core.updates.UpdateRule.prepare`, which advances its state), ZO-SGD along those."""
+    weights = [(d, w * d.estimate_scale(shard)) for d, w in weights]
+    rule_moves = rule.prepare(shard, weights, state)
+    return (rule, weights) if rule_moves is None else (SGD(), rule_moves)
+
+
 def _pass(
     shard: ParamShard,
     before: Moves = (),
@@ -207,12 +217,7 @@ def _pass(
     """One pass over a shard: the sweep (:func:`sweep_shard`), then the perturbed copies
     (:func:`perturbed_copies`) from the swept theta. Returns whether the update touched this shard, and
     each copy (``shard.flat`` itself where no move of that copy acts on the shard)."""
-    rule, weights = (update.rule, update.weights) if update is not None else (None, ())
-    if update is not None:
-        weights = [(d, w * d.estimate_scale(shard)) for d, w in weights]
-        rule_moves = update.rule.prepare(shard, weights, state)
-        if rule_moves is not None:  # the rule states u itself as weighted directions
-            rule, weights = SGD(), rule_moves
+    rule, weights = on_shard(update.rule, shard, update.weights, state) if update is not None else (None, ())
     if master is not None:
         before, after = (), offsets
     directions, resolved = _resolve(shard, (before, weights, after, *copies))
