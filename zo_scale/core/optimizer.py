@@ -404,26 +404,26 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not self._holding(directions):
             return self._windows.close(lambda stream, v_seed: False)
         v_seed = directions[0].v_seed  # type: ignore[attr-defined]
-        holdable = {self._layouts[p].stream for gi, group in enumerate(self.param_groups) if not weight_decays[gi]
-                    for p in group["params"] if p in self._layouts}
+        holdable = {self._layouts[p].stream for _, p in self._holdable(weight_decays)}
         return self._windows.close(lambda stream, window_v: stream in holdable and window_v == v_seed)
+
+    def _holdable(self, weight_decays: list[float]) -> list[tuple[int, torch.Tensor]]:
+        """(group index, matrix) of each matrix whose group decays no weights: its update is a factor to hold."""
+        return [(gi, p) for gi, group in enumerate(self.param_groups) if not weight_decays[gi]
+                for p in group["params"] if p in self._layouts]
 
     def _hold(self, weights: Moves, lrs: list[float], weight_decays: list[float]) -> frozenset[torch.Tensor]:
         """Each matrix's share of this step's update added to its window's factor, where its group decays no
         weights; returns those matrices (the update then skips them). The rule's state advances as the sweep
         would advance it (LOZO-M's momentum factor, the step count)."""
         v_seed = weights[0][0].v_seed  # type: ignore[attr-defined]
-        held = []
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p not in self._layouts or weight_decays[gi]:
-                    continue
-                layout, state = self._layouts[p], self._state_for(self._layouts[p])
-                _, update = on_shard(self.rule, layout, weights, state)  # (U_i, w_i / r), or LOZO-M: (N, 1)
-                self._windows.hold(layout, update, lrs[gi], v_seed)  # type: ignore[arg-type]
-                state["step"] += 1
-                held.append(p)
-        return frozenset(held)
+        held = self._holdable(weight_decays)
+        for gi, p in held:
+            layout, state = self._layouts[p], self._state_for(self._layouts[p])
+            _, update = on_shard(self.rule, layout, weights, state)  # (U_i, w_i / r), or LOZO-M: (N, 1)
+            self._windows.hold(layout, update, lrs[gi], v_seed)  # type: ignore[arg-type]
+            state["step"] += 1
+        return frozenset(p for _, p in held)
 
     # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
