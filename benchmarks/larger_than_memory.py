@@ -11,10 +11,14 @@ and saves the checkpoint (the HF folder streamed one parameter at a time). One r
     lozo     LOZO (rank 2, nu = ``--nu``), each matrix's updates held in its pending window
              (zo_scale/core/pending_window.py): a step reads every partition, and writes the matrices back
              only where V is redrawn (every nu steps, the window folded in the forward)
+    zo-sgd-pending  ZO-SGD with ``optim.pending_steps`` = ``--pending`` (N): a step reads every partition and
+             writes it back every N-th step; in between the forward lands the updates due on transient copies
+             (one sweep of compute per update due, per partition read)
 
 and the ratios of their step times: LOZO's steps that hold (read only) and that fold (read and write) over
 ZO-SGD's steps that write, and a window of nu = 50 steps estimated from those two (49 holding steps and one
-fold, per step). The first step of each run has nothing pending (it only reads), and the first step that
+fold, per step); ZO-SGD with pending steps over the same, averaged over one cycle of N steps (t = 2 .. N + 1).
+The first step of each run has nothing pending (it only reads), and the first step that
 writes compiles the sweep kernel that writes (tens of seconds on this CPU): both are left out of the ratios.
 
 Measured, from the run itself: the peak resident set of the whole job (launcher and ranks, sampled every
@@ -25,7 +29,7 @@ sequential read and write speed (a file of ``--probe-gb`` written and read back 
 dropped from it by ``posix_fadvise``). Writes ``benchmarks/results/larger_than_memory.{json,png}``.
 
 Needs about 2.2x the model's bytes of free disk under ``--scratch`` (the swap files plus the saved
-checkpoint), deleted after each method's run unless ``--keep``. Not run by CI: about 25 minutes on 2 cores::
+checkpoint), deleted after each method's run unless ``--keep``. Not run by CI: about 40 minutes on 2 cores::
 
     .venv/bin/python benchmarks/larger_than_memory.py                   # llama-2-13b, bf16, 5 steps a method
     .venv/bin/python benchmarks/larger_than_memory.py --layers 1 --probe-gb 0.5   # a 1.3 GB trial of the shapes
@@ -163,6 +167,7 @@ def log_phases(log: str, started: float, ended: float) -> dict[str, float]:
 METHODS = {  # the optimizer overrides of each method's run
     "zo-sgd": ["optim.rule=sgd"],
     "lozo": ["optim.rule=sgd", "optim.sampler=lowrank"],  # + optim.nu
+    "zo-sgd-pending": ["optim.rule=sgd"],  # + optim.pending_steps
 }
 
 
@@ -172,7 +177,8 @@ def run_method(method: str, args: argparse.Namespace, name: str, sizes: dict[str
     out = args.scratch / "run"
     shutil.rmtree(args.scratch / "nvme", ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    extra = [*METHODS[method], *([f"optim.nu={args.nu}"] if method == "lozo" else [])]
+    extra = [*METHODS[method], *([f"optim.nu={args.nu}"] if method == "lozo" else []),
+             *([f"optim.pending_steps={args.pending}"] if method == "zo-sgd-pending" else [])]
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", "29781", str(ROOT / "launch" / "train.py"),
            "--deepspeed", str(ds_config(args.scratch, args)),
            f"model.name=random:{name}", f"model.dtype={args.dtype}", "task.name=sst2-demo", "task.num_train=16",
@@ -229,16 +235,27 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def compare(runs: dict[str, dict], nu: int) -> dict[str, float]:
+def compare(runs: dict[str, dict], nu: int, pending: int) -> dict[str, float]:
     """LOZO's holding and folding steps over ZO-SGD's writing steps, the first step of each kind left out where it
-    compiles (ZO-SGD's step 1, LOZO's first fold), and a window of 50 steps from them."""
+    compiles (ZO-SGD's step 1, LOZO's first fold), and a window of 50 steps from them; ZO-SGD with pending steps
+    over the same, its steps and bytes averaged over the cycle t = 2 .. pending + 1 (one write in it)."""
+    if "zo-sgd" not in runs:
+        return {}
     sgd = mean(runs["zo-sgd"]["s_per_step"][2:])
-    steps = runs["lozo"]["s_per_step"]
-    held = mean([s for t, s in enumerate(steps) if t and t % nu])
-    fold = mean([s for t, s in enumerate(steps) if t > nu and not t % nu])
-    return {"zo_sgd_s_per_writing_step": sgd, "lozo_holding_s_per_step": held, "lozo_folding_s_per_step": fold,
-            "lozo_holding_over_zo_sgd": held / sgd, "lozo_folding_over_zo_sgd": fold / sgd,
-            "lozo_window_of_50_over_zo_sgd_estimated": (49 * held + fold) / 50 / sgd}
+    out = {"zo_sgd_s_per_writing_step": sgd}
+    if "lozo" in runs:
+        steps = runs["lozo"]["s_per_step"]
+        held = mean([s for t, s in enumerate(steps) if t and t % nu])
+        fold = mean([s for t, s in enumerate(steps) if t > nu and not t % nu])
+        out |= {"lozo_holding_s_per_step": held, "lozo_folding_s_per_step": fold,
+                "lozo_holding_over_zo_sgd": held / sgd, "lozo_folding_over_zo_sgd": fold / sgd,
+                "lozo_window_of_50_over_zo_sgd_estimated": (49 * held + fold) / 50 / sgd}
+    if "zo-sgd-pending" in runs:
+        run, cycle = runs["zo-sgd-pending"], slice(2, 2 + pending)
+        out |= {"zo_sgd_pending_s_per_step": mean(run["s_per_step"][cycle]),
+                "zo_sgd_pending_over_zo_sgd": mean(run["s_per_step"][cycle]) / sgd,
+                "zo_sgd_pending_swapped_over_model_bytes": mean(run["swapped_bytes_per_step_over_model_bytes"][cycle])}
+    return out
 
 
 def main() -> None:
@@ -249,8 +266,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=32, help="task.max_length")
-    parser.add_argument("--methods", default="zo-sgd,lozo", help=f"comma-separated, of {list(METHODS)}")
+    parser.add_argument("--methods", default="zo-sgd,lozo,zo-sgd-pending", help=f"comma-separated, of {list(METHODS)}")
     parser.add_argument("--nu", type=int, default=2, help="LOZO's nu: with 5 steps, steps 2 and 4 fold (V redrawn)")
+    parser.add_argument("--pending", type=int, default=3,
+                        help="zo-sgd-pending's optim.pending_steps: with 5 steps, step 3 writes (t = 2 .. 4: a cycle)")
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "zo_scale_larger_than_memory")
     parser.add_argument("--probe-gb", type=float, default=4.0, help="size of the disk-speed probe file")
     parser.add_argument("--keep", action="store_true", help="keep the swap files and the checkpoint")
@@ -274,12 +293,13 @@ def main() -> None:
         samples[method] = [(t - started, b) for t, b in rss.samples]
     results = {**sizes, "machine_ram_bytes": psutil.virtual_memory().total,
                "model_over_machine_ram": sizes["model_bytes"] / psutil.virtual_memory().total, "disk": disk,
-               "runs": runs, **(compare(runs, args.nu) if {"zo-sgd", "lozo"} <= set(runs) else {})}
+               "runs": runs, **compare(runs, args.nu, args.pending)}
     notes = [
         f"one rank under the deepspeed launcher (--num_gpus 1 on a CPU machine), ZeRO-3 NVMe parameter offload "
         f"(ds_configs/zero3_offload_nvme.json, nvme_path under --scratch, buffer_size fitted to the largest "
         f"parameter), model.name=random:{args.arch}, {args.dtype}, optim.perturb=in_forward with optim.rule=sgd; "
-        f"one run per method, one after the other on the same disk (LOZO: optim.sampler=lowrank, optim.nu={args.nu}).",
+        f"one run per method, one after the other on the same disk (LOZO: optim.sampler=lowrank, optim.nu={args.nu}; "
+        f"zo-sgd-pending: optim.pending_steps={args.pending}).",
         "job_peak_rss: launcher + rank, summed, sampled every 0.5 s; rank_peak_rss: the rank's own ru_maxrss "
         "(summary.json peak_memory_bytes). Neither counts the page cache, which the swap files fill.",
         "swapped_bytes_per_step: partition bytes read + written by the NVMe swapper in the step (metrics.jsonl).",
@@ -288,6 +308,8 @@ def main() -> None:
         "steps t > 1 (step 0 has nothing pending, step 1 compiles the landing kernel); "
         "lozo_window_of_50_over_zo_sgd_estimated: (49 holding + 1 folding) / 50 over it, computed from those "
         "measured steps, not run.",
+        "zo_sgd_pending_*: the mean over steps t = 2 .. pending + 1 (pending - 1 steps that land the due updates on "
+        "transient copies and one that lands them all and writes) over the same ZO-SGD mean.",
         "the loss of a random-init model means nothing; its memory, bytes and seconds are the real model's.",
     ]
     settings = {k: str(v) for k, v in vars(args).items()}
@@ -301,7 +323,7 @@ def main() -> None:
 def plot(samples: dict[str, list[tuple[float, int]]], results: dict, args: argparse.Namespace) -> None:
     fig, ax = common.new_figure(8, 4)
     gib = 2**30
-    for (method, points), color in zip(samples.items(), ["#4c72b0", "#55a868"], strict=False):
+    for (method, points), color in zip(samples.items(), ["#4c72b0", "#55a868", "#8172b2"], strict=False):
         peak = results["runs"][method]["job_peak_rss_over_model_bytes"]
         ax.plot([t / 60 for t, _ in points], [b / gib for _, b in points], color=color,
                 label=f"{method}: job resident memory (launcher + rank), peak {peak:.2f}x the model")

@@ -274,7 +274,9 @@ def test_nvme_offload_equals_zero3_and_in_forward_swaps_a_third(aio_built, wide_
     once, and the last step's (lazy) update lands on it there and is written back: no update sweep
     (Adam's moments live with the partition: its in_forward update stays a sweep, 3x). LOZO holds its
     updates of those matrices in windows (pending_window): 1x, and 2x where V is redrawn (every nu = 2
-    steps here: the window folds in the forward and is written back), (nu + 1) / nu a step. DeepSpeed's
+    steps here: the window folds in the forward and is written back), (nu + 1) / nu a step. With
+    optim.pending_steps = 3, ZO-SGD writes the partitions every third step: 1x, 1x, 1x, 2x, 1x, 1x (the forward
+    lands the updates due on transient copies in between), bit for bit the run that writes every step. DeepSpeed's
     async_io op is JIT-built once a machine (about 3 minutes on 2 cores), in the background while
     the other tests run (tests/conftest.py)."""
     reason = aio_unavailable_reason()
@@ -285,9 +287,11 @@ def test_nvme_offload_equals_zero3_and_in_forward_swaps_a_third(aio_built, wide_
     (tmp_path / "nvme.json").write_text(json.dumps(config))
     runs = {}
     lozo = [*LANDS_IN_FORWARD, "optim.sampler=lowrank", "optim.nu=2"]
+    every_third = [*LANDS_IN_FORWARD, "optim.pending_steps=3"]
     for name, ds_config, extra in [("zero3", "ds_configs/zero3.json", []), ("nvme", tmp_path / "nvme.json", []),
                                    ("nvme in_forward", tmp_path / "nvme.json", LANDS_IN_FORWARD),
-                                   ("nvme lozo", tmp_path / "nvme.json", lozo)]:
+                                   ("nvme lozo", tmp_path / "nvme.json", lozo),
+                                   ("nvme pending", tmp_path / "nvme.json", every_third)]:
         out = tmp_path / name.replace(" ", "-")
         runs[name] = launched([*torchrun(), "--deepspeed", str(ds_config), *overrides(wide_model, out), *extra], out,
                               timeout=900)
@@ -301,6 +305,9 @@ def test_nvme_offload_equals_zero3_and_in_forward_swaps_a_third(aio_built, wide_
     assert per_step(runs["nvme in_forward"], "swapped_bytes_per_step") == [swapped] + [2 * swapped] * (STEPS - 1)
     assert per_step(runs["nvme lozo"], "swapped_bytes_per_step") == [(1 + (t > 0 and t % 2 == 0)) * swapped
                                                                      for t in range(STEPS)]
+    assert per_step(runs["nvme pending"], "swapped_bytes_per_step") == [(1 + (t > 0 and t % 3 == 0)) * swapped
+                                                                        for t in range(STEPS)]
+    assert_same_run(runs["nvme pending"], runs["nvme in_forward"])
     base = load_file(wide_model / "model.safetensors")
     for name, extra in [("nvme in_forward", LANDS_IN_FORWARD), ("nvme lozo", lozo)]:
         single = tmp_path / f"single {name}".replace(" ", "-")

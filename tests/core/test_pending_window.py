@@ -1,6 +1,7 @@
 """LOZO's updates held pending while V is fixed (zo_scale.core.pending_window): theta = W - P V^T read inside the
 forward, the stored matrix written once a window; replay and resume fold where the run did."""
 
+import contextlib
 import copy
 import dataclasses
 
@@ -119,6 +120,37 @@ def test_replay_folds_where_the_run_was_flushed_and_rebuilds_it_bitwise(method):
     assert equal(replay(records), model)
     unflagged = [dataclasses.replace(r, folded=False) for r in records]
     assert not equal(replay(unflagged), model)
+
+
+def test_an_evaluation_reads_the_open_windows_without_folding_them():
+    """Inside reading() the forward sees theta_t = W - P V^T (the flushed model's losses, to fp32 rounding) while
+    every matrix keeps its stored bits; the run goes on as if nothing had been read: the same records (none says
+    folded) and the same weights, bit for bit. A flush there folds instead, and the run differs."""
+    def run(evaluate):
+        model = build_tiny_model("llama")
+        opt = lozo(model)
+        records, seen = [], None
+        for t in range(5):
+            step(opt, model)
+            records.append(opt.last_record)
+            if t == 1 and evaluate:
+                stored = {n: p.clone() for n, p in model.named_parameters() if p.dim() == 2}
+                with opt.reading() if evaluate == "read" else contextlib.nullcontext():
+                    if evaluate == "flush":
+                        opt.flush()
+                    seen = losses(model, 1)
+                kept = all(torch.equal(p, stored[n]) for n, p in model.named_parameters() if p.dim() == 2)
+                assert kept == (evaluate == "read")
+        opt.flush()
+        return model, records, seen
+
+    model, records, read = run("read")
+    plain, plain_records, _ = run(None)
+    folded, folded_records, flushed = run("flush")
+    assert torch.allclose(read, flushed, rtol=1e-5, atol=0) and not any(r.folded for r in records)
+    assert records == plain_records and [r.folded for r in folded_records] == [False, False, True, False, False]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters(), strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), folded.parameters(), strict=True))
 
 
 def test_a_run_resumed_from_its_state_dict_goes_on_bitwise():

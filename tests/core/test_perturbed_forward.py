@@ -9,14 +9,18 @@ import zo_scale
 from zo_scale.core import perturbed_forward as perturbed_forward_module
 from zo_scale.core.directions import (
     BlockSampler,
+    DenseDirection,
     DenseSampler,
     LayerSubsetSampler,
+    LowRankDirection,
     LowRankSampler,
     ScaledSampler,
     SparseSampler,
 )
 from zo_scale.core.perturbed_forward import perturbed_forward
 from zo_scale.core.shards import whole_param_shard
+from zo_scale.core.sweep import sweep_shard
+from zo_scale.models.greedy import greedy_decode
 from zo_scale.models.tiny import build_tiny_model, learnable_token_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,6 +181,38 @@ def test_only_the_optimizers_parameters_are_perturbed():
     assert "model.embed_tokens" not in wrapped and "model.layers.0.self_attn.q_proj" in wrapped
 
 
+@pytest.mark.parametrize("direction", [DenseDirection(7), LowRankDirection(seed=7, v_seed=8, rank=2)],
+                         ids=["dense", "lowrank"])
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_greedy_decoding_of_stacked_row_groups_decodes_each_point(arch, direction, monkeypatch):
+    """Greedy decoding with a KV cache over prompts stacked K = 3 times, inside the perturbed forward: group k
+    decodes what the model moved to point k decodes alone (each row's cache is its own, every decoding step
+    runs group k at point k). Along LOZO's directions no Linear or Embedding weight is copied at any step (OPT's
+    learned positions are: a subclass with a forward of its own)."""
+    copied = []
+    copies = perturbed_forward_module.perturbed_copies
+    monkeypatch.setattr(perturbed_forward_module, "perturbed_copies",
+                        lambda shard, *a, **k: copied.append(shard) or copies(shard, *a, **k))
+    prompts = [IDS[i, : 6 + 5 * i].tolist() for i in range(3)]  # lengths 6, 11, 16: left-padded
+    groups = [[(direction, 0.05)], [(direction, -0.05)], []]
+    model = build_tiny_model(arch).eval()
+    with perturbed_forward(model, {p: n for n, p in model.named_parameters()}, groups):
+        stacked = greedy_decode(model, prompts * 3, pad_id=0, max_new_tokens=6)
+    alone = []
+    for moves in groups:
+        moved = build_tiny_model(arch).eval()
+        for n, p in moved.named_parameters():
+            sweep_shard(whole_param_shard(p, n), after=moves)
+        alone += greedy_decode(moved, prompts, pad_id=0, max_new_tokens=6)
+    assert stacked == alone
+    assert stacked[:3] != stacked[3:6]  # the points decode differently: the groups did see their own
+    matrices = {shard.name for shard in copied if len(shard.shape) == 2}
+    if isinstance(direction, LowRankDirection):
+        assert copied and matrices <= {"model.decoder.embed_positions.weight"}
+    else:
+        assert "lm_head.weight" in matrices or "model.decoder.embed_tokens.weight" in matrices
+
+
 def test_bad_closures_and_settings_fail_loudly():
     model = build_tiny_model("llama")
     opt = zo_scale.ZOSGD(model.named_parameters(), lr=1e-3, model=model, perturb="in_forward")
@@ -264,6 +300,48 @@ def test_the_lazy_update_is_stored_once_per_parameter_and_reaches_parameters_the
     assert len(stored) == 2 * (count - 1) and len(set(stored)) == count - 1 and "unused.weight" not in stored
     assert unused.abs().max() > 0  # updated all the same
     assert stores("momentum")[0] == []
+
+
+@pytest.mark.parametrize(("arch", "rule", "dtype"), [("llama", "sgd", torch.float32), ("opt", "sign", torch.float32),
+                                                     ("llama", "sgd", torch.bfloat16)])
+def test_pending_steps_store_every_nth_step_and_keep_every_bit(arch, rule, dtype):
+    """pending_steps=3: only the forwards of steps 3 and 6 store the parameters (the updates of steps 0-2, then
+    3-5), each parameter once; the losses, projected gradients and weights equal those of the run that stores
+    every step, bit for bit (each update lands by a sweep of its own, on a transient copy in between; in bf16
+    too). A parameter the forward never reads gets them from the sweeps after the storing forwards; the flush
+    lands the updates still due."""
+    def run(pending_steps):
+        model = build_tiny_model(arch, dtype=dtype)
+        model.unused = torch.nn.Linear(4, 3, bias=False, dtype=dtype)  # never called: updated by the sweep after
+        torch.nn.init.zeros_(model.unused.weight)
+        stored, records = [], []
+        opt = zo_scale.ZOOptimizer(model.named_parameters(), lr=1e-2, seed=3, model=model, perturb="in_forward",
+                                   lazy=True, rule=rule, pending_steps=pending_steps,
+                                   store_fn=lambda p, name: stored.append((opt.step_count, name)))
+        for _ in range(7):
+            records += [opt.step(lambda groups: losses(model, groups)), opt.last_record.grads]
+        opt.flush()
+        return model, records, stored
+
+    model, records, stored = run(3)
+    reference, expected, every_step = run(1)
+    names = {n for n, _ in model.named_parameters()} - {"unused.weight"}
+    assert sorted(stored) == sorted((t, n) for t in (3, 6) for n in names)
+    assert sorted(every_step) == sorted((t, n) for t in range(1, 7) for n in names)
+    assert records == expected
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters(), strict=True))
+    assert model.unused.weight.abs().max() > 0
+
+
+def test_pending_steps_need_updates_that_land_in_the_forward():
+    model = build_tiny_model("llama")
+    for kwargs in ({}, {"perturb": "in_forward"}, {"perturb": "in_forward", "lazy": True, "rule": "momentum"}):
+        with pytest.raises(ValueError, match="pending_steps=2 lands updates inside the forward: it needs"):
+            zo_scale.ZOOptimizer(model.named_parameters(), model=model, pending_steps=2, **kwargs)
+    with pytest.raises(ValueError, match="LOZO holds its matrices' updates in pending windows"):
+        zo_scale.LOZO(model.named_parameters(), model=model, perturb="in_forward", lazy=True, pending_steps=2)
+    with pytest.raises(ValueError, match="pending_steps must be >= 1"):
+        zo_scale.ZOOptimizer(model.named_parameters(), pending_steps=0)
 
 
 def test_a_closure_that_raises_mid_forward_still_lands_the_whole_update():

@@ -77,12 +77,30 @@ def test_zero3_takes_the_perturbed_forward_in_float32_too(tmp_path, caplog, ds, 
     (["optim.rule=hizoo", "optim.estimator=hizoo"], "zero3", "optim.rule=hizoo under ZeRO-3"),
     (["model.quantization=int8"], "single", "ZO on quantized scales"),
     (["peft.method=prompt"], "single", "peft.method=prompt"),
-    (["task.loss=f1"], "single", "task.loss=f1 decodes with a KV cache"),
+    (["task.loss=f1"], "single", "along dense directions the perturbed forward copies every parameter at each"),
 ])
 def test_what_the_perturbed_forward_cannot_run_takes_the_in_place_step(overrides, mode, reason):
     cfg = load_config(None, ["model.dtype=bfloat16", *overrides])
     choice = choose_perturb(cfg, never_asked, mode)
     assert choice.perturb == "in_place" and reason in choice.why
+
+
+def test_f1_along_low_rank_directions_or_under_zero3_decodes_the_row_groups_together():
+    cfg = load_config(None, ["model.dtype=float32", "task.loss=f1", "optim.sampler=lowrank"])
+    choice = choose_perturb(cfg, lambda: Fit(True, "fits"))
+    assert choice.perturb == "in_forward" and "decodes the K row groups together" in choice.why
+    cfg = load_config(None, ["model.dtype=float32", "task.loss=f1"])
+    assert choose_perturb(cfg, lambda: Fit(True, "fits"), "zero3").perturb == "in_forward"
+
+
+def test_pending_steps_take_the_perturbed_forward_or_say_why_they_cannot():
+    cfg = load_config(None, ["optim.pending_steps=4"])  # float32, one process: in place otherwise
+    choice = choose_perturb(cfg, never_asked)
+    assert choice.perturb == "in_forward" and "optim.pending_steps=4" in choice.why
+    cfg = load_config(None, ["optim.pending_steps=4", "peft.method=prompt"])
+    with pytest.raises(ConfigError, match="optim.pending_steps=4 lands the updates inside the perturbed forward, "
+                                          "which cannot run here: peft.method=prompt"):
+        choose_perturb(cfg, never_asked)
 
 
 def test_hizoo_takes_the_perturbed_forward_on_one_process():

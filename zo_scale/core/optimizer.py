@@ -156,6 +156,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             (each sweep, and the forward's landing, whose stores the sweep after it closes): a backend that
             reads them on another stream (ZeRO-3's all-gathers run on DeepSpeed's) orders those reads
             after the writes, and the writes after reads in flight. None: one stream, nothing to order.
+        pending_steps: N, with ``perturb='in_forward'``, ``lazy=True`` and a rule without per-element state
+            ('sgd', 'sign'), no master copy: the stored weights are written every N steps instead of every step.
+            In between, the forward lands the updates not yet stored on a transient copy of each parameter it
+            reads (one sweep per update, as landing them step by step would: the same bits), and the stored
+            value stays as it was: under offload (``store_fn``) a step reads the model and writes it once every
+            N steps. Costs N sweeps of compute per parameter read at most. 1 (the default): every step stores.
         flat: store each param group's parameters (per device and dtype) as views of flat buckets
             (:mod:`zo_scale.core.flat_buckets`), so that a sweep is one kernel call per bucket instead of
             one per tensor, with equal results; the parameters stay the same objects, their ``.data`` moves.
@@ -186,6 +192,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         store_fn: Callable[[torch.Tensor, str], None] | None = None,
         flat: bool = True,
         writing: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+        pending_steps: int = 1,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -223,6 +230,16 @@ class ZOOptimizer(torch.optim.Optimizer):
                              "the update are not perturbations the master copy could leave out")
         if conservative and not isinstance(self.rule, SGD):
             raise ValueError("conservative=True needs the 'sgd' rule (it compares moves along -/+ lr * g_hat)")
+        if pending_steps < 1:
+            raise ValueError(f"pending_steps must be >= 1, got {pending_steps}")
+        if pending_steps > 1 and not (perturb == "in_forward" and lazy and not self.rule.buffers
+                                      and not master_weights and not conservative):
+            raise ValueError(f"pending_steps={pending_steps} lands updates inside the forward: it needs "
+                             "perturb='in_forward', lazy=True, a rule without per-element state ('sgd', 'sign'), "
+                             "no master weights and conservative=False")
+        if pending_steps > 1 and isinstance(sampler, LowRankSampler):
+            raise ValueError("pending_steps > 1 with LOZO's sampler: LOZO holds its matrices' updates in pending "
+                             "windows already (written once every nu steps)")
         if conservative and isinstance(sampler, LowRankSampler):
             raise ValueError("conservative=True moves along the directions themselves: LOZO's estimate carries a "
                              "1/r on matrices that its trial moves would miss")
@@ -244,11 +261,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.perturb = perturb
         self.store_fn = store_fn
         self.writing = writing or contextlib.nullcontext
+        self.pending_steps = pending_steps
         self._offsets: dict[int, tuple[Direction, float]] = {}  # master_weights: perturbation the shards carry
         self.step_count = 0  # t: steps taken, skipped ones included
         self.skipped_steps = 0
         self.last_record: StepRecord | None = None
         self._pending: _Pending | None = None
+        # (pending_steps > 1) earlier steps' updates, oldest first, that forwards landed on transient copies only:
+        # the stored weights lack them, theta_t = stored + these + the pending update
+        self._unstored: list[_Pending] = []
         self._windows = PendingWindows()  # LOZO's updates held per matrix (pending_window)
         self._folded = False  # a flush folded windows since the last step: the next record says so
         self.buckets: list[flat_buckets.FlatBucket] = []
@@ -380,7 +401,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _land(self) -> bool:
         """:meth:`flush`; returns whether it folded windows."""
         pending, self._pending = self._pending, None
+        older, self._unstored = self._unstored, []
         folds, self._windows = self._windows, PendingWindows()
+        for update in older:  # one sweep each, in order: the bits of landing them step by step
+            self._sweep(update.restore, update)
         if pending is not None or folds:
             self._sweep(pending.restore if pending else (), pending, [(folds, -1.0)] if folds else ())
         return bool(folds)
@@ -441,6 +465,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         if replay is not None and replay.folded:
             self.flush()  # where the run's flush folded its windows (an evaluation, a save)
+        if self._unstored and (self.perturb != "in_forward" or closure is None):
+            self._land()  # replay: no forward to land them in
         folded, self._folded = self._folded, False
         t = self.step_count
         step_seed = noise.derive_seed(self.seed, t)
@@ -558,7 +584,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         (:func:`~zo_scale.core.perturbed_forward.perturbed_forward`) less the open windows' held updates, and
         ``pending`` lands at each parameter's first use, on its gathered whole value, in the pass that makes its
         copies (the windows in ``folds`` fold there, in a pass of their own); ``store_fn`` then stores it.
-        Parameters the forward does not reach (or all, if it raises) get it from a sweep on the way out."""
+        Parameters the forward does not reach (or all, if it raises) get it from a sweep on the way out.
+
+        With ``pending_steps`` N > 1 the updates not yet stored (:attr:`_unstored`) land first, in order; while
+        fewer than N are due, each use of a parameter lands them all on a transient copy instead, from which its
+        copies are made, and nothing is stored (they stay due for the next forward)."""
         names = {p: n for gi, group in enumerate(self.param_groups)
                  for p, n in zip(group["params"], self._names(group, gi), strict=True)}
         assert self.model is not None
@@ -566,12 +596,26 @@ class ZOOptimizer(torch.optim.Optimizer):
             groups = [[*moves, (self._windows, -1.0)] for moves in groups]
         folds = folds if folds is not None else PendingWindows()
         folding = {p for p, layout in self._layouts.items() if layout.stream in folds.windows}
+        due, self._unstored = [*self._unstored, *([pending] if pending is not None else [])], []
+        if 0 < len(due) < self.pending_steps:  # not stored this step: read through transient copies
+            self._unstored = due
+            with self._deferred(names, groups, due):
+                yield
+            return
+        pending, older = (due[-1], [self._updates(u) for u in due[:-1]]) if due else (None, [])
         held = pending.held if pending is not None else frozenset()
         updates = self._updates(pending)
         group_of = {p: gi for gi, group in enumerate(self.param_groups) for p in group["params"]}
         landed: set[torch.Tensor] = set()
-        windows = flat_buckets.CopyWindows(self.buckets, groups, lambda bucket: updates[bucket.group], self.kernel,
+        windows = flat_buckets.CopyWindows([] if older else self.buckets, groups,  # a window lands one update
+                                           lambda bucket: updates[bucket.group], self.kernel,
                                            flat_buckets.COPY_WINDOW_BYTES)
+
+        def catch_up(p: torch.nn.Parameter, whole: ParamShard) -> None:
+            """The older due updates on p, one sweep each, before the pending one lands (pending_steps)."""
+            for update in (u[group_of[p]] for u in older):
+                if update is not None:
+                    sweep_shard(whole, update=update, state=self._state_for(whole), kernel_mode=self.kernel)
 
         def pending_of(p: torch.nn.Parameter) -> Update | None:
             """The update still to land on p this step (None once landed, or where there is none: held in a window)."""
@@ -592,6 +636,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             fold: Moves = [(folds, -1.0)] if p in folding and p not in landed else []
             if update is not None or fold:
                 whole = whole_param_shard(p, name)
+                catch_up(p, whole)
                 sweep_shard(whole, update=update, after=fold, state=self._state_for(whole), kernel_mode=self.kernel)
                 stored(p, name)
 
@@ -606,6 +651,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 land(p, name)
             whole = whole_param_shard(p, name)
             update = pending_of(p)
+            if update is not None:
+                catch_up(p, whole)
             shard = whole if span is None else whole.narrow(*span)
             copies = perturbed_copies(shard, groups, self.kernel, update, self._state_for(whole) if update else None)
             if update is not None:
@@ -617,10 +664,38 @@ class ZOOptimizer(torch.optim.Optimizer):
                 yield
         finally:
             done, fold = landed | windows.landed, [(folds, -1.0)] if folds else []
+            for update in due[:-1]:
+                self._sweep(update.restore, update, skip=done)
             if pending is not None:  # held matrices have nothing to land, unless their windows fold
                 self._sweep(pending.restore, pending, fold, skip=done | (held - folding))
             elif folds:
                 self._sweep(after=fold, skip=set(names) - (folding - done))
+
+    @contextlib.contextmanager
+    def _deferred(self, names: dict[torch.Tensor, str], groups: list[Moves], due: list[_Pending]) -> Iterator[None]:
+        """The perturbed forward at theta_t = stored + the ``due`` updates, none of them stored: each use of a
+        parameter lands them on a transient copy of it (of its elements in a block's span), one sweep each as
+        landing them step by step would (the rule's state advanced on a scratch copy), and makes its K copies from
+        that; the stored value is only read."""
+        updates = [self._updates(u) for u in due]
+        group_of = {p: gi for gi, group in enumerate(self.param_groups) for p in group["params"]}
+
+        def theta_t(p: torch.nn.Parameter, name: str, span: tuple[int, int] | None) -> list[torch.Tensor]:
+            whole = whole_param_shard(p, name)
+            shard = whole if span is None else whole.narrow(*span)
+            current = ParamShard(p, name, shard.stream, shard.flat.clone(), shard.offset, shard.shape)
+            scratch = {k: v.clone() for k, v in self._state_for(whole).items()}
+            for update in (u[group_of[p]] for u in updates):
+                if update is not None:
+                    sweep_shard(current, update=update, state=scratch, kernel_mode=self.kernel)
+            return perturbed_copies(current, groups, self.kernel)
+
+        def land(p: torch.nn.Parameter, name: str) -> None:  # nothing is stored: every copy lands them itself
+            del p, name
+
+        assert self.model is not None and not self._windows  # LOZO holds its updates in windows instead
+        with perturbed_forward(self.model, names, groups, self.kernel, theta_t, land):
+            yield
 
     @contextlib.contextmanager
     def landing(self) -> Iterator[None]:
@@ -636,6 +711,24 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.flush()
             yield
             return
+        with self._perturbed([[]], pending):
+            yield
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """The model at theta_t for the forwards run within (an evaluation, greedy decoding), autograd off, with
+        LOZO's open windows read through their correction as the step's forward reads them, not folded: an
+        evaluation leaves the stored matrices, and so the run's trajectory and seed log, as they were. The
+        pending update lands at each parameter's first use (:meth:`landing`). Without open windows, a flush on
+        entry."""
+        if not self._windows:
+            self.flush()
+            yield
+            return
+        pending, self._pending = self._pending, None
+        if pending is not None and not self._lands_in_forward(pending):
+            self._sweep(pending.restore, pending, skip=pending.held)
+            pending = None
         with self._perturbed([[]], pending):
             yield
 
@@ -728,6 +821,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_count, self.skipped_steps = zo["step_count"], zo["skipped_steps"]
         self.sampler.load_state_dict(zo.get("sampler", {}))
         self._pending = None
+        self._unstored = []
         self._windows = PendingWindows()
         self._folded = self._holds  # the saved weights had their windows folded: so had the run that wrote them
         self._offsets = {}

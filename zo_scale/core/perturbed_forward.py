@@ -102,14 +102,15 @@ def _merge(outputs: list[Any], name: str) -> Any:
 def _linear_rows(plain_linear: bool, module: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """For a plain ``nn.Linear`` (``plain_linear``: that class, its forward not wrapped by anyone else)
-    called on one contiguous input with autograd off: (input, output) as 2-D row matrices, the output
-    allocated once for all groups; None for any other module or call (``out=`` kernels record no graph)."""
+    called on one input with autograd off: (input, output) as 2-D row matrices (the input made contiguous: a
+    causal LM's head gets a slice of the positions, the last one when decoding), the output allocated once for
+    all groups; None for any other module or call (``out=`` kernels record no graph)."""
     if not plain_linear or kwargs or len(args) != 1 or torch.is_grad_enabled():
         return None
     x = args[0]
-    if not isinstance(x, torch.Tensor) or not x.is_contiguous() or x.dim() < 2:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return None
-    x = x.view(-1, x.shape[-1])
+    x = x.contiguous().view(-1, x.shape[-1])
     return x, x.new_empty(x.shape[0], module.out_features)
 
 

@@ -119,9 +119,10 @@ class Fit(NamedTuple):
 
 def in_forward_blocker(cfg: Config, runtime: str = "single") -> str | None:
     """Why ``optim.perturb=in_forward`` cannot run this config on ``runtime`` (the runtime's ``name``), or
-    None: the stacked batch's row groups must not see each other (one prompt encoder, a KV cache, masked-LM
-    positions), and each perturbed point must be module parameters copied whole (not quantized scales, not
-    HiZOO's per-partition Hessian under ZeRO-3)."""
+    None: the stacked batch's row groups must not see each other (one prompt encoder, masked-LM positions;
+    greedy decoding keeps a KV cache per row, so each group decodes at its own point), and each perturbed point
+    must be module parameters copied whole (not quantized scales, not HiZOO's per-partition Hessian under
+    ZeRO-3)."""
     reasons = {
         "peft.method=prompt: the prompt encoder runs once for the whole batch, not per row group":
             cfg.peft.method == "prompt",
@@ -132,7 +133,6 @@ def in_forward_blocker(cfg: Config, runtime: str = "single") -> str | None:
         "are of the whole gathered parameter": cfg.optim.rule == "hizoo" and runtime == "zero3",
         # BERT's learned positions are one row of ids for the whole batch, and the scoring projects onto
         # the vocabulary at the mask positions of the whole batch: neither splits into row groups.
-        "task.loss=f1 decodes with a KV cache, which row groups cannot share": cfg.task.loss == "f1",
         "a masked LM: its position embeddings and mask-position scoring see the whole batch, not row groups":
             model_head(cfg.model.name) == "masked",
     }
@@ -170,6 +170,9 @@ def in_forward_gains(cfg: Config, runtime: str = "single", offload: str = "none"
     if cfg.model.dtype in HALF_PRECISION and not cfg.optim.master_weights:
         gains.append(f"{cfg.model.dtype} weights without optim.master_weights stay put, where each in-place "
                      "round trip (+eps, -2 eps, +eps) rounds them")
+    if cfg.task.loss == "f1" and cfg.optim.sampler == "lowrank":
+        gains.append("task.loss=f1 along low-rank directions decodes the K row groups together, reading each "
+                     "weight once a token without copies of it, where in place decodes K times")
     return gains
 
 
@@ -179,10 +182,14 @@ def choose_perturb(cfg: Config, fit: Callable[[], Fit], runtime: str = "single",
     :func:`in_forward_gains`). The rule, in order:
 
     1. ``optim.sampler=magnitude`` has no in-place step: in_forward, or a ConfigError saying why it cannot run;
-    2. in_forward cannot run this config (:func:`in_forward_blocker`): in_place;
-    3. ``hybrid.fo_layers=-1`` (backprop alone) has no ZO step to place: in_place;
-    4. in_forward saves nothing here (float32 or master weights, no ZeRO-3): in_place, which stacks no batch;
-    5. ``fit()`` (called only here: it builds the model's shape) says the planner's peak with the batch
+    2. ``optim.pending_steps`` > 1 lands updates in the forward: in_forward, or a ConfigError as for 1;
+    3. in_forward cannot run this config (:func:`in_forward_blocker`): in_place;
+    4. ``hybrid.fo_layers=-1`` (backprop alone) has no ZO step to place: in_place;
+    5. ``task.loss=f1`` along dense directions outside ZeRO-3: in_place (the copies would be made at every
+       decoding step);
+    6. in_forward saves nothing here (float32 or master weights, no ZeRO-3, no F1 along low-rank directions):
+       in_place, which stacks no batch;
+    7. ``fit()`` (called only here: it builds the model's shape) says the planner's peak with the batch
        stacked K times does not fit the device: in_place; else in_forward.
     """
     blocker = in_forward_blocker(cfg, runtime)
@@ -191,10 +198,20 @@ def choose_perturb(cfg: Config, fit: Callable[[], Fit], runtime: str = "single",
             raise ConfigError(f"{MAGNITUDE_NEEDS_IN_FORWARD}: {blocker}")
         return PerturbChoice("in_forward", "auto: optim.sampler=magnitude masks z by the weights, which only the "
                                            "perturbed forward leaves in place between its points")
+    if cfg.optim.pending_steps > 1:
+        if blocker is not None:
+            raise ConfigError(f"optim.pending_steps={cfg.optim.pending_steps} lands the updates inside the perturbed "
+                              f"forward, which cannot run here: {blocker}")
+        return PerturbChoice("in_forward", f"auto: optim.pending_steps={cfg.optim.pending_steps} lands the updates "
+                                           "inside the perturbed forward")
     if blocker is not None:
         return PerturbChoice("in_place", f"auto: in_forward cannot run here: {blocker}")
     if cfg.hybrid.fo_layers == -1:
         return PerturbChoice("in_place", "auto: hybrid.fo_layers=-1 trains by backprop alone, there is no ZO step")
+    if cfg.task.loss == "f1" and cfg.optim.sampler != "lowrank" and runtime != "zero3":
+        return PerturbChoice("in_place", "auto: task.loss=f1 runs task.max_new_tokens forwards a point, and along "
+                                         "dense directions the perturbed forward copies every parameter at each of "
+                                         "them; in place moves the weights twice a point")
     gains = in_forward_gains(cfg, runtime, offload)
     if not gains:
         return PerturbChoice("in_place", f"auto: {cfg.model.dtype} weights"
@@ -219,7 +236,7 @@ def build_optimizer(
             list(named_params), cfg.lr, cfg.eps, rule=build_rule(cfg), sampler=build_sampler(cfg),
             estimator=cfg.estimator, queries=cfg.queries, weight_decay=cfg.weight_decay, seed=seed, lazy=cfg.lazy,
             conservative=cfg.conservative, master_weights=cfg.master_weights, kernel=cfg.kernel,
-            perturb="in_place" if cfg.perturb == "auto" else cfg.perturb, **kwargs,
+            perturb="in_place" if cfg.perturb == "auto" else cfg.perturb, pending_steps=cfg.pending_steps, **kwargs,
         )
         schedule = build_schedule(optimizer, cfg, total_steps)
     except ValueError as e:

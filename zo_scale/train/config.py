@@ -80,6 +80,9 @@ class OptimConfig:
     # picks (select_runtime.resolve_perturb); zo-scale train's default is auto (Config.optim), a bare OptimConfig's
     # (the HF Trainer's zo settings, MeZO's defaults) in_place
     perturb: str = "in_place"
+    # perturb=in_forward, lazy, rule sgd or sign: write the stored weights every this many steps (under offload a step
+    # reads the model and writes it once every N steps; the forward lands the N updates due on transient copies)
+    pending_steps: int = 1
     scales: str | None = None  # ZO Fine-tuner: a perturbation-scales file (zo-scale learn-scales) scaling z per tensor
 
 

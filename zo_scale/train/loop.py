@@ -198,8 +198,8 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
     def evaluate(step: int, examples: list[Any], split: str) -> dict[str, float]:
         """Every metric of the objective (accuracy; or F1 and exact match for generation), logged."""
-        optimizer.flush()
-        values = distributed_metrics(objective, model, examples, cfg.run.eval_batch_size, runtime)
+        with optimizer.reading():  # LOZO's pending windows are read through their correction, not folded
+            values = distributed_metrics(objective, model, examples, cfg.run.eval_batch_size, runtime)
         if metrics is not None:
             metrics.log(step, "eval", **values, split=split, examples=len(examples))
         return values

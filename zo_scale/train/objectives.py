@@ -122,14 +122,16 @@ class GenerationObjective:
         return [answer_text(self.tokenizer.decode(ids, skip_special_tokens=True)) for ids in generated]
 
     def loss(self, model: torch.nn.Module, batch: list[EncodedGeneration], groups: int | None = None) -> torch.Tensor:
-        """The batch's loss, a 0-dim tensor; with ``groups`` = K (optim.perturb=in_forward, ``lm`` only)
-        the batch stacked K times and each copy's loss, shape (K,)."""
-        if self.loss_name == "f1":
-            if groups is not None:
-                raise ValueError("task.loss=f1 decodes with a KV cache, which row groups cannot share: use "
-                                 "optim.perturb=in_place")
-            f1 = [token_f1(answer, ex.answers) for answer, ex in zip(self.answers(model, batch), batch, strict=True)]
-            return torch.tensor(1.0 - sum(f1) / len(f1), dtype=torch.float64)
+        """The batch's loss, a 0-dim tensor; with ``groups`` = K (optim.perturb=in_forward) the batch stacked K
+        times and each copy's loss, shape (K,): for ``f1`` one greedy decoding over the K x B rows, which the
+        perturbed forward runs with row group k at point k at every decoding step (each row's KV cache is its
+        own)."""
+        if self.loss_name == "f1":  # one greedy decoding over the K stacked copies: every row keeps its own cache
+            stacked = list(batch) * (groups or 1)
+            answers = self.answers(model, stacked)
+            f1 = [token_f1(answer, ex.answers) for answer, ex in zip(answers, stacked, strict=True)]
+            losses = [1.0 - sum(f1[k : k + len(batch)]) / len(batch) for k in range(0, len(f1), len(batch))]
+            return torch.tensor(losses if groups is not None else losses[0], dtype=torch.float64)
         return stacked_loss(model, [ex.scored for ex in batch], self.tokenizer.pad_token_id, "lm", groups)
 
     def per_example(

@@ -15,6 +15,7 @@ and moments, in a layout tied to the number of ranks: such a run resumes on as m
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,11 @@ class RunOptimizer:
         """Land a lazy ZO update (before evaluating or saving)."""
         if self.zo is not None:
             self.zo.flush()
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """The model at theta_t for an evaluation run within (:meth:`ZOOptimizer.reading`: LOZO's pending windows
+        read, not folded); without a ZO part, nothing to land."""
+        return self.zo.reading() if self.zo is not None else contextlib.nullcontext()
 
     @property
     def last_record(self) -> StepRecord | None:
