@@ -308,6 +308,10 @@ def test_nvme_offload_equals_zero3_and_in_forward_swaps_a_third(aio_built, wide_
     assert per_step(runs["nvme pending"], "swapped_bytes_per_step") == [(1 + (t > 0 and t % 3 == 0)) * swapped
                                                                         for t in range(STEPS)]
     assert_same_run(runs["nvme pending"], runs["nvme in_forward"])
+    share = model_bytes(wide_model) / 2  # every partition (the small ones kept in memory too): the stores write them
+    assert per_step(runs["nvme in_forward"], "stored_bytes_per_step") == [0.0] + [share] * (STEPS - 1)
+    assert per_step(runs["nvme pending"], "stored_bytes_per_step") == [(t > 0 and t % 3 == 0) * share
+                                                                       for t in range(STEPS)]
     base = load_file(wide_model / "model.safetensors")
     for name, extra in [("nvme in_forward", LANDS_IN_FORWARD), ("nvme lozo", lozo)]:
         single = tmp_path / f"single {name}".replace(" ", "-")

@@ -59,6 +59,13 @@ class Runtime:
         """Bytes of parameter partitions this rank has read from and written to NVMe (ZeRO-3 offload)."""
         return 0
 
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of parameters this rank's ZO optimizer has stored from inside the forward (``store_fn``: an update
+        landed on a gathered parameter written back to the rank's partition: device memory, host memory under CPU
+        offload, its NVMe file). Sweeps' writes are not counted."""
+        return 0
+
     def load_model(self, load: Callable[[], ModelAndTokenizer]) -> ModelAndTokenizer:
         """Run ``load`` (which builds the model and tokenizer) the way this runtime needs."""
         return load()

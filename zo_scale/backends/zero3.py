@@ -323,9 +323,12 @@ class PartitionWrites:
         self.stream = stream
         self.queued = 0  # copies to host partitions not yet waited for
         self.host_syncs = 0  # the synchronizations they cost, counted
+        self.stored_bytes = 0  # partition bytes the stores wrote, counted
 
     def store(self, param: torch.Tensor, name: str) -> None:
         self.queued += zero3_store(param, name, non_blocking=self.stream is not None)
+        if hasattr(param, "ds_tensor"):
+            self.stored_bytes += _partition_span(param, name)[1] * param.ds_tensor.element_size()
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
@@ -389,6 +392,7 @@ class Zero3Runtime(DistributedRuntime):
         self.engine: Any = None
         self.fo_optimizer: DeepSpeedZeroOptimizer_Stage3 | None = None
         self._gathered = self._swapped = 0
+        self._writes: PartitionWrites | None = None  # the ZO optimizer's stores (optimizer_kwargs), counted
         self._count_all_gathers()
         self._count_swaps()
 
@@ -432,6 +436,10 @@ class Zero3Runtime(DistributedRuntime):
     @property
     def swapped_bytes(self) -> int:
         return self._swapped
+
+    @property
+    def stored_bytes(self) -> int:
+        return self._writes.stored_bytes if self._writes is not None else 0
 
     def load_model(
         self,
@@ -491,7 +499,7 @@ class Zero3Runtime(DistributedRuntime):
         return self.engine.module, tokenizer
 
     def optimizer_kwargs(self) -> dict[str, Any]:
-        writes = PartitionWrites(allgather_stream(self.engine))
+        self._writes = writes = PartitionWrites(allgather_stream(self.engine))
         return {"shard_fn": zero3_shard, "loss_reduce": self.mean, "store_fn": writes.store, "writing": writes}
 
     # -- first-order hooks: the FO pass goes through the engine -----------------------------------

@@ -7,6 +7,8 @@ The samplers of :mod:`zo_scale.core.directions` say *what* to perturb; an estima
   :math:`g_i = \frac{L(\theta + \epsilon z_i) - L(\theta - \epsilon z_i)}{2\epsilon}`; 2 forwards a query.
   The loss reported at theta is the mean of the pairs (= L(theta) + O(eps^2)).
 - :class:`CentralCurvature` ('hizoo'): central, plus L(theta) for the curvature along each z_i (HiZOO).
+- :class:`EvolutionStrategies` ('es'): central over a population of q antithetic pairs, each member's loss
+  replaced by its shaped fitness over the population (z-scored, or centred ranks) first.
 - :class:`Unbiased` ('unbiased'): a randomly truncated telescoping series of central differences at
   radii eps rho^n: no O(eps^2) bias, 4 or 6 forwards a query (see the class).
 - :class:`Forward` (one-sided): :math:`g_i = \frac{L(\theta + \epsilon z_i) - L(\theta)}{\epsilon}`; 1 forward a
@@ -94,6 +96,67 @@ class CentralCurvature(Central):
     def measured(self, values: Sequence[float], eps: float, queries: int) -> list[float]:
         at = values[0]
         return [abs(lp + lm - 2 * at) / (2 * eps * eps) for lp, lm in zip(values[1::2], values[2::2], strict=True)]
+
+
+FITNESS = ("zscore", "rank", "none")
+
+
+def shaped(values: Sequence[float], fitness: str) -> list[float]:
+    """Fitness shaping of a population's values: ``zscore`` (v - mean) / std (population std; all 0 where
+    std is 0), ``rank`` centred ranks r / (n - 1) - 1/2 in [-1/2, 1/2] (tied values share their mean rank),
+    ``none`` the values themselves."""
+    n = len(values)
+    if fitness == "none":
+        return list(values)
+    if fitness == "zscore":
+        mean = sum(values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+        return [0.0] * n if std == 0.0 else [(v - mean) / std for v in values]
+    if fitness != "rank":
+        raise ValueError(f"unknown fitness shaping {fitness!r}; choose one of {FITNESS}")
+    if n == 1:
+        return [0.0]
+    order = sorted(range(n), key=lambda i: values[i])
+    ranks = [0.0] * n
+    start = 0
+    while start < n:  # a run of ties [start, stop) shares the mean of its ranks
+        stop = start
+        while stop < n and values[order[stop]] == values[order[start]]:
+            stop += 1
+        for i in order[start:stop]:
+            ranks[i] = (start + stop - 1) / 2
+        start = stop
+    return [r / (n - 1) - 0.5 for r in ranks]
+
+
+@dataclass(frozen=True)
+class EvolutionStrategies(Central):
+    r"""'es': evolution strategies over a population of N = 2q members theta +- sigma z_i (sigma = eps), each
+    member's loss (a negative reward, :mod:`zo_scale.train.objectives`) replaced by its fitness f, shaped over
+    the whole population (:func:`shaped`), then the central difference:
+
+    .. math:: g_i = \frac{f(\theta + \sigma z_i) - f(\theta - \sigma z_i)}{2 \sigma}, \qquad
+        \hat g = \frac{1}{q} \sum_i g_i z_i = \frac{1}{N \sigma} \sum_m f_m \varepsilon_m
+        \quad (\varepsilon_m = \pm z_i),
+
+    the update of OpenAI-ES (Salimans et al. 2017, arXiv 1703.03864: antithetic pairs, centred ranks) and of
+    "Evolution Strategies at Scale" (Qiu et al., ICML 2026: z-scored rewards, the default here). Departures:
+    es-at-scale draws N independent members where this draws antithetic pairs (N even); its step is
+    alpha / N sum_m R_m eps_m with the 1/sigma folded into alpha, here the lr multiplies the 1/(N sigma) form.
+    Each member is one row group of the perturbed forward, so a population is one batched generation. The
+    logged g_i are the shaped differences: replay needs nothing else. The loss at theta is the population's
+    mean raw loss.
+    """
+
+    name = "es"
+    fitness: str = "zscore"
+
+    def __post_init__(self) -> None:
+        if self.fitness not in FITNESS:
+            raise ValueError(f"unknown fitness shaping {self.fitness!r}; choose one of {FITNESS}")
+
+    def projected_grads(self, values: Sequence[float], eps: float, queries: int) -> list[float] | None:
+        return super().projected_grads(shaped(values, self.fitness), eps, queries) if _finite(values) else None
 
 
 @dataclass(frozen=True)
@@ -231,7 +294,8 @@ class ForwardGradient(Estimator):
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {
-    e.name: e for e in (Central, CentralCurvature, Unbiased, Forward, NormalizedForward, ForwardGradient)
+    e.name: e for e in (Central, CentralCurvature, EvolutionStrategies, Unbiased, Forward, NormalizedForward,
+                        ForwardGradient)
 }
 
 

@@ -232,7 +232,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         log.info("zero-shot eval %s: %.1f%% (%d examples)", headline, 100 * zero_shot, len(eval_enc))
 
     window: list[float] = []
-    tick, steps, moved = time.perf_counter(), 0, [0, 0, 0]  # since the last train log line
+    tick, steps, moved = time.perf_counter(), 0, [0, 0, 0, 0]  # since the last train log line
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="zo", unit="step",
                disable=not (cfg.run.progress and main), dynamic_ncols=True)
     for t in bar:
@@ -273,7 +273,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                             **{f"skipped_{part}_total": n for part, n in optimizer.skipped_by_part().items()},
                             **{f"{k}_bytes_per_step": m / steps for k, m in zip(BYTES_MOVED, moved, strict=True)})
             bar.set_postfix(loss=f"{mean_loss:.4f}", **{k: f"{v:.2e}" for k, v in optimizer.lrs().items()})
-            window, tick, steps, moved = [], time.perf_counter(), 0, [0, 0, 0]
+            window, tick, steps, moved = [], time.perf_counter(), 0, [0, 0, 0, 0]
         if cfg.run.eval_every and (t + 1) % cfg.run.eval_every == 0 and t + 1 < cfg.run.steps:
             value = evaluate(t + 1, dev_enc, "dev" if dev_ex else "eval")[headline]
             if main:
@@ -309,11 +309,11 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
 # What a step moves, per rank, as metrics.jsonl logs it (<name>_bytes_per_step): the optimizers' own
 # collectives, ZeRO-3's parameter all-gathers, NVMe offload's partition reads and writes.
-BYTES_MOVED = ("comm", "gathered", "swapped")
+BYTES_MOVED = ("comm", "gathered", "swapped", "stored")
 
 
-def _bytes_moved(runtime: Runtime) -> tuple[int, int, int]:
-    return runtime.comm_bytes, runtime.gathered_bytes, runtime.swapped_bytes
+def _bytes_moved(runtime: Runtime) -> tuple[int, int, int, int]:
+    return runtime.comm_bytes, runtime.gathered_bytes, runtime.swapped_bytes, runtime.stored_bytes
 
 
 def distributed_metrics(
