@@ -6,7 +6,7 @@ import pytest
 from zo_scale.tasks import BUILTIN_TASKS, DEMO_DATA_DIR, TaskDataError, find_data_dir, get_task, read_tsv
 
 BUILTIN_NAMES = ["sst2", "sst2-demo", "rte", "cb", "boolq", "wic", "wsc", "multirc", "copa", "winogrande",
-                 "sst5", "mnli", "trec", "squad", "squad-demo", "drop", "drop-demo"]
+                 "sst5", "mnli", "trec", "squad", "squad-demo", "drop", "drop-demo", "countdown", "arithmetic"]
 
 
 def test_builtin_names_case_insensitive():

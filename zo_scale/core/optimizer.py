@@ -266,6 +266,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_count = 0  # t: steps taken, skipped ones included
         self.skipped_steps = 0
         self.last_record: StepRecord | None = None
+        # the last step's measured values, averaged over ranks, in the estimator's order (the loss at each point
+        # it evaluated: an ES population's members; zeros in replay)
+        self.last_losses: list[float] = []
         self._pending: _Pending | None = None
         # (pending_steps > 1) earlier steps' updates, oldest first, that forwards landed on transient copies only:
         # the stored weights lack them, theta_t = stored + these + the pending update
@@ -493,7 +496,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         else:
             restore, values = self._finite_differences(evaluate, estimator, directions, pending)
 
-        reduced = self._reduce(values)
+        reduced = self.last_losses = self._reduce(values)
         grads = estimator.projected_grads(reduced, self.eps, self.queries) if replay is None else replay.grads
         measured = estimator.measured(reduced, self.eps, self.queries) if replay is None else replay.measured
         loss = estimator.loss_at_theta(reduced, self.queries)

@@ -1,4 +1,4 @@
-"""Built-in tasks (MeZO's classification suite, SQuAD and DROP) and lookup by name or task-definition file.
+"""Built-in tasks (MeZO's classification suite, SQuAD and DROP, generated puzzles) and lookup by name or file.
 
 Files are relative to the data dir (see `find_data_dir`; layout in shared/data/README.md). BoolQ, WiC
 and MultiRC have only their validation file there, so it serves as both splits and `sample_splits`
@@ -15,6 +15,10 @@ byte for byte in file order.
 SQuAD (v1.1) and DROP are generation tasks, read from their official JSON files (file names as
 released, not in shared/data) or the hub. `squad-demo` and `drop-demo` ship small files of the same
 layouts (invented passages), one file serving as both splits.
+
+`countdown` and `arithmetic` are reward tasks generated from seed 0 (:mod:`zo_scale.tasks.puzzles`: 3 numbers
+up to 20; 2 operators over 0 .. 10), 2000 train and 500 eval rows, scored by the `countdown` and `numeric`
+rewards (:mod:`zo_scale.tasks.rewards`).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from zo_scale.tasks import generation, masked_templates, templates
+from zo_scale.tasks import generation, masked_templates, puzzles, templates
 from zo_scale.tasks.custom import load_custom_task
 from zo_scale.tasks.example import Example
 from zo_scale.tasks.generation import GenerationExample
+from zo_scale.tasks.rewards import reward_example
 from zo_scale.tasks.task import HubSource, Task
 
 __all__ = ["BUILTIN_TASKS", "DEMO_DATA_DIR", "Task", "get_task"]
@@ -52,6 +57,15 @@ def _superglue(
         flatten=flatten,
         masked_template=masked_template,
     )
+
+
+PUZZLE_POOL = {"train": 2000, "eval": 500}  # rows a generated task's split holds (run.seed samples from them)
+
+
+def _puzzles(name: str, rows: Callable[..., list[dict]], reward: str) -> Task:
+    """A task generated from seed 0 (:mod:`~zo_scale.tasks.puzzles`): its pool of rows per split, no files."""
+    return Task(name=name, template=reward_example, files={}, kind="reward", reward=reward,
+                generate=lambda split: rows(PUZZLE_POOL[split], seed=0, split=split))
 
 
 def _generation(
@@ -115,6 +129,8 @@ BUILTIN_TASKS: dict[str, Task] = {
                      "squad/dev-v1.1.json", HubSource("rajpurkar/squad", None, _TRAIN_VALIDATION)),
         *_generation("drop", generation.drop, generation.read_drop, "drop/drop_dataset_train.json",
                      "drop/drop_dataset_dev.json", HubSource("ucinlp/drop", None, _TRAIN_VALIDATION)),
+        _puzzles("countdown", puzzles.countdown_rows, "countdown"),
+        _puzzles("arithmetic", puzzles.arithmetic_rows, "numeric"),
         Task(
             name="winogrande",
             template=templates.winogrande,

@@ -29,6 +29,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,25 @@ FORMAT_REWARD = 0.1  # countdown: a well-formed equation that misses
 
 class RewardError(ValueError):
     """A reward function failed or returned something that is not a finite number."""
+
+
+@dataclass(frozen=True)
+class RewardExample:
+    """One prompt to continue, and the row (its fields) the reward reads to score the continuation."""
+
+    prompt: str
+    row: Mapping[str, Any] = field(hash=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt:
+            raise ValueError(f"a reward example needs a non-empty prompt text, got {self.prompt!r}")
+
+
+def reward_example(row: Mapping[str, Any]) -> RewardExample:
+    """The template of a reward task: the row's ``prompt``, the row itself for the reward."""
+    if "prompt" not in row:
+        raise ValueError(f"a reward task's row needs a 'prompt' field (fields: {sorted(row)})")
+    return RewardExample(row["prompt"], row)
 
 
 def _answers(row: Mapping[str, Any]) -> list[str]:

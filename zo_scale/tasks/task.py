@@ -16,7 +16,8 @@ from zo_scale.tasks.masked_templates import mask_after
 
 DATA_ENV_VAR = "ZO_SCALE_DATA"
 SPLITS = ("train", "eval")
-KINDS = ("choice", "generation")  # multiple choice (Example) | a free-text answer (GenerationExample)
+# multiple choice (Example) | a free-text answer (GenerationExample) | a continuation a reward scores (RewardExample)
+KINDS = ("choice", "generation", "reward")
 
 
 def find_data_dir() -> Path:
@@ -63,6 +64,9 @@ class Task:
     # Reads a file into rows; None: by its extension (read_rows). SQuAD's and DROP's nested JSON have their own.
     reader: Callable[[Path], list[dict]] | None = None
     from_hub: bool = False  # examples() reads `hub` through datasets instead of the files (see on_hub)
+    # The rows of a split made by a function of the split (a generated task: no files); None: read from files.
+    generate: Callable[[str], list[dict]] | None = None
+    reward: str | None = None  # a reward task's reward (zo_scale.tasks.rewards), unless task.reward names another
 
     def on_hub(self) -> Task:
         """This task read from the Hugging Face hub (``task.source=hub``): needs network or a warm cache."""
@@ -84,6 +88,8 @@ class Task:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if self.from_hub:  # a name for messages; two splits are one "file" when they are one hub split
             return Path(f"hub:{self.hub.path}/{self.hub.name or ''}[{self.hub.splits[split]}]")
+        if self.generate is not None:
+            return Path(f"generated:{self.name}[{split}]")
         if split not in self.files:
             raise FileNotFoundError(f"{self.name} has no data files here, only a hub dataset "
                                     f"({self.hub.path if self.hub else 'none'}): set task.source=hub")
@@ -96,10 +102,12 @@ class Task:
         return base / self.files[split]
 
     def examples(self, split: str, data_dir: str | Path | None = None) -> list[Example] | list[GenerationExample]:
-        """All Examples of `split`, read from the task's file (or the hub, see `on_hub`)."""
+        """All Examples of `split`, read from the task's file (or the hub, see `on_hub`; or generated)."""
         if self.from_hub:
             return self.hub_examples(split)
         path = self.path(split, data_dir)
+        if self.generate is not None:
+            return self._render(self.generate(split), str(path), self.flatten)
         if not path.is_file():
             hint = (f"a custom task's files are relative to the folder of its definition ({self.root}); "
                     "task.data_dir does not apply to them" if self.root is not None else

@@ -18,6 +18,7 @@ from zo_scale.core.directions import (
     ScaledSampler,
     SparseSampler,
 )
+from zo_scale.core.estimators import EvolutionStrategies
 from zo_scale.core.optimizer import ZOOptimizer
 from zo_scale.core.schedules import lr_multiplier
 from zo_scale.core.updates import (
@@ -33,6 +34,7 @@ from zo_scale.core.updates import (
 )
 from zo_scale.models import model_head
 from zo_scale.train.config import Config, ConfigError, OptimConfig
+from zo_scale.train.objectives import DECODING_LOSSES
 from zo_scale.train.scales_file import read_scales
 
 SAMPLERS = ("normal", "rademacher", "sparse", "magnitude", "lowrank", "block", "lezo")
@@ -170,9 +172,9 @@ def in_forward_gains(cfg: Config, runtime: str = "single", offload: str = "none"
     if cfg.model.dtype in HALF_PRECISION and not cfg.optim.master_weights:
         gains.append(f"{cfg.model.dtype} weights without optim.master_weights stay put, where each in-place "
                      "round trip (+eps, -2 eps, +eps) rounds them")
-    if cfg.task.loss == "f1" and cfg.optim.sampler == "lowrank":
-        gains.append("task.loss=f1 along low-rank directions decodes the K row groups together, reading each "
-                     "weight once a token without copies of it, where in place decodes K times")
+    if cfg.task.loss in DECODING_LOSSES and cfg.optim.sampler == "lowrank":
+        gains.append(f"task.loss={cfg.task.loss} along low-rank directions decodes the K row groups together, "
+                     "reading each weight once a token without copies of it, where in place decodes K times")
     return gains
 
 
@@ -185,9 +187,10 @@ def choose_perturb(cfg: Config, fit: Callable[[], Fit], runtime: str = "single",
     2. ``optim.pending_steps`` > 1 lands updates in the forward: in_forward, or a ConfigError as for 1;
     3. in_forward cannot run this config (:func:`in_forward_blocker`): in_place;
     4. ``hybrid.fo_layers=-1`` (backprop alone) has no ZO step to place: in_place;
-    5. ``task.loss=f1`` along dense directions outside ZeRO-3: in_place (the copies would be made at every
-       decoding step);
-    6. in_forward saves nothing here (float32 or master weights, no ZeRO-3, no F1 along low-rank directions):
+    5. ``task.loss=f1`` or ``reward`` along dense directions outside ZeRO-3: in_place (the copies would be made
+       at every decoding step);
+    6. in_forward saves nothing here (float32 or master weights, no ZeRO-3, no decoding loss along low-rank
+       directions):
        in_place, which stacks no batch;
     7. ``fit()`` (called only here: it builds the model's shape) says the planner's peak with the batch
        stacked K times does not fit the device: in_place; else in_forward.
@@ -208,10 +211,10 @@ def choose_perturb(cfg: Config, fit: Callable[[], Fit], runtime: str = "single",
         return PerturbChoice("in_place", f"auto: in_forward cannot run here: {blocker}")
     if cfg.hybrid.fo_layers == -1:
         return PerturbChoice("in_place", "auto: hybrid.fo_layers=-1 trains by backprop alone, there is no ZO step")
-    if cfg.task.loss == "f1" and cfg.optim.sampler != "lowrank" and runtime != "zero3":
-        return PerturbChoice("in_place", "auto: task.loss=f1 runs task.max_new_tokens forwards a point, and along "
-                                         "dense directions the perturbed forward copies every parameter at each of "
-                                         "them; in place moves the weights twice a point")
+    if cfg.task.loss in DECODING_LOSSES and cfg.optim.sampler != "lowrank" and runtime != "zero3":
+        return PerturbChoice("in_place", f"auto: task.loss={cfg.task.loss} runs task.max_new_tokens forwards a "
+                                         "point, and along dense directions the perturbed forward copies every "
+                                         "parameter at each of them; in place moves the weights twice a point")
     gains = in_forward_gains(cfg, runtime, offload)
     if not gains:
         return PerturbChoice("in_place", f"auto: {cfg.model.dtype} weights"
@@ -232,9 +235,10 @@ def build_optimizer(
     a caller without a runtime gets ZOOptimizer's default, in place (what a seed log written before
     ``optim.perturb`` existed ran)."""
     try:
+        estimator = EvolutionStrategies(cfg.fitness) if cfg.estimator == "es" else cfg.estimator
         optimizer = ZOOptimizer(
             list(named_params), cfg.lr, cfg.eps, rule=build_rule(cfg), sampler=build_sampler(cfg),
-            estimator=cfg.estimator, queries=cfg.queries, weight_decay=cfg.weight_decay, seed=seed, lazy=cfg.lazy,
+            estimator=estimator, queries=cfg.queries, weight_decay=cfg.weight_decay, seed=seed, lazy=cfg.lazy,
             conservative=cfg.conservative, master_weights=cfg.master_weights, kernel=cfg.kernel,
             perturb="in_place" if cfg.perturb == "auto" else cfg.perturb, pending_steps=cfg.pending_steps, **kwargs,
         )

@@ -45,18 +45,24 @@ class TaskConfig:
     num_eval: int = 1000
     k_shot: int = 0  # > 0: LM-BFF's few-shot protocol, k train + k dev examples per class (replaces num_train/num_dev)
     max_length: int = 256  # tokens of context + continuation; contexts are cut from the left
-    # auto: ce for multiple choice, lm for generation | ce: cross-entropy over the options | lm: LM loss on the
-    # correct continuation (the answer) | f1: generation only, 1 - token F1 of the greedy answer (not differentiable)
+    # auto: ce for multiple choice, lm for generation, reward for a reward task | ce: cross-entropy over the options |
+    # lm: LM loss on the correct continuation (the answer) | f1: generation only, 1 - token F1 of the greedy answer
+    # (not differentiable) | reward: minus the mean reward of the greedy continuations (task.reward)
     loss: str = "auto"
     max_new_tokens: int = 50  # generation tasks: greedy decoding length (MeZO's); every evaluation runs this many
+    # task.loss=reward: exact_match | f1 | numeric | countdown | module:function (yours: (prompt, completion, row) ->
+    # float); auto: the task's own (countdown: countdown, arithmetic: numeric)
+    reward: str = "auto"
 
 
 @dataclass
 class OptimConfig:
     rule: str = "sgd"  # sgd | sign | sign-momentum | momentum | adam | lozo-m (sampler=lowrank) | hizoo | ardd
     sampler: str = "normal"  # normal | rademacher | sparse | magnitude (perturb=in_forward) | lowrank | block | lezo
-    # central (2 forwards a query) | forward (1 a query, + 1 at theta) | fzoo | hizoo | unbiased | jvp
+    # central (2 forwards a query) | forward (1 a query, + 1 at theta) | fzoo | hizoo | unbiased | jvp | es (evolution
+    # strategies: 2 x queries members, fitness-shaped)
     estimator: str = "central"
+    fitness: str = "zscore"  # estimator=es: the population's fitness shaping, zscore | rank (centred ranks) | none
     lr: float = 1e-5
     eps: float = 1e-3
     queries: int = 1

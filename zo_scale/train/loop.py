@@ -25,7 +25,8 @@ from zo_scale.core import kernel as sweep_kernel
 from zo_scale.core import noise
 from zo_scale.models import model_head
 from zo_scale.models.sharded_safetensors import parse_size
-from zo_scale.tasks import get_task, sample_k_shot, sample_splits
+from zo_scale.tasks import Task, get_task, sample_k_shot, sample_splits
+from zo_scale.tasks.rewards import Reward, checked, load_reward
 from zo_scale.train import seedlog
 from zo_scale.train.build import in_forward_unsupported
 from zo_scale.train.checkpoint import (
@@ -39,7 +40,7 @@ from zo_scale.train.checkpoint import (
 )
 from zo_scale.train.config import Config, ConfigError
 from zo_scale.train.metrics import MetricsLog, peak_memory, plot_metrics
-from zo_scale.train.objectives import Objective, make_objective, task_loss
+from zo_scale.train.objectives import DECODING_LOSSES, Objective, make_objective, task_loss
 from zo_scale.train.run_optimizer import RunOptimizer
 from zo_scale.train.select_runtime import make_runtime
 from zo_scale.train.trackers import Trackers, check_trackers
@@ -99,9 +100,23 @@ def _check_task(cfg: Config, kind: str) -> None:
         cfg.task.loss = task_loss(kind, cfg.task.loss)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if cfg.task.loss == "f1" and (cfg.optim.estimator == "jvp" or cfg.hybrid.fo_layers):
-        raise ConfigError("task.loss=f1 has no gradient: it cannot train by " +
+    if cfg.task.loss in DECODING_LOSSES and (cfg.optim.estimator == "jvp" or cfg.hybrid.fo_layers):
+        raise ConfigError(f"task.loss={cfg.task.loss} has no gradient: it cannot train by " +
                           ("optim.estimator=jvp" if cfg.optim.estimator == "jvp" else "backprop (hybrid.fo_layers)"))
+    if cfg.task.reward != "auto" and kind != "reward":
+        raise ConfigError(f"task.reward={cfg.task.reward!r} scores the continuations of a reward task; task "
+                          f"{cfg.task.name} is a {kind} task (train it by task.loss, or give a reward task)")
+
+
+def _reward(cfg: Config, task: Task) -> Reward | None:
+    """A reward task's reward, checked (:func:`~zo_scale.tasks.rewards.checked`); None for other tasks."""
+    if task.kind != "reward":
+        return None
+    name = task.reward if cfg.task.reward == "auto" else cfg.task.reward
+    if name is None:
+        raise ConfigError(f"task {cfg.task.name} has no reward of its own: set task.reward (a built-in reward, or "
+                          "module:function)")
+    return checked(load_reward(name), name)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -174,7 +189,8 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
     trainable = load_trainable(cfg, runtime, checkpoint)
     model, tokenizer = trainable.model, trainable.tokenizer
-    objective = make_objective(task.kind, tokenizer, head, cfg.task.loss, cfg.task.max_length, cfg.task.max_new_tokens)
+    objective = make_objective(task.kind, tokenizer, head, cfg.task.loss, cfg.task.max_length, cfg.task.max_new_tokens,
+                               _reward(cfg, task))
     train_enc, eval_enc = objective.encode(train_ex), objective.encode(eval_ex)
     dev_enc = objective.encode(dev_ex) if dev_ex else eval_enc
     headline = objective.metrics[0]
@@ -232,7 +248,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         log.info("zero-shot eval %s: %.1f%% (%d examples)", headline, 100 * zero_shot, len(eval_enc))
 
     window: list[float] = []
-    tick, steps, moved = time.perf_counter(), 0, [0, 0, 0, 0]  # since the last train log line
+    tick, steps, moved, population = time.perf_counter(), 0, [0, 0, 0, 0], []  # since the last train log line
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="zo", unit="step",
                disable=not (cfg.run.progress and main), dynamic_ncols=True)
     for t in bar:
@@ -247,6 +263,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             runtime.check_same(record.seed, f"the seed of step {t}")
         if main and record is not None:
             seedlog.append(out / "seedlog.jsonl", record)
+        population += optimizer.last_losses  # the loss at each point the step evaluated: an ES population
         if math.isfinite(loss):
             nonfinite_in_a_row = 0
             window.append(loss)
@@ -271,9 +288,10 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                             steps_per_s=len(window) / elapsed if elapsed > 0 else 0.0,
                             skipped_total=optimizer.skipped_steps,
                             **{f"skipped_{part}_total": n for part, n in optimizer.skipped_by_part().items()},
-                            **{f"{k}_bytes_per_step": m / steps for k, m in zip(BYTES_MOVED, moved, strict=True)})
+                            **{f"{k}_bytes_per_step": m / steps for k, m in zip(BYTES_MOVED, moved, strict=True)},
+                            **(_rewards(population) if task.kind == "reward" else {}))
             bar.set_postfix(loss=f"{mean_loss:.4f}", **{k: f"{v:.2e}" for k, v in optimizer.lrs().items()})
-            window, tick, steps, moved = [], time.perf_counter(), 0, [0, 0, 0, 0]
+            window, tick, steps, moved, population = [], time.perf_counter(), 0, [0, 0, 0, 0], []
         if cfg.run.eval_every and (t + 1) % cfg.run.eval_every == 0 and t + 1 < cfg.run.steps:
             value = evaluate(t + 1, dev_enc, "dev" if dev_ex else "eval")[headline]
             if main:
@@ -310,6 +328,15 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 # What a step moves, per rank, as metrics.jsonl logs it (<name>_bytes_per_step): the optimizers' own
 # collectives, ZeRO-3's parameter all-gathers, NVMe offload's partition reads and writes.
 BYTES_MOVED = ("comm", "gathered", "swapped", "stored")
+
+
+def _rewards(population: list[float]) -> dict[str, float]:
+    """The mean, best and worst mean reward of the points evaluated (the ES population's members; a reward
+    objective's loss is minus the mean reward)."""
+    finite = [-x for x in population if math.isfinite(x)]
+    if not finite:
+        return {}
+    return {"reward_mean": sum(finite) / len(finite), "reward_max": max(finite), "reward_min": min(finite)}
 
 
 def _bytes_moved(runtime: Runtime) -> tuple[int, int, int, int]:

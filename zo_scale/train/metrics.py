@@ -67,7 +67,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_metrics(metrics_path: Path, png_path: Path, title: str, metric: str = "accuracy") -> Path:
-    """Training loss (per logged window) and the eval `metric` (accuracy, f1) against the step, in one figure."""
+    """Training loss (per logged window) and the eval `metric` (accuracy, f1, reward) against the step, in one
+    figure; for a reward task the population's mean reward, with the band from its worst to its best member,
+    instead of the loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,9 +79,18 @@ def plot_metrics(metrics_path: Path, png_path: Path, title: str, metric: str = "
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     fig, ax_loss = plt.subplots(figsize=(8, 4.5))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
+    rewards = [r for r in train if "reward_mean" in r]
+    if rewards:
+        steps = [r["step"] for r in rewards]
+        ax_loss.fill_between(steps, [r["reward_min"] for r in rewards], [r["reward_max"] for r in rewards],
+                             color="tab:blue", alpha=0.2, label="population: worst to best member")
+        ax_loss.plot(steps, [r["reward_mean"] for r in rewards], color="tab:blue", label="population mean")
+        ax_loss.set_ylabel("train reward (the population's members)", color="tab:blue")
+        ax_loss.legend(loc="upper left", fontsize=8)
+    else:
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
+        ax_loss.set_ylabel("train loss (nats, mean over the logging window)", color="tab:blue")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("train loss (nats, mean over the logging window)", color="tab:blue")
     if evals:
         ax_acc = ax_loss.twinx()
         ax_acc.plot([r["step"] for r in evals], [100 * r[metric] for r in evals], "o-", color="tab:orange",

@@ -6,6 +6,8 @@
 - :class:`GenerationObjective`, a free-text answer (SQuAD, DROP): loss ``lm`` on the first gold
   answer, or ``f1``, 1 - token F1 of the greedy answer (MeZO's non-differentiable objective);
   metrics token F1 and exact match of the greedy answer against every gold answer.
+- :class:`RewardObjective`, a reward on the greedy continuation (Countdown, arithmetic, the user's): loss
+  ``reward``, minus the mean reward (evolution strategies maximize it); metric the mean reward.
 
 The recipe sees only ``encode``, ``loss`` and ``per_example``; :func:`make_objective` picks one
 from the task's kind, the model's head and ``task.loss``.
@@ -25,8 +27,11 @@ from zo_scale.models.scoring import LOSSES, EncodedExample, batch_loss, correct,
 from zo_scale.tasks import Example
 from zo_scale.tasks.answer_metrics import answer_text, exact_match, token_f1
 from zo_scale.tasks.generation import GenerationExample
+from zo_scale.tasks.rewards import Reward, RewardExample
 
 GENERATION_LOSSES = ("lm", "f1")
+REWARD_LOSSES = ("reward",)
+DECODING_LOSSES = ("f1", "reward")  # decode inside every step: no gradient, greedy decoding per point
 
 
 def stacked_loss(
@@ -147,12 +152,72 @@ class GenerationObjective:
         return {"f1": f1, "em": em}
 
 
-Objective = ChoiceObjective | GenerationObjective
+@dataclass(frozen=True)
+class EncodedReward:
+    """Token ids of a reward example's prompt, and the example (its prompt text and row, for the reward)."""
+
+    prompt: tuple[int, ...]
+    example: RewardExample
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt)
+
+
+class RewardObjective:
+    """A reward on the model's continuation of each prompt (``task.loss=reward``): greedy decoding of
+    ``max_new_tokens`` tokens (cut at the tokenizer's end of sequence), decoded to text and scored by
+    ``reward(prompt, completion, row)`` (:mod:`~zo_scale.tasks.rewards`, checked: a failing reward ends the run
+    naming itself and the row). The loss is minus the batch's mean reward; metric ``reward``, the mean."""
+
+    metrics = ("reward",)
+
+    def __init__(self, tokenizer: Any, reward: Reward, max_length: int, max_new_tokens: int) -> None:
+        if not 0 < max_new_tokens < max_length:
+            raise ValueError(f"task.max_new_tokens must be in [1, task.max_length={max_length}), got {max_new_tokens}")
+        self.tokenizer, self.reward = tokenizer, reward
+        self.max_length, self.max_new_tokens = max_length, max_new_tokens
+
+    def encode(self, examples: Sequence[RewardExample]) -> list[EncodedReward]:
+        """Token ids of every prompt (its last ``max_length - max_new_tokens``), once, up front."""
+        keep = self.max_length - self.max_new_tokens
+        return [EncodedReward(tuple(self.tokenizer(ex.prompt, add_special_tokens=True)["input_ids"][-keep:]), ex)
+                for ex in examples]
+
+    def rewards(self, model: torch.nn.Module, batch: Sequence[EncodedReward]) -> list[float]:
+        """The reward of each example's greedy continuation."""
+        eos = self.tokenizer.eos_token_id
+        generated = greedy_decode(model, [ex.prompt for ex in batch], self.tokenizer.pad_token_id,
+                                  self.max_new_tokens, stop_ids=() if eos is None else (eos,))
+        return [self.reward(ex.example.prompt, self.tokenizer.decode(ids, skip_special_tokens=True), ex.example.row)
+                for ids, ex in zip(generated, batch, strict=True)]
+
+    def loss(self, model: torch.nn.Module, batch: list[EncodedReward], groups: int | None = None) -> torch.Tensor:
+        """Minus the batch's mean reward, a 0-dim tensor; with ``groups`` = K (optim.perturb=in_forward) one
+        decoding of the batch stacked K times and each copy's, shape (K,)."""
+        rewards = self.rewards(model, list(batch) * (groups or 1))
+        losses = [-sum(rewards[k : k + len(batch)]) / len(batch) for k in range(0, len(rewards), len(batch))]
+        return torch.tensor(losses if groups is not None else losses[0], dtype=torch.float64)
+
+    def per_example(self, model: torch.nn.Module, examples: list[EncodedReward], batch_size: int
+                    ) -> dict[str, list[float]]:
+        """Each example's reward at theta, in input order."""
+        order = sorted(range(len(examples)), key=lambda i: examples[i].length)  # less padding; same results
+        out = [0.0] * len(examples)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, value in zip(chunk, self.rewards(model, [examples[i] for i in chunk]), strict=True):
+                out[i] = value
+        return {"reward": out}
+
+
+Objective = ChoiceObjective | GenerationObjective | RewardObjective
 
 
 def task_loss(kind: str, loss: str) -> str:
-    """``task.loss`` for a task of `kind`, checked; ``auto`` is ce for multiple choice, lm for generation."""
-    losses = LOSSES if kind == "choice" else GENERATION_LOSSES
+    """``task.loss`` for a task of `kind`, checked; ``auto`` is ce for multiple choice, lm for generation, reward
+    for a reward task."""
+    losses = {"choice": LOSSES, "generation": GENERATION_LOSSES, "reward": REWARD_LOSSES}[kind]
     if loss == "auto":
         return losses[0]
     if loss not in losses:
@@ -161,10 +226,15 @@ def task_loss(kind: str, loss: str) -> str:
 
 
 def make_objective(
-    kind: str, tokenizer: Any, head: str, loss: str, max_length: int, max_new_tokens: int
+    kind: str, tokenizer: Any, head: str, loss: str, max_length: int, max_new_tokens: int,
+    reward: Reward | None = None,
 ) -> Objective:
-    """The objective of a run on a task of `kind` ('choice' or 'generation'), whose model has `head`
-    ('causal' or 'masked') and whose task.loss is `loss` (resolved: not 'auto')."""
+    """The objective of a run on a task of `kind` ('choice', 'generation' or 'reward'), whose model has `head`
+    ('causal' or 'masked') and whose task.loss is `loss` (resolved: not 'auto'); a reward task's ``reward``."""
+    if kind == "reward":
+        if reward is None:
+            raise ValueError("a reward task needs a reward function (task.reward)")
+        return RewardObjective(tokenizer, reward, max_length, max_new_tokens)
     if kind == "generation":
         return GenerationObjective(tokenizer, loss, max_length, max_new_tokens)
     return ChoiceObjective(tokenizer, head, loss, max_length)

@@ -84,6 +84,11 @@ class RunOptimizer:
         return self.zo.reading() if self.zo is not None else contextlib.nullcontext()
 
     @property
+    def last_losses(self) -> list[float]:
+        """The ZO step's loss at each point it evaluated, averaged over ranks ([] without a ZO part)."""
+        return self.zo.last_losses if self.zo is not None else []
+
+    @property
     def last_record(self) -> StepRecord | None:
         """The ZO step's record (the seed log's line); None without a ZO part."""
         return self.zo.last_record if self.zo is not None else None
