@@ -75,6 +75,34 @@ def test_a_failing_reward_ends_the_run_with_exit_2_naming_it_and_the_row(run_cli
     assert not (out / "checkpoint").exists()
 
 
+def test_your_own_reward_task_from_a_prompts_file_and_a_reward_beside_it(run_cli, tmp_path, capsys):
+    """A task file with ``reward`` instead of labels: the template renders each row's prompt, and the reward
+    module next to the task file (not on the path, not in the working directory) reads the row's fields."""
+    folder = tmp_path / "my_task"
+    folder.mkdir()
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"q": f"Say {w}.", "word": w}) + "\n"
+                                                  for w in ("yes", "no", "maybe", "never", "always", "soon")))
+    (folder / "word_reward_beside_task.py").write_text(textwrap.dedent("""
+        def said(prompt, completion, row):
+            return float(row["word"] in completion)
+    """))
+    (folder / "task.yaml").write_text(textwrap.dedent("""
+        name: say-the-word
+        train_file: prompts.jsonl
+        eval_file: prompts.jsonl
+        template: "Instruction: {q}\\nResponse:"
+        reward: word_reward_beside_task:said
+    """))
+    code, out = run_cli(*ARITHMETIC, "model.name=tiny-llama", f"task.name={folder / 'task.yaml'}", "task.num_train=4",
+                        "task.num_eval=2", "run.steps=1")
+    assert code == 0
+    (row,) = rows(out, "train")
+    assert {"reward_mean", "reward_max", "reward_min"} <= row.keys()
+    (folder / "bad.yaml").write_text((folder / "task.yaml").read_text() + "label_field: word\n")
+    code, _ = run_cli(*ARITHMETIC, "model.name=tiny-llama", f"task.name={folder / 'bad.yaml'}", out="bad")
+    assert code == 2 and "unknown key(s) ['label_field'] for a reward task" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["task.name=sst2-demo", "task.reward=numeric"], "task.reward='numeric' scores the continuations of a reward"),
     (["task.loss=lm"], "task.loss='lm' does not apply to a reward task"),

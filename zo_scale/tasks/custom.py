@@ -8,6 +8,16 @@
     label_words: {positive: " good", negative: " bad"}   # label value -> continuation; OR
     # candidates_field: choices       # a row field listing the continuations; label_field holds the index
 
+A reward task (trained on a reward of the model's continuation, see docs/rewards.md) gives ``reward`` instead
+of the label keys: the template renders the prompt, and the reward (a built-in, or ``module:function``
+importable from the working directory or this file's folder) reads the row's fields::
+
+    name: my_puzzles
+    train_file: data/train.jsonl
+    eval_file: data/test.jsonl
+    template: "Question: {question}\nAnswer:"
+    reward: my_rewards:score          # score(prompt, completion, row) -> float
+
 Data files: .csv, .tsv, .jsonl, .json (a list of rows) or .parquet, text in UTF-8 (a byte-order mark, as
 Excel writes, is dropped); or a folder written by `datasets`' ``save_to_disk``. A ``Dataset`` folder is read
 whole. A ``DatasetDict`` folder is read one split at a time: ``folder/<split>`` names any split; the folder
@@ -35,11 +45,13 @@ import yaml
 from zo_scale.strict_files import DuplicateKeyError, parse_json, parse_yaml
 from zo_scale.tasks.example import Example, TaskDataError
 from zo_scale.tasks.loaders import dataset_dict_splits, open_utf8, read_located_rows
+from zo_scale.tasks.rewards import RewardExample
 from zo_scale.tasks.task import Task
 from zo_scale.tasks.templates import continuation
 
 _REQUIRED = ("name", "train_file", "eval_file", "template", "label_field")
 _OPTIONAL = ("label_words", "candidates_field")
+_REWARD_KEYS = ("name", "train_file", "eval_file", "template", "reward")  # a reward task: all required
 # The split of a DatasetDict folder that train_file / eval_file read when the folder has several.
 _DICT_SPLITS = {"train": ("train",), "eval": ("validation", "test")}
 
@@ -94,6 +106,23 @@ class _CustomTemplate:
             continuations=tuple(continuation(context, w) for w in words),
             label=index,
         )
+
+
+@dataclass(frozen=True)
+class _RewardTemplate:
+    """Renders a reward task's rows: the prompt from the template, the row kept whole for the reward."""
+
+    where: str
+    template: str
+    fields: tuple[str, ...]
+
+    def __call__(self, row: dict) -> RewardExample:
+        for field in self.fields:
+            if _is_null(row.get(field)):
+                state = "null" if field in row else "missing"
+                raise TaskDataError(f"{self.where}: the template's field {field!r} is {state} (the row has "
+                                    f"{sorted(row)}); fill it in or drop the row")
+        return RewardExample(self.template.format_map(row), row)
 
 
 class CustomTask(Task):
@@ -188,6 +217,8 @@ def load_custom_task(path: str | Path) -> CustomTask:
     if not path.is_file():
         raise FileNotFoundError(f"task definition {path} not found")
     config = _read_config(path)
+    if "reward" in config:
+        return _reward_task(config, path)
     unknown = sorted(set(config) - set(_REQUIRED) - set(_OPTIONAL))
     if unknown:
         raise TaskDataError(f"{path}: unknown key(s) {unknown}; allowed: {[*_REQUIRED, *_OPTIONAL]}")
@@ -227,3 +258,21 @@ def load_custom_task(path: str | Path) -> CustomTask:
         files={"train": config["train_file"], "eval": config["eval_file"]},
         root=path.resolve().parent,
     )
+
+
+def _reward_task(config: dict, path: Path) -> CustomTask:
+    """A reward task's definition (``reward`` given: no label keys), checked."""
+    unknown = sorted(set(config) - set(_REWARD_KEYS))
+    if unknown:
+        raise TaskDataError(f"{path}: unknown key(s) {unknown} for a reward task (it has a reward, no labels); "
+                            f"allowed: {list(_REWARD_KEYS)}")
+    missing = [key for key in _REWARD_KEYS if key not in config]
+    if missing:
+        raise TaskDataError(f"{path}: missing required key(s) {missing}")
+    not_text = [key for key in _REWARD_KEYS if not isinstance(config[key], str)]
+    if not_text:
+        raise TaskDataError(f"{path}: key(s) {not_text} must be strings")
+    template = _RewardTemplate(f"task {config['name']!r} ({path})", config["template"],
+                               _placeholders(config["template"], path))
+    return CustomTask(name=config["name"], template=template, kind="reward", reward=config["reward"],
+                      files={"train": config["train_file"], "eval": config["eval_file"]}, root=path.resolve().parent)

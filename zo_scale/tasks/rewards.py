@@ -28,7 +28,7 @@ import numbers
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -142,17 +142,18 @@ BUILTIN: dict[str, Reward] = {
 }
 
 
-def load_reward(spec: str) -> Reward:
-    """A built-in reward by name (:data:`BUILTIN`), or the user's ``module:function`` (the working directory is
-    importable). A RewardError names what could not be found."""
+def load_reward(spec: str, folders: Sequence[Path] = ()) -> Reward:
+    """A built-in reward by name (:data:`BUILTIN`), or the user's ``module:function``, importable from the
+    working directory and ``folders`` (a task file's folder). A RewardError names what could not be found."""
     if spec in BUILTIN:
         return BUILTIN[spec]
     module_name, sep, function_name = spec.partition(":")
     if not sep or not module_name or not function_name:
         raise RewardError(f"task.reward={spec!r}: give a built-in reward ({', '.join(BUILTIN)}) or the import path "
                           "of your own function as module:function")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    for folder in (Path.cwd(), *folders):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

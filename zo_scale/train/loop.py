@@ -116,7 +116,7 @@ def _reward(cfg: Config, task: Task) -> Reward | None:
     if name is None:
         raise ConfigError(f"task {cfg.task.name} has no reward of its own: set task.reward (a built-in reward, or "
                           "module:function)")
-    return checked(load_reward(name), name)
+    return checked(load_reward(name, [task.root] if task.root is not None else []), name)
 
 
 def train(cfg: Config) -> dict[str, Any]:
