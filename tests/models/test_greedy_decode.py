@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from zo_scale.models import build_byte_tokenizer, build_tiny_model
-from zo_scale.models.greedy import greedy_decode
+from zo_scale.models.greedy import Sampling, greedy_decode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,3 +108,35 @@ def test_zero_new_tokens_and_bad_arguments():
         greedy_decode(model, [[5], []], PAD, max_new_tokens=3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_decode(model, PROMPTS, PAD, max_new_tokens=-1)
+
+
+@torch.no_grad()
+def naive_sample(model, prompt, n, sampling):
+    """The definition: the whole unpadded sequence, no cache; token t = argmax(logits / T + G_t), G_t the
+    Gumbel noise of the row's own generator (seeded by the seed and the prompt)."""
+    (generator,) = sampling.generators([prompt])
+    seq, out = list(prompt), []
+    for _ in range(n):
+        logits = model(input_ids=torch.tensor([seq])).logits[0, -1].double()
+        u = torch.rand(logits.shape[-1], generator=generator, dtype=torch.float64)
+        token = int((logits / sampling.temperature - torch.log(-torch.log(u))).argmax())
+        out.append(token)
+        seq.append(token)
+    return out
+
+
+def test_sampled_decoding_draws_each_rows_noise_from_its_prompt(model):
+    """A row samples what it samples alone, wherever it sits (a batch stacked three times: common random
+    numbers for a population's row groups); another seed samples otherwise, and so does a lower temperature
+    drift towards greedy."""
+    sampling = Sampling(temperature=1.5, seed=11)
+    alone = [naive_sample(model, p, 8, sampling) for p in PROMPTS]
+    stacked = greedy_decode(model, PROMPTS * 3, PAD, max_new_tokens=8, sampling=sampling)
+    assert stacked == alone * 3
+    assert greedy_decode(model, PROMPTS[::-1], PAD, max_new_tokens=8, sampling=sampling) == alone[::-1]
+    assert greedy_decode(model, PROMPTS, PAD, max_new_tokens=8, sampling=Sampling(1.5, 12)) != alone
+    assert alone != greedy_decode(model, PROMPTS, PAD, max_new_tokens=8)  # sampled, not greedy
+    cold = greedy_decode(model, PROMPTS, PAD, max_new_tokens=8, sampling=Sampling(1e-4, 11))
+    assert cold == greedy_decode(model, PROMPTS, PAD, max_new_tokens=8)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        Sampling(0.0, 1)

@@ -103,8 +103,33 @@ def test_your_own_reward_task_from_a_prompts_file_and_a_reward_beside_it(run_cli
     assert code == 2 and "unknown key(s) ['label_field'] for a reward task" in capsys.readouterr().err
 
 
+def test_a_sampled_es_run_resumes_bit_for_bit(run_cli, tmp_path, monkeypatch):
+    """Rollouts sampled at temperature 1 with one seed a step (from run.seed and the step): a run resumed from
+    its checkpoint of step 2 ends with the straight run's weights and losses, bit for bit. The reward (the
+    number of distinct characters generated) moves with the samples, so the steps do move the weights."""
+    (tmp_path / "distinct_characters.py").write_text(textwrap.dedent("""
+        def reward(prompt, completion, row):
+            return len(set(completion)) / 10
+    """))
+    monkeypatch.chdir(tmp_path)
+    common = [*ARITHMETIC, "model.name=tiny-llama", "task.reward=distinct_characters:reward", "task.temperature=1",
+              "run.save_every=2", "optim.lr=1e-3", "optim.eps=1e-1"]
+    code, straight = run_cli(*common, "run.steps=4", out="straight")
+    assert code == 0
+    assert run_cli(*common, "run.steps=2", out="split")[0] == 0
+    code, split = run_cli(*common, "run.steps=4", out="split")
+    assert code == 0
+    a, b = (load_file(out / "checkpoint" / "model" / "model.safetensors") for out in (straight, split))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in rows(straight, "train")] == [r["loss"] for r in rows(split, "train")]
+    grads = [json.loads(line)["grads"] for line in (straight / "seedlog.jsonl").read_text().splitlines()[1:]]
+    assert any(g != [0.0, 0.0] for g in grads), "no step moved the weights"
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["task.name=sst2-demo", "task.reward=numeric"], "task.reward='numeric' scores the continuations of a reward"),
+    (["task.name=sst2-demo", "task.reward=numeric"], "task.reward='numeric' applies to the continuations of a reward"),
+    (["task.name=sst2-demo", "task.temperature=1"], "task.temperature=1.0 applies to the continuations of a reward"),
+    (["task.temperature=-1"], "task.temperature must be >= 0"),
     (["task.loss=lm"], "task.loss='lm' does not apply to a reward task"),
     (["optim.estimator=jvp"], "task.loss=reward has no gradient: it cannot train by optim.estimator=jvp"),
     (["task.reward=nowhere:f"], "cannot import module 'nowhere'"),

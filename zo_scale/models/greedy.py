@@ -15,11 +15,22 @@ shifts every rotary position of a padded row; OPT derives them from the mask its
 Every call runs exactly ``max_new_tokens`` forwards, even when every row has already stopped: under
 ZeRO-3 each forward gathers the parameters collectively, and ranks decoding different rows must join
 the same number of forwards or they hang.
+
+With ``sampling`` (a temperature T > 0 and a seed) token t is drawn by the Gumbel-max trick,
+
+    y_t = argmax_v (logits[v] / T + G_t[v]),   G_t standard Gumbel noise,
+
+a draw from softmax(logits / T), where G_t of a row comes from a generator seeded by the seed and the row's
+prompt tokens: the same prompt draws the same noise wherever it sits, in a batch of any size, on any rank. A
+population's row groups (the same batch stacked K times) therefore sample with common random numbers, and
+each member's tokens equal those of its point decoded alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +44,32 @@ def _cut(tokens: list[int], stop_ids: Collection[int]) -> list[int]:
     return tokens
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding: softmax(logits / ``temperature``), the noise of each row seeded by ``seed`` and its prompt."""
+
+    temperature: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"a sampling temperature must be > 0 (0 is greedy decoding), got {self.temperature}")
+
+    def generators(self, prompts: Sequence[Sequence[int]]) -> list[torch.Generator]:
+        """One CPU generator per row, seeded by the seed and the row's prompt tokens."""
+        out = []
+        for prompt in prompts:
+            digest = hashlib.blake2b(f"{self.seed}:{','.join(map(str, prompt))}".encode(), digest_size=8).digest()
+            out.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
+        return out
+
+
+def _gumbel(generators: list[torch.Generator], vocab: int, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise, one row of ``vocab`` from each generator (on the CPU, so any device draws the same)."""
+    u = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in generators])
+    return (-torch.log(-torch.log(u.clamp_min(1e-300)))).to(device)
+
+
 @torch.no_grad()  # not inference_mode: ZeRO-3's gather hooks write parameters in place during the forward
 def greedy_decode(
     model: torch.nn.Module,
@@ -40,9 +77,11 @@ def greedy_decode(
     pad_id: int,
     max_new_tokens: int,
     stop_ids: Collection[int] = (),
+    sampling: Sampling | None = None,
 ) -> list[list[int]]:
-    """For each prompt (token ids), the ids greedy decoding generates after it, without the prompt and cut
-    before the first id in ``stop_ids`` (at most ``max_new_tokens`` of them).
+    """For each prompt (token ids), the ids greedy decoding (``sampling``: sampled decoding, see the module
+    docstring) generates after it, without the prompt and cut before the first id in ``stop_ids`` (at most
+    ``max_new_tokens`` of them).
 
     Always ``max_new_tokens`` forward passes (see the module docstring); rows that stopped keep decoding
     and their extra tokens are dropped. The model's train/eval mode is left as it is: call ``eval()``
@@ -62,6 +101,7 @@ def greedy_decode(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     generated = torch.empty((len(prompts), max_new_tokens), dtype=torch.long, device=device)
     cache = None
+    generators = sampling.generators(prompts) if sampling is not None else None
     for step in range(max_new_tokens):
         out = model(
             input_ids=ids,
@@ -72,7 +112,10 @@ def greedy_decode(
             logits_to_keep=1,  # the LM head over the vocabulary only at the last position
         )
         cache = out.past_key_values
-        ids = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        logits = out.logits[:, -1]
+        if sampling is not None:
+            logits = logits.double() / sampling.temperature + _gumbel(generators, logits.shape[-1], logits.device)
+        ids = logits.argmax(-1, keepdim=True)  # (B, 1)
         generated[:, step] = ids[:, 0]
         # The new token is real for every row: its mask is 1 and its position follows the row's last one.
         mask = torch.cat([mask, torch.ones_like(ids)], dim=-1)

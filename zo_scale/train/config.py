@@ -53,6 +53,7 @@ class TaskConfig:
     # task.loss=reward: exact_match | f1 | numeric | countdown | module:function (yours: (prompt, completion, row) ->
     # float); auto: the task's own (countdown: countdown, arithmetic: numeric)
     reward: str = "auto"
+    temperature: float = 0.0  # task.loss=reward: training rollouts sampled at it (0: greedy), one seed a step
 
 
 @dataclass

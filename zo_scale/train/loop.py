@@ -40,7 +40,7 @@ from zo_scale.train.checkpoint import (
 )
 from zo_scale.train.config import Config, ConfigError
 from zo_scale.train.metrics import MetricsLog, peak_memory, plot_metrics
-from zo_scale.train.objectives import DECODING_LOSSES, Objective, make_objective, task_loss
+from zo_scale.train.objectives import DECODING_LOSSES, Objective, RewardObjective, make_objective, task_loss
 from zo_scale.train.run_optimizer import RunOptimizer
 from zo_scale.train.select_runtime import make_runtime
 from zo_scale.train.trackers import Trackers, check_trackers
@@ -103,9 +103,11 @@ def _check_task(cfg: Config, kind: str) -> None:
     if cfg.task.loss in DECODING_LOSSES and (cfg.optim.estimator == "jvp" or cfg.hybrid.fo_layers):
         raise ConfigError(f"task.loss={cfg.task.loss} has no gradient: it cannot train by " +
                           ("optim.estimator=jvp" if cfg.optim.estimator == "jvp" else "backprop (hybrid.fo_layers)"))
-    if cfg.task.reward != "auto" and kind != "reward":
-        raise ConfigError(f"task.reward={cfg.task.reward!r} scores the continuations of a reward task; task "
-                          f"{cfg.task.name} is a {kind} task (train it by task.loss, or give a reward task)")
+    if (cfg.task.reward != "auto" or cfg.task.temperature) and kind != "reward":
+        key = (f"task.reward={cfg.task.reward!r}" if cfg.task.reward != "auto" else
+               f"task.temperature={cfg.task.temperature}")
+        raise ConfigError(f"{key} applies to the continuations of a reward task; task {cfg.task.name} is a {kind} "
+                          "task (train it by task.loss, or give a reward task)")
 
 
 def _reward(cfg: Config, task: Task) -> Reward | None:
@@ -190,7 +192,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     trainable = load_trainable(cfg, runtime, checkpoint)
     model, tokenizer = trainable.model, trainable.tokenizer
     objective = make_objective(task.kind, tokenizer, head, cfg.task.loss, cfg.task.max_length, cfg.task.max_new_tokens,
-                               _reward(cfg, task))
+                               _reward(cfg, task), cfg.task.temperature)
     train_enc, eval_enc = objective.encode(train_ex), objective.encode(eval_ex)
     dev_enc = objective.encode(dev_ex) if dev_ex else eval_enc
     headline = objective.metrics[0]
@@ -254,6 +256,8 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     for t in bar:
         mine = batches.indices(t)[runtime.rank * rows : (runtime.rank + 1) * rows]
         closure = functools.partial(objective.loss, model, [train_enc[i] for i in mine])  # closure(groups=None)
+        if isinstance(objective, RewardObjective):  # its rollouts' sampling seed: one a step, every point shares it
+            closure = functools.partial(closure, seed=noise.derive_seed(cfg.run.seed, t, ROLLOUT_DRAW))
 
         before = _bytes_moved(runtime)
         loss = optimizer.step(closure)  # the loss is averaged over ranks: every branch below agrees
@@ -328,6 +332,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 # What a step moves, per rank, as metrics.jsonl logs it (<name>_bytes_per_step): the optimizers' own
 # collectives, ZeRO-3's parameter all-gathers, NVMe offload's partition reads and writes.
 BYTES_MOVED = ("comm", "gathered", "swapped", "stored")
+ROLLOUT_DRAW = -7  # the tag of a step's seed for its rollouts' sampling (noise.derive_seed; samplers use -1 to -5)
 
 
 def _rewards(population: list[float]) -> dict[str, float]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from zo_scale.models.greedy import greedy_decode
+from zo_scale.models.greedy import Sampling, greedy_decode
 from zo_scale.models.masked_scoring import encode_masked
 from zo_scale.models.scoring import LOSSES, EncodedExample, batch_loss, correct, encode, labels_of, option_scores
 from zo_scale.tasks import Example
@@ -165,17 +165,22 @@ class EncodedReward:
 
 
 class RewardObjective:
-    """A reward on the model's continuation of each prompt (``task.loss=reward``): greedy decoding of
-    ``max_new_tokens`` tokens (cut at the tokenizer's end of sequence), decoded to text and scored by
-    ``reward(prompt, completion, row)`` (:mod:`~zo_scale.tasks.rewards`, checked: a failing reward ends the run
-    naming itself and the row). The loss is minus the batch's mean reward; metric ``reward``, the mean."""
+    """A reward on the model's continuation of each prompt (``task.loss=reward``): ``max_new_tokens`` tokens
+    decoded (cut at the tokenizer's end of sequence), greedily, or for training with ``temperature`` > 0 sampled
+    with one seed a step that every point of the step shares (common random numbers:
+    :class:`~zo_scale.models.greedy.Sampling`), decoded to text and scored by ``reward(prompt, completion, row)``
+    (:mod:`~zo_scale.tasks.rewards`, checked: a failing reward ends the run naming itself and the row). The loss
+    is minus the batch's mean reward; metric ``reward``, the mean reward of greedy continuations."""
 
     metrics = ("reward",)
 
-    def __init__(self, tokenizer: Any, reward: Reward, max_length: int, max_new_tokens: int) -> None:
+    def __init__(self, tokenizer: Any, reward: Reward, max_length: int, max_new_tokens: int,
+                 temperature: float = 0.0) -> None:
         if not 0 < max_new_tokens < max_length:
             raise ValueError(f"task.max_new_tokens must be in [1, task.max_length={max_length}), got {max_new_tokens}")
-        self.tokenizer, self.reward = tokenizer, reward
+        if temperature < 0:
+            raise ValueError(f"task.temperature must be >= 0 (0: greedy), got {temperature}")
+        self.tokenizer, self.reward, self.temperature = tokenizer, reward, temperature
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
 
     def encode(self, examples: Sequence[RewardExample]) -> list[EncodedReward]:
@@ -184,18 +189,22 @@ class RewardObjective:
         return [EncodedReward(tuple(self.tokenizer(ex.prompt, add_special_tokens=True)["input_ids"][-keep:]), ex)
                 for ex in examples]
 
-    def rewards(self, model: torch.nn.Module, batch: Sequence[EncodedReward]) -> list[float]:
-        """The reward of each example's greedy continuation."""
+    def rewards(self, model: torch.nn.Module, batch: Sequence[EncodedReward], sampling: Sampling | None = None
+                ) -> list[float]:
+        """The reward of each example's continuation: greedy, or sampled by ``sampling``."""
         eos = self.tokenizer.eos_token_id
         generated = greedy_decode(model, [ex.prompt for ex in batch], self.tokenizer.pad_token_id,
-                                  self.max_new_tokens, stop_ids=() if eos is None else (eos,))
+                                  self.max_new_tokens, stop_ids=() if eos is None else (eos,), sampling=sampling)
         return [self.reward(ex.example.prompt, self.tokenizer.decode(ids, skip_special_tokens=True), ex.example.row)
                 for ids, ex in zip(generated, batch, strict=True)]
 
-    def loss(self, model: torch.nn.Module, batch: list[EncodedReward], groups: int | None = None) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: list[EncodedReward], groups: int | None = None, seed: int = 0
+             ) -> torch.Tensor:
         """Minus the batch's mean reward, a 0-dim tensor; with ``groups`` = K (optim.perturb=in_forward) one
-        decoding of the batch stacked K times and each copy's, shape (K,)."""
-        rewards = self.rewards(model, list(batch) * (groups or 1))
+        decoding of the batch stacked K times and each copy's, shape (K,). ``seed``: the step's sampling seed
+        (with a temperature)."""
+        sampling = Sampling(self.temperature, seed) if self.temperature > 0 else None
+        rewards = self.rewards(model, list(batch) * (groups or 1), sampling)
         losses = [-sum(rewards[k : k + len(batch)]) / len(batch) for k in range(0, len(rewards), len(batch))]
         return torch.tensor(losses if groups is not None else losses[0], dtype=torch.float64)
 
@@ -227,14 +236,15 @@ def task_loss(kind: str, loss: str) -> str:
 
 def make_objective(
     kind: str, tokenizer: Any, head: str, loss: str, max_length: int, max_new_tokens: int,
-    reward: Reward | None = None,
+    reward: Reward | None = None, temperature: float = 0.0,
 ) -> Objective:
     """The objective of a run on a task of `kind` ('choice', 'generation' or 'reward'), whose model has `head`
-    ('causal' or 'masked') and whose task.loss is `loss` (resolved: not 'auto'); a reward task's ``reward``."""
+    ('causal' or 'masked') and whose task.loss is `loss` (resolved: not 'auto'); a reward task's ``reward`` and
+    training ``temperature``."""
     if kind == "reward":
         if reward is None:
             raise ValueError("a reward task needs a reward function (task.reward)")
-        return RewardObjective(tokenizer, reward, max_length, max_new_tokens)
+        return RewardObjective(tokenizer, reward, max_length, max_new_tokens, temperature)
     if kind == "generation":
         return GenerationObjective(tokenizer, loss, max_length, max_new_tokens)
     return ChoiceObjective(tokenizer, head, loss, max_length)
