@@ -370,6 +370,16 @@ def hbar_with_ratios(ax: Any, labels: list[str], values: list[float], samples: l
     ax.set_xlim(0, max(max(v) for v in samples) * 1.2)
 
 
+def step_times(ax: Any, timings: dict[str, Timing], baseline_s: float, colors: list[str]) -> None:
+    """Seconds per step of each timed variant (first on top) as :func:`hbar_with_ratios` bars, each with its
+    ratio to ``baseline_s``, which a dashed line marks."""
+    labels = list(timings)
+    hbar_with_ratios(ax, labels, [timings[k].median_s for k in labels], [timings[k].times_s for k in labels],
+                     [timings[k].median_s / baseline_s for k in labels], colors)
+    ax.axvline(baseline_s, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("wall-clock time per step (s; bar: median, dots: repeats; lower is better)")
+
+
 def save_figure(fig: Figure, name: str) -> Path:
     """Save benchmarks/results/<name>.png and close the figure."""
     import matplotlib.pyplot as plt

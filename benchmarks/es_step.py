@@ -102,11 +102,7 @@ notes = ["ratio_vs_one_generation: median time / that of (a), one greedy decodin
 print("wrote", common.write_json(name, settings, results, notes))
 
 fig, ax = common.new_figure()
-common.hbar_with_ratios(ax, labels, [timings[k].median_s for k in labels], [timings[k].times_s for k in labels],
-                        [timings[k].median_s / one_s for k in labels],
-                        ["tab:gray", "tab:gray", "tab:blue", "tab:orange"])
-ax.axvline(one_s, color="gray", linestyle="--", linewidth=1)
-ax.set_xlabel("wall-clock time per step (s; bar: median, dots: repeats; lower is better)")
+common.step_times(ax, timings, one_s, ["tab:gray", "tab:gray", "tab:blue", "tab:orange"])
 ax.set_title(f"ES step on a reward: SmolLM2-135M, fp32, population {N}, {args.batch} prompts, "
              f"{args.new_tokens} new tokens\nxN: median ratio to (a)\n{common.machine_label()}", fontsize=10)
 print("wrote", common.save_figure(fig, name))

@@ -151,11 +151,8 @@ notes = ["ratio_vs_one_stacked_forward: median time / that of (a), one forward o
 print("wrote", common.write_json(name, settings, results, notes))
 
 fig, ax = common.new_figure()
-common.hbar_with_ratios(ax, labels, [timings[k].median_s for k in labels], [timings[k].times_s for k in labels],
-                        [timings[k].median_s / stacked_s for k in labels],
-                        ["tab:gray", "tab:gray", "tab:gray", "tab:blue", "tab:cyan", "tab:olive", "tab:orange"])
-ax.axvline(stacked_s, color="gray", linestyle="--", linewidth=1)
-ax.set_xlabel("wall-clock time per step (s; bar: median, dots: repeats; lower is better)")
+common.step_times(ax, timings, stacked_s,
+                  ["tab:gray", "tab:gray", "tab:gray", "tab:blue", "tab:cyan", "tab:olive", "tab:orange"])
 ax.set_title(f"LOZO step vs forwards: OPT-125m shape, fp32, batch {args.batch} x {args.seq}, K = {K}\n"
              f"xN: median ratio to (a)\n{common.machine_label()}", fontsize=10)
 print("wrote", common.save_figure(fig, name))

@@ -219,12 +219,7 @@ print("wrote", common.write_json(name, settings, results, notes))
 # plot: seconds per step, ratio to 2 forwards on each bar
 
 fig, ax = common.new_figure()
-labels = list(variants)
-common.hbar_with_ratios(ax, labels, [timings[k].median_s for k in labels], [timings[k].times_s for k in labels],
-                        [timings[k].median_s / base for k in labels],
-                        ["tab:gray", "tab:blue", "tab:olive", "tab:blue", "tab:blue", "tab:orange"])
-ax.axvline(base, color="gray", linestyle="--", linewidth=1)
-ax.set_xlabel("wall-clock time per step (s; bar: median, dots: repeats; lower is better)")
+common.step_times(ax, timings, base, ["tab:gray", "tab:blue", "tab:olive", "tab:blue", "tab:blue", "tab:orange"])
 ax.set_title(f"ZO step time vs 2 forwards: OPT-125m shape, {args.dtype}, batch {args.batch} x {args.seq}\n"
              f"xN: median ratio to (a) 2 forwards under inference_mode\n{common.machine_label()}", fontsize=10)
 print("wrote", common.save_figure(fig, name))

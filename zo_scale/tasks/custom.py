@@ -68,11 +68,7 @@ class _CustomTemplate:
     candidates_field: str | None
 
     def __call__(self, row: dict) -> Example:
-        for field in self.fields:
-            if _is_null(row.get(field)):
-                state = "null" if field in row else "missing"
-                raise TaskDataError(f"{self.where}: the template's field {field!r} is {state} (the row has "
-                                    f"{sorted(row)}); fill it in or drop the row")
+        _check_fields(self.where, self.fields, row)
         if self.label_field not in row:
             raise TaskDataError(f"{self.where}: the row has no label field {self.label_field!r} (it has "
                                 f"{sorted(row)})")
@@ -117,11 +113,7 @@ class _RewardTemplate:
     fields: tuple[str, ...]
 
     def __call__(self, row: dict) -> RewardExample:
-        for field in self.fields:
-            if _is_null(row.get(field)):
-                state = "null" if field in row else "missing"
-                raise TaskDataError(f"{self.where}: the template's field {field!r} is {state} (the row has "
-                                    f"{sorted(row)}); fill it in or drop the row")
+        _check_fields(self.where, self.fields, row)
         return RewardExample(self.template.format_map(row), row)
 
 
@@ -159,6 +151,15 @@ def _dict_split(folder: Path, splits: list[str], split: str) -> str:
         f"{folder}: a DatasetDict folder with splits {splits}, none of them {' or '.join(_DICT_SPLITS[split])}, "
         f"so {split}_file does not say which to read; name the split's folder, e.g. {folder.name}/{splits[0]}"
     )
+
+
+def _check_fields(where: str, fields: tuple[str, ...], row: dict) -> None:
+    """Every template field of ``row`` is there and not null; else a TaskDataError naming the field."""
+    for field in fields:
+        if _is_null(row.get(field)):
+            state = "null" if field in row else "missing"
+            raise TaskDataError(f"{where}: the template's field {field!r} is {state} (the row has {sorted(row)}); "
+                                "fill it in or drop the row")
 
 
 def _is_null(value: Any) -> bool:
