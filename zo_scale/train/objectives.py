@@ -34,6 +34,11 @@ REWARD_LOSSES = ("reward",)
 DECODING_LOSSES = ("f1", "reward")  # decode inside every step: no gradient, greedy decoding per point
 
 
+def group_means(values: list[float], size: int) -> list[float]:
+    """The mean of each consecutive group of ``size`` values (a stacked batch's copies, in order)."""
+    return [sum(values[k : k + size]) / size for k in range(0, len(values), size)]
+
+
 def stacked_loss(
     model: torch.nn.Module, batch: list[Any], pad_id: int, loss: str, groups: int | None = None
 ) -> torch.Tensor:
@@ -135,7 +140,7 @@ class GenerationObjective:
             stacked = list(batch) * (groups or 1)
             answers = self.answers(model, stacked)
             f1 = [token_f1(answer, ex.answers) for answer, ex in zip(answers, stacked, strict=True)]
-            losses = [1.0 - sum(f1[k : k + len(batch)]) / len(batch) for k in range(0, len(f1), len(batch))]
+            losses = [1.0 - mean for mean in group_means(f1, len(batch))]
             return torch.tensor(losses if groups is not None else losses[0], dtype=torch.float64)
         return stacked_loss(model, [ex.scored for ex in batch], self.tokenizer.pad_token_id, "lm", groups)
 
@@ -205,7 +210,7 @@ class RewardObjective:
         (with a temperature)."""
         sampling = Sampling(self.temperature, seed) if self.temperature > 0 else None
         rewards = self.rewards(model, list(batch) * (groups or 1), sampling)
-        losses = [-sum(rewards[k : k + len(batch)]) / len(batch) for k in range(0, len(rewards), len(batch))]
+        losses = [-mean for mean in group_means(rewards, len(batch))]
         return torch.tensor(losses if groups is not None else losses[0], dtype=torch.float64)
 
     def per_example(self, model: torch.nn.Module, examples: list[EncodedReward], batch_size: int
