@@ -26,7 +26,8 @@ Measured, from the run itself: the peak resident set of the whole job (launcher 
 partition bytes read + written per step and seconds per step (``metrics.jsonl``); the seconds of each
 phase (build, evaluation, steps, save, from the trainer's log timestamps); and, for scale, this disk's
 sequential read and write speed (a file of ``--probe-gb`` written and read back with the page cache
-dropped from it by ``posix_fadvise``). Writes ``benchmarks/results/larger_than_memory.{json,png}``.
+dropped from it by ``posix_fadvise``). Writes ``benchmarks/results/larger_than_memory.{json,png}``
+(``larger_than_memory_trial_<n>_layers`` with ``--layers n``).
 
 Needs about 2.2x the model's bytes of free disk under ``--scratch`` (the swap files plus the saved
 checkpoint), deleted after each method's run unless ``--keep``. Not run by CI: about 40 minutes on 2 cores::
@@ -313,11 +314,16 @@ def main() -> None:
         "the loss of a random-init model means nothing; its memory, bytes and seconds are the real model's.",
     ]
     settings = {k: str(v) for k, v in vars(args).items()}
-    print("wrote", common.write_json("larger_than_memory", settings, results, notes))
+    print("wrote", common.write_json(result_name(args), settings, results, notes))
     print(json.dumps({k: v for k, v in results.items() if k not in ("disk", "runs")}, indent=2))
     plot(samples, results, args)
     if not args.keep:
         shutil.rmtree(args.scratch, ignore_errors=True)
+
+
+def result_name(args: argparse.Namespace) -> str:
+    """larger_than_memory for the whole architecture; a trial cut to ``--layers`` blocks writes its own files."""
+    return "larger_than_memory" + (f"_trial_{args.layers}_layers" if args.layers else "")
 
 
 def plot(samples: dict[str, list[tuple[float, int]]], results: dict, args: argparse.Namespace) -> None:
@@ -335,7 +341,7 @@ def plot(samples: dict[str, list[tuple[float, int]]], results: dict, args: argpa
     ax.set_title(f"{args.arch}{f' ({args.layers} blocks)' if args.layers else ''}, {args.dtype}, ZeRO-3 NVMe offload"
                  + (f"\nLOZO step (holding) / ZO-SGD step: {ratio:.2f}x" if ratio else ""), fontsize=10)
     ax.legend(loc="center right", fontsize=8)
-    common.save_figure(fig, "larger_than_memory")
+    common.save_figure(fig, result_name(args))
 
 
 if __name__ == "__main__":
