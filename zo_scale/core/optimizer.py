@@ -599,16 +599,16 @@ class ZOOptimizer(torch.optim.Optimizer):
             groups = [[*moves, (self._windows, -1.0)] for moves in groups]
         folds = folds if folds is not None else PendingWindows()
         folding = {p for p, layout in self._layouts.items() if layout.stream in folds.windows}
+        group_of = {p: gi for gi, group in enumerate(self.param_groups) for p in group["params"]}
         due, self._unstored = [*self._unstored, *([pending] if pending is not None else [])], []
         if 0 < len(due) < self.pending_steps:  # not stored this step: read through transient copies
             self._unstored = due
-            with self._deferred(names, groups, due):
+            with self._deferred(names, group_of, groups, due):
                 yield
             return
         pending, older = (due[-1], [self._updates(u) for u in due[:-1]]) if due else (None, [])
         held = pending.held if pending is not None else frozenset()
         updates = self._updates(pending)
-        group_of = {p: gi for gi, group in enumerate(self.param_groups) for p in group["params"]}
         landed: set[torch.Tensor] = set()
         windows = flat_buckets.CopyWindows([] if older else self.buckets, groups,  # a window lands one update
                                            lambda bucket: updates[bucket.group], self.kernel,
@@ -675,13 +675,13 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self._sweep(after=fold, skip=set(names) - (folding - done))
 
     @contextlib.contextmanager
-    def _deferred(self, names: dict[torch.Tensor, str], groups: list[Moves], due: list[_Pending]) -> Iterator[None]:
+    def _deferred(self, names: dict[torch.Tensor, str], group_of: dict[torch.Tensor, int], groups: list[Moves],
+                  due: list[_Pending]) -> Iterator[None]:
         """The perturbed forward at theta_t = stored + the ``due`` updates, none of them stored: each use of a
         parameter lands them on a transient copy of it (of its elements in a block's span), one sweep each as
         landing them step by step would (the rule's state advanced on a scratch copy), and makes its K copies from
         that; the stored value is only read."""
         updates = [self._updates(u) for u in due]
-        group_of = {p: gi for gi, group in enumerate(self.param_groups) for p in group["params"]}
 
         def theta_t(p: torch.nn.Parameter, name: str, span: tuple[int, int] | None) -> list[torch.Tensor]:
             whole = whole_param_shard(p, name)

@@ -15,7 +15,7 @@ from the task's kind, the model's head and ``task.loss``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,28 @@ DECODING_LOSSES = ("f1", "reward")  # decode inside every step: no gradient, gre
 def group_means(values: list[float], size: int) -> list[float]:
     """The mean of each consecutive group of ``size`` values (a stacked batch's copies, in order)."""
     return [sum(values[k : k + size]) / size for k in range(0, len(values), size)]
+
+
+def continuations(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  sampling: Sampling | None = None) -> list[str]:
+    """The decoded text each prompt (token ids) is continued with: ``max_new_tokens`` tokens, greedy or sampled by
+    ``sampling``, cut at the tokenizer's end of sequence, special tokens dropped."""
+    eos = tokenizer.eos_token_id
+    generated = greedy_decode(model, prompts, tokenizer.pad_token_id, max_new_tokens,
+                              stop_ids=() if eos is None else (eos,), sampling=sampling)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+
+
+def in_length_order(examples: Sequence[Any], batch_size: int, score: Callable[[list[Any]], list[Any]]) -> list[Any]:
+    """``score`` of each example (any with a ``length``), in input order, computed ``batch_size`` examples at a
+    time in order of length: less padding, the same results."""
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    out: list[Any] = [None] * len(examples)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, value in zip(chunk, score([examples[i] for i in chunk]), strict=True):
+            out[i] = value
+    return out
 
 
 def stacked_loss(
@@ -126,10 +148,8 @@ class GenerationObjective:
 
     def answers(self, model: torch.nn.Module, batch: Sequence[EncodedGeneration]) -> list[str]:
         """The greedy answer to each example of ``batch``: its decoded text up to the first newline."""
-        eos = self.tokenizer.eos_token_id
-        generated = greedy_decode(model, [ex.prompt for ex in batch], self.tokenizer.pad_token_id,
-                                  self.max_new_tokens, stop_ids=() if eos is None else (eos,))
-        return [answer_text(self.tokenizer.decode(ids, skip_special_tokens=True)) for ids in generated]
+        texts = continuations(model, self.tokenizer, [ex.prompt for ex in batch], self.max_new_tokens)
+        return [answer_text(text) for text in texts]
 
     def loss(self, model: torch.nn.Module, batch: list[EncodedGeneration], groups: int | None = None) -> torch.Tensor:
         """The batch's loss, a 0-dim tensor; with ``groups`` = K (optim.perturb=in_forward) the batch stacked K
@@ -148,13 +168,9 @@ class GenerationObjective:
         self, model: torch.nn.Module, examples: list[EncodedGeneration], batch_size: int
     ) -> dict[str, list[float]]:
         """Token F1 and exact match of each example's greedy answer (best over its gold answers), in input order."""
-        order = sorted(range(len(examples)), key=lambda i: examples[i].length)  # less padding; same results
-        f1, em = [0.0] * len(examples), [0.0] * len(examples)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            for i, answer in zip(chunk, self.answers(model, [examples[i] for i in chunk]), strict=True):
-                f1[i], em[i] = token_f1(answer, examples[i].answers), exact_match(answer, examples[i].answers)
-        return {"f1": f1, "em": em}
+        answers = in_length_order(examples, batch_size, lambda batch: self.answers(model, batch))
+        return {"f1": [token_f1(a, ex.answers) for a, ex in zip(answers, examples, strict=True)],
+                "em": [exact_match(a, ex.answers) for a, ex in zip(answers, examples, strict=True)]}
 
 
 @dataclass(frozen=True)
@@ -197,11 +213,8 @@ class RewardObjective:
     def rewards(self, model: torch.nn.Module, batch: Sequence[EncodedReward], sampling: Sampling | None = None
                 ) -> list[float]:
         """The reward of each example's continuation: greedy, or sampled by ``sampling``."""
-        eos = self.tokenizer.eos_token_id
-        generated = greedy_decode(model, [ex.prompt for ex in batch], self.tokenizer.pad_token_id,
-                                  self.max_new_tokens, stop_ids=() if eos is None else (eos,), sampling=sampling)
-        return [self.reward(ex.example.prompt, self.tokenizer.decode(ids, skip_special_tokens=True), ex.example.row)
-                for ids, ex in zip(generated, batch, strict=True)]
+        texts = continuations(model, self.tokenizer, [ex.prompt for ex in batch], self.max_new_tokens, sampling)
+        return [self.reward(ex.example.prompt, text, ex.example.row) for text, ex in zip(texts, batch, strict=True)]
 
     def loss(self, model: torch.nn.Module, batch: list[EncodedReward], groups: int | None = None, seed: int = 0
              ) -> torch.Tensor:
@@ -216,13 +229,7 @@ class RewardObjective:
     def per_example(self, model: torch.nn.Module, examples: list[EncodedReward], batch_size: int
                     ) -> dict[str, list[float]]:
         """Each example's reward at theta, in input order."""
-        order = sorted(range(len(examples)), key=lambda i: examples[i].length)  # less padding; same results
-        out = [0.0] * len(examples)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            for i, value in zip(chunk, self.rewards(model, [examples[i] for i in chunk]), strict=True):
-                out[i] = value
-        return {"reward": out}
+        return {"reward": in_length_order(examples, batch_size, lambda batch: self.rewards(model, batch))}
 
 
 Objective = ChoiceObjective | GenerationObjective | RewardObjective
